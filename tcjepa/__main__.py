@@ -1,0 +1,5 @@
+import sys
+
+from tcjepa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""Finished-run weights (``RUN_DIR/final/``): saved as safetensors, loadable without DeepSpeed.
+
+``final/model.safetensors`` holds ``encoder.*`` (the student / context encoder), ``teacher.*``
+(the EMA or frozen target encoder) and ``predictor.*``; ``final/config.yaml`` is the resolved
+config that rebuilds the architecture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tcjepa.config import Config, ConfigError, from_dict, save_config
+
+FINAL = "final"
+WEIGHTS = "model.safetensors"
+
+
+def save_final(run_dir: str | Path, modules: dict[str, nn.Module], cfg: Config) -> Path:
+    """Write ``final/model.safetensors`` with one key prefix per module, plus the config."""
+    from safetensors.torch import save_file
+
+    out = Path(run_dir) / FINAL
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for prefix, module in modules.items():
+        for name, t in module.state_dict().items():
+            tensors[f"{prefix}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "tcjepa"})
+    tmp.replace(out / WEIGHTS)
+    save_config(cfg, out / "config.yaml")
+    return out / WEIGHTS
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    import yaml
+
+    path = Path(run_dir) / FINAL / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a finished run (missing {path}); train it to the end first")
+    return from_dict(Config, yaml.safe_load(path.read_text()) or {}, str(path))
+
+
+def load_final_state(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / FINAL / WEIGHTS
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: missing {path}; train the run to the end first")
+    return load_file(str(path))
+
+
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def load_encoder(run_dir: str | Path, which: str = "auto") -> nn.Module:
+    """The trained image encoder of a finished run, in eval mode.
+
+    ``which``: ``teacher`` (the EMA target encoder, what I-JEPA evaluates), ``student`` (the
+    context encoder) or ``auto`` (teacher for EMA runs, student for frozen-teacher runs, where the
+    teacher is just the previous stage's model).
+    """
+    from tcjepa.models.vit import build_encoder
+
+    cfg = load_run_config(run_dir)
+    if which == "auto":
+        which = "teacher" if cfg.teacher.update == "ema" else "student"
+    prefix = {"teacher": "teacher", "student": "encoder"}.get(which)
+    if prefix is None:
+        raise ValueError(f"which must be auto, teacher or student, got {which!r}")
+    sub = _sub_state(load_final_state(run_dir), prefix)
+    if not sub:
+        raise ConfigError(f"{run_dir}: {FINAL}/{WEIGHTS} has no {prefix}.* weights")
+    m = cfg.model
+    encoder = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
+    encoder.load_state_dict(sub, strict=True)
+    return encoder.eval()

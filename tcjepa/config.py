@@ -1,0 +1,407 @@
+"""Typed run configuration: dataclasses, YAML recipes composed from ``configs/``, strict keys.
+
+A recipe is a YAML file with an optional ``defaults`` list naming building blocks
+(``model/vit_tiny``, ``optim/ijepa`` ... relative to the ``configs/`` folder; the folder
+names the section the block fills) followed by section overrides. ``--set a.b=VALUE``
+overrides are applied last. Every key is checked against the dataclasses below: an
+unknown key, a wrong type or an impossible value raises :class:`ConfigError` naming the
+file and the key before anything runs. The fully resolved config is what a run saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe, a building block or an override is invalid; the message names the culprit."""
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "vit_tiny_16"  # vit_{micro,tiny,small,base,large,huge,giant}_{patch}
+    image_size: int = 224
+    depth: int | None = None  # overrides the named encoder's depth (small experiments)
+    predictor_depth: int = 12
+    predictor_width: int = 384
+    predictor_heads: int | None = None  # default: the encoder's head count, as in I-JEPA
+    init_std: float = 0.02
+
+
+@dataclass
+class MaskConfig:
+    num_targets: int = 4
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    context_aspect: tuple[float, float] = (1.0, 1.0)
+    min_context: int = 10
+    policy: str = "pad"  # pad (ours: no dropped context) | official (facebookresearch/ijepa collator)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # SHARDS: a directory of .tar files, a brace pattern or a list file
+    val: str = ""
+    workers: int = 1
+    shuffle_buffer: int = 1000
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    hflip: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # 0 disables clipping (the official I-JEPA recipe does not clip)
+
+
+@dataclass
+class TeacherConfig:
+    update: str = "ema"  # ema | frozen
+    momentum: float = 0.996
+    final_momentum: float = 1.0
+    checkpoint: str = ""  # run directory of a trained teacher (update: frozen)
+
+
+@dataclass
+class ConditionerConfig:
+    enabled: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # global batch, split over ranks (DeepSpeed's train_batch_size)
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+    log_every: int = 10
+    method: str = "jepa"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps between resumable checkpoints; 0 disables them
+    keep: int = 2
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    config: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed JSON keys, merged last
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probe on frozen, mean-pooled encoder features (used by quickstart and eval)."""
+
+    label_key: str = "label"
+    epochs: int = 100
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
+    weight_decay: float = 1e-4
+    holdout: float = 0.1  # fraction of train features used to choose the learning rate
+    batch_size: int = 256
+    encoder: str = "auto"  # auto | teacher | student
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+# ----------------------------------------------------------------------------- locating assets
+
+
+def project_root() -> Path:
+    """Folder holding ``configs/`` and ``recipes/``: ``$TCJEPA_HOME`` or the source checkout."""
+    env = os.environ.get("TCJEPA_HOME")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent
+
+
+def find_configs_dir(recipe: Path) -> Path:
+    """The ``configs/`` folder beside the recipe's folder, else the project's own."""
+    for parent in recipe.resolve().parents:
+        if (parent / "configs").is_dir():
+            return parent / "configs"
+    return project_root() / "configs"
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) for YAML/JSON."""
+    out = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(out))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if tp is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-3 as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            choices = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(path, choices, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{source}: unknown key {path}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {path} must be a mapping, got {value!r}")
+            kwargs[key] = from_dict(tp, value, source, prefix=f"{path}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{source}: {path}")
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- loading recipes
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}".splitlines()[0]) from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _load_block(name: str, configs: Path, recipe: Path) -> dict[str, Any]:
+    """``model/vit_tiny`` -> ``{"model": <contents of configs/model/vit_tiny.yaml>}``."""
+    section, _, stem = str(name).partition("/")
+    if not stem:
+        raise ConfigError(f"{recipe}: defaults entry {name!r} must look like SECTION/NAME")
+    if section == "deepspeed":
+        path = configs / "deepspeed" / (stem if stem.endswith(".json") else f"{stem}.json")
+        if not path.is_file():
+            raise ConfigError(f"{recipe}: defaults entry {name!r}: {path} not found")
+        try:
+            return {"deepspeed": {"config": json.loads(path.read_text())}}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON: {e}") from e
+    path = configs / section / (stem if stem.endswith(".yaml") else f"{stem}.yaml")
+    if not path.is_file():
+        raise ConfigError(f"{recipe}: defaults entry {name!r}: {path} not found")
+    return {section: _read_yaml(path, "building block")}
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "optim.lr=1e-3"]`` -> nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. train.steps=100")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {p} is set both as a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Compose a recipe with its building blocks and ``--set`` overrides, then validate it."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if recipe is not None:
+        path = Path(recipe)
+        source = str(recipe)
+        raw = _read_yaml(path, "recipe")
+        defaults = raw.pop("defaults", []) or []
+        if not isinstance(defaults, list):
+            raise ConfigError(f"{path}: defaults must be a list like [model/vit_tiny, optim/ijepa]")
+        configs = find_configs_dir(path)
+        for name in defaults:
+            data = _deep_merge(data, _load_block(name, configs, path))
+        data = _deep_merge(data, raw)
+    cfg = from_dict(Config, data, source)
+    if overrides:
+        over = parse_overrides(overrides)
+        merged = _deep_merge(to_dict(cfg), over)
+        # re-check only the override keys so their errors name --set
+        from_dict(Config, _deep_merge(to_dict(Config()), over), "--set")
+        cfg = from_dict(Config, merged, source)
+    validate(cfg, source)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, source: str, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: {key} {msg}")
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    """Reject impossible values (everything that can be checked without touching data)."""
+    from tcjepa.masks import check_feasible
+    from tcjepa.models.vit import parse_encoder_name
+
+    t, o, m = cfg.train, cfg.optim, cfg.model
+    _check(t.steps > 0, source, "train.steps", f"must be > 0, got {t.steps}")
+    _check(t.batch_size > 0, source, "train.batch_size", f"must be > 0, got {t.batch_size}")
+    _check(t.precision in ("fp32", "bf16"), source, "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
+    _check(t.log_every > 0, source, "train.log_every", "must be > 0")
+    _check(t.method in ("jepa",), source, "train.method", f"must be one of: jepa; got {t.method!r}")
+    _check(cfg.teacher.update in ("ema", "frozen"), source, "teacher.update", f"must be ema or frozen, got {cfg.teacher.update!r}")
+    _check(0.0 <= cfg.teacher.momentum <= 1.0, source, "teacher.momentum", "must be in [0, 1]")
+    _check(0.0 <= cfg.teacher.final_momentum <= 1.0, source, "teacher.final_momentum", "must be in [0, 1]")
+    _check(
+        cfg.teacher.update != "frozen" or bool(cfg.teacher.checkpoint),
+        source, "teacher.checkpoint", "must name a run directory when teacher.update is frozen",
+    )
+    _check(o.lr > 0, source, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(o.start_lr >= 0 and o.final_lr >= 0, source, "optim.start_lr", "and optim.final_lr must be >= 0")
+    _check(o.warmup_steps >= 0, source, "optim.warmup_steps", "must be >= 0")
+    _check(o.weight_decay >= 0 and o.final_weight_decay >= 0, source, "optim.weight_decay", "must be >= 0")
+    _check(all(0 <= b < 1 for b in o.betas), source, "optim.betas", "must be in [0, 1)")
+    _check(o.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables)")
+    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), source, "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    _check(cfg.checkpoint.every >= 0, source, "checkpoint.every", "must be >= 0")
+    _check(cfg.checkpoint.keep >= 1, source, "checkpoint.keep", "must be >= 1")
+    _check(cfg.data.workers >= 0, source, "data.workers", "must be >= 0")
+    _check(cfg.data.shuffle_buffer >= 1, source, "data.shuffle_buffer", "must be >= 1")
+    lo, hi = cfg.data.crop_scale
+    _check(0 < lo <= hi <= 1, source, "data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {[lo, hi]}")
+    try:
+        arch = parse_encoder_name(m.encoder)
+    except ValueError as e:
+        raise ConfigError(f"{source}: model.encoder {e}") from e
+    _check(m.image_size > 0 and m.image_size % arch.patch_size == 0, source, "model.image_size",
+           f"must be a positive multiple of the patch size {arch.patch_size}, got {m.image_size}")
+    _check(m.depth is None or m.depth > 0, source, "model.depth", "must be > 0")
+    _check(m.predictor_depth > 0, source, "model.predictor_depth", "must be > 0")
+    heads = m.predictor_heads or arch.num_heads
+    _check(m.predictor_width > 0 and m.predictor_width % heads == 0, source, "model.predictor_width",
+           f"must be a positive multiple of the predictor head count {heads}")
+    grid = m.image_size // arch.patch_size
+    mk = cfg.mask
+    try:
+        check_feasible(
+            (grid, grid), num_targets=mk.num_targets, target_scale=mk.target_scale,
+            target_aspect=mk.target_aspect, context_scale=mk.context_scale,
+            context_aspect=mk.context_aspect, min_context=mk.min_context, policy=mk.policy,
+        )
+    except ValueError as e:
+        raise ConfigError(f"{source}: mask: {e} (grid {grid}x{grid} = image_size/patch)") from e
+    p = cfg.probe
+    _check(p.encoder in ("auto", "teacher", "student"), source, "probe.encoder", "must be auto, teacher or student")
+    _check(p.epochs > 0 and len(p.lrs) > 0, source, "probe.epochs", "and probe.lrs must be non-empty")
+    _check(0 < p.holdout < 1, source, "probe.holdout", "must be in (0, 1)")

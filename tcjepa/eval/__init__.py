@@ -1,0 +1,1 @@
+"""Evaluation harnesses that work on any frozen checkpoint."""

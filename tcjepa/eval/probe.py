@@ -1,0 +1,149 @@
+"""Linear probe on frozen, mean-pooled encoder features.
+
+One pass extracts features; then several linear heads, one per learning rate, train at once on
+the same features (DINOv2's sweep-for-the-price-of-one). The learning rate is chosen on a
+held-out slice of the *train* split and the chosen head is reported on the val split, so the
+reported number never saw the val labels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_pipelines.loader import DataError, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
+from tcjepa.config import ProbeConfig
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    shards: str,
+    image_size: int,
+    label_key: str = "label",
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    data_key: str = "--data",
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """Mean-pooled patch features [N, D] and integer labels [N]; unlabelled samples are counted."""
+    from tqdm.auto import tqdm
+
+    urls = resolve_shards(shards, data_key)
+    loader = make_loader(LoaderSpec(urls, batch_size, image_size, workers=workers, train=False))
+    feats, labels, dropped, tracker = [], [], Counter(), SkipTracker()
+    encoder = encoder.to(device).eval()
+    for batch in tqdm(loader, desc="features", unit="batch", disable=not progress):
+        tracker.update(batch["skipped"])
+        keep = [i for i, m in enumerate(batch["meta"]) if isinstance(m.get(label_key), int)]
+        dropped["no_label"] += len(batch["meta"]) - len(keep)
+        if not keep:
+            continue
+        images = normalize(batch["images"][keep].to(device))
+        feats.append(encoder(images).mean(dim=1).float().cpu())
+        labels.append(torch.tensor([batch["meta"][i][label_key] for i in keep]))
+    dropped.update({f"skipped_{k}": v for k, v in tracker.counts.items()})
+    if not feats:
+        raise DataError(f"{data_key}: no sample in {shards} has an integer {label_key!r} in its json")
+    return torch.cat(feats), torch.cat(labels), dict(dropped)
+
+
+def train_linear_probes(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    cfg: ProbeConfig = ProbeConfig(),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train one linear head per learning rate; pick by holdout accuracy; report val metrics."""
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(train_x), generator=g)
+    n_hold = max(1, int(len(train_x) * cfg.holdout))
+    hold_idx, fit_idx = perm[:n_hold], perm[n_hold:]
+
+    mean, std = train_x[fit_idx].mean(0), train_x[fit_idx].std(0).clamp_min(1e-6)
+    norm = lambda x: (x - mean) / std  # noqa: E731
+    fx, fy = norm(train_x[fit_idx]), train_y[fit_idx]
+    hx, hy, vx = norm(train_x[hold_idx]), train_y[hold_idx], norm(val_x)
+
+    torch.manual_seed(seed)
+    heads = nn.ModuleList(nn.Linear(fx.size(1), num_classes) for _ in cfg.lrs)
+    opt = torch.optim.AdamW(
+        [{"params": h.parameters(), "lr": lr} for h, lr in zip(heads, cfg.lrs)], weight_decay=cfg.weight_decay
+    )
+    steps_per_epoch = max(1, (len(fx) + cfg.batch_size - 1) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(fx), generator=g)
+        for i in range(0, len(fx), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            loss = sum(F.cross_entropy(h(fx[idx]), fy[idx]) for h in heads)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+    with torch.no_grad():
+        hold_acc = [(h(hx).argmax(1) == hy).float().mean().item() for h in heads]
+        best = max(range(len(heads)), key=lambda i: hold_acc[i])
+        logits = heads[best](vx)
+        pred = logits.argmax(1)
+    top1 = (pred == val_y).float().mean().item()
+    per_class = {}
+    for c in range(num_classes):
+        sel = val_y == c
+        if sel.any():
+            per_class[str(c)] = (pred[sel] == c).float().mean().item()
+    return {
+        "top1": top1,
+        "per_class": per_class,
+        "best_lr": cfg.lrs[best],
+        "holdout_top1": hold_acc[best],
+        "num_train": len(train_x),
+        "num_val": len(val_x),
+        "num_classes": num_classes,
+        "chance": max(Counter(val_y.tolist()).values()) / len(val_y),
+    }
+
+
+def run_probe(
+    checkpoint: str | Path,
+    data: str,
+    val_data: str,
+    cfg: ProbeConfig | None = None,
+    json_out: str | Path | None = None,
+    encoder: nn.Module | None = None,
+    progress: bool = True,
+    save_to_run: bool = True,
+) -> dict[str, Any]:
+    """``tcjepa eval probe``: features of the run's encoder on train/val shards -> linear probe.
+    Writes ``RUN_DIR/eval/probe.json`` (unless ``save_to_run`` is False; e.g. when probing another
+    ``encoder`` with this run's settings) and ``json_out`` if given; returns the result dict."""
+    from tcjepa.checkpoint import load_encoder, load_run_config
+
+    run_cfg = load_run_config(checkpoint)
+    cfg = cfg or run_cfg.probe
+    if not val_data:
+        raise DataError("--val-data: the probe needs a validation split (SHARDS)")
+    if encoder is None:
+        encoder = load_encoder(checkpoint, cfg.encoder)
+    size = run_cfg.model.image_size
+    tx, ty, tdrop = extract_features(encoder, data, size, cfg.label_key, cfg.batch_size, data_key="--data", progress=progress)
+    vx, vy, vdrop = extract_features(encoder, val_data, size, cfg.label_key, cfg.batch_size, data_key="--val-data", progress=progress)
+    metrics = train_linear_probes(tx, ty, vx, vy, cfg, seed=run_cfg.train.seed)
+    metrics["dropped"] = {"train": tdrop, "val": vdrop}
+    result = {"task": "probe", "checkpoint": str(checkpoint), "data": data, "val_data": val_data, "metrics": metrics}
+    outs = ([Path(checkpoint) / "eval" / "probe.json"] if save_to_run else []) + ([Path(json_out)] if json_out else [])
+    for out in outs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result

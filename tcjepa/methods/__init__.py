@@ -1,0 +1,1 @@
+"""Training objectives; each builds its trainable module and computes ``loss(batch)``."""

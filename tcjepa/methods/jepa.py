@@ -1,0 +1,134 @@
+"""Joint-embedding predictive objective: I-JEPA (EMA teacher) and frozen-teacher latent
+prediction (SALT stage 2) share this file; they differ only by ``teacher.update``.
+
+Contract used by the training loop (``tcjepa.train``):
+``method.model`` is the trainable module DeepSpeed wraps; ``method.loss(engine, images, masks)``
+returns ``(loss, metrics)``; ``method.after_step(engine, step, total)`` updates the teacher;
+``method.teacher`` is the target encoder (outside the engine, fp32, never trained by SGD).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tcjepa.config import Config
+from tcjepa.masks import MaskBatch
+from tcjepa.models.predictor import Predictor
+from tcjepa.models.vit import VisionTransformer, build_encoder, gather_tokens
+from tcjepa.schedules import momentum_at
+
+
+def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Smooth-L1 averaged over real (non-padded) target tokens and channels, as in I-JEPA."""
+    if valid is None:
+        return F.smooth_l1_loss(pred, target)
+    per_token = F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
+    valid = valid.to(per_token.dtype)
+    return (per_token * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+class JEPAStudent(nn.Module):
+    """Context encoder + predictor: what the optimiser trains."""
+
+    def __init__(self, encoder: VisionTransformer, predictor: Predictor):
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = predictor
+
+    def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor) -> torch.Tensor:
+        context_valid = masks.context_valid if masks.padded else None
+        target_valid = masks.target_valid if masks.padded else None
+        z = self.encoder(images, masks.context_idx, context_valid)
+        pred = self.predictor(z, masks.context_idx, masks.target_idx, context_valid, target_valid)
+        return masked_smooth_l1(pred.float(), targets, target_valid)
+
+
+def build_student(cfg: Config) -> JEPAStudent:
+    m = cfg.model
+    encoder = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
+    predictor = Predictor(
+        embed_dim=encoder.embed_dim,
+        grid=encoder.grid,
+        width=m.predictor_width,
+        depth=m.predictor_depth,
+        num_heads=m.predictor_heads or encoder.num_heads,
+        mlp_ratio=encoder.arch.mlp_ratio,
+        init_std=m.init_std,
+    )
+    return JEPAStudent(encoder, predictor)
+
+
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices (ndim >= 2) only; biases and norms are excluded (as in I-JEPA).
+    ``apply_wd`` tells the loop which groups follow the weight-decay schedule."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [
+        {"params": decay, "weight_decay": 0.0, "apply_wd": True},
+        {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+    ]
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student, with fused foreach kernels."""
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach().to(t.dtype) for p, t in zip(student.parameters(), t_params)]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+class JEPA:
+    """I-JEPA objective with an EMA (``teacher.update: ema``) or frozen teacher."""
+
+    def __init__(self, cfg: Config, teacher: VisionTransformer | None = None):
+        self.cfg = cfg
+        self.model = build_student(cfg)
+        if teacher is None:
+            teacher = copy.deepcopy(self.model.encoder)
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+
+    def to(self, device: torch.device) -> "JEPA":
+        self.teacher.to(device)
+        return self
+
+    @torch.no_grad()
+    def targets(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
+        """Layer-normed teacher features at the target positions: [B, T, Nt, D] in fp32."""
+        with self._autocast(images.device):
+            h = self.teacher(images)
+        h = F.layer_norm(h.float(), (h.size(-1),))
+        B, T, Nt = masks.target_idx.shape
+        return gather_tokens(h, masks.target_idx.reshape(B, T * Nt)).reshape(B, T, Nt, -1)
+
+    def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        targets = self.targets(images, masks)
+        with self._autocast(images.device):
+            loss = engine(images, masks, targets)
+        return loss, {"target_std": targets.std(dim=(0, 1, 2)).mean()}
+
+    def after_step(self, engine: Any, step: int, total: int) -> dict[str, float]:
+        """EMA update after optimiser step ``step`` (0-based); no-op for a frozen teacher."""
+        if self.cfg.teacher.update != "ema":
+            return {}
+        m = momentum_at(step, total, start=self.cfg.teacher.momentum, final=self.cfg.teacher.final_momentum)
+        student = engine.module.encoder
+        if getattr(engine, "zero_optimization_partition_weights", lambda: False)():
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(student.parameters())):
+                ema_update(self.teacher, student, m)
+        else:
+            ema_update(self.teacher, student, m)
+        return {"momentum": m}
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=self.autocast_dtype)

@@ -1,0 +1,1 @@
+"""Model building blocks: ViT encoder, I-JEPA predictor."""

@@ -1,0 +1,192 @@
+"""Vision Transformer encoder, read top to bottom: config, position embedding, attention,
+MLP, block, encoder.
+
+Parameter names follow facebookresearch/ijepa (``patch_embed.proj``, ``blocks.N.attn.qkv``,
+``blocks.N.mlp.fc1``, ``norm``) so that official checkpoints and Hugging Face ``IJepaModel``
+map onto ours by renaming only. Attention runs through
+``torch.nn.functional.scaled_dot_product_attention`` to get fused kernels. Sequences may be
+padded (per-sample context sizes differ); ``key_valid`` masks padded keys.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# width, depth, heads, mlp_ratio (as in facebookresearch/ijepa's vision_transformer.py)
+ARCHS: dict[str, tuple[int, int, int, float]] = {
+    "micro": (96, 4, 3, 4.0),
+    "tiny": (192, 12, 3, 4.0),
+    "small": (384, 12, 6, 4.0),
+    "base": (768, 12, 12, 4.0),
+    "large": (1024, 24, 16, 4.0),
+    "huge": (1280, 32, 16, 4.0),
+    "giant": (1408, 40, 16, 48 / 11),
+}
+
+
+@dataclass(frozen=True)
+class ViTArch:
+    name: str
+    width: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    patch_size: int
+
+
+def parse_encoder_name(name: str, depth: int | None = None) -> ViTArch:
+    """``vit_small_16`` -> ViTArch(width=384, depth=12, heads=6, patch=16)."""
+    match = re.fullmatch(r"vit_([a-z]+)_(\d+)", name)
+    if not match or match.group(1) not in ARCHS:
+        sizes = "|".join(ARCHS)
+        raise ValueError(f"{name!r} is not an encoder name; expected vit_{{{sizes}}}_{{patch}}, e.g. vit_tiny_16")
+    width, arch_depth, heads, mlp_ratio = ARCHS[match.group(1)]
+    patch = int(match.group(2))
+    if patch < 1:
+        raise ValueError(f"{name!r}: patch size must be >= 1")
+    return ViTArch(name, width, depth or arch_depth, heads, mlp_ratio, patch)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [grid_h * grid_w, dim], row-major (MAE/I-JEPA layout:
+    the first half of the channels encodes the column (x), the second half the row (y))."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+    ys, xs = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+
+    def embed(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([embed(xs), embed(ys)], dim=1).float()
+
+
+def key_padding_mask(key_valid: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, N] bool (True = real token) -> SDPA boolean mask [B, 1, 1, N], or None if nothing is padded."""
+    if key_valid is None:
+        return None
+    return key_valid[:, None, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int, in_chans: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D], row-major patches
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D], idx [B, K] -> [B, K, D] (gather with an expanded index, no copies of x)."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """I-JEPA initialisation: truncated normal for Linear/Conv, unit LayerNorm, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def rescale_residual_branches(blocks: nn.ModuleList) -> None:
+    """Divide each block's residual output projections by sqrt(2 * layer) (I-JEPA's fix_init_weight),
+    so the residual stream's variance does not grow with depth at initialisation."""
+    with torch.no_grad():
+        for layer_id, block in enumerate(blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+
+class VisionTransformer(nn.Module):
+    """Patch embedding + fixed sin-cos positions + pre-norm blocks + final LayerNorm."""
+
+    def __init__(self, arch: ViTArch, image_size: int, init_std: float = 0.02):
+        super().__init__()
+        self.arch = arch
+        self.patch_size = arch.patch_size
+        self.embed_dim = arch.width
+        self.num_heads = arch.num_heads
+        self.grid = (image_size // arch.patch_size, image_size // arch.patch_size)
+        self.patch_embed = PatchEmbed(arch.patch_size, arch.width)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(arch.width, *self.grid)[None], persistent=False)
+        self.blocks = nn.ModuleList(Block(arch.width, arch.num_heads, arch.mlp_ratio) for _ in range(arch.depth))
+        self.norm = nn.LayerNorm(arch.width, eps=1e-6)
+        init_weights(self, init_std)
+        rescale_residual_branches(self.blocks)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def forward(
+        self, images: torch.Tensor, idx: torch.Tensor | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """images [B, 3, H, W] -> patch features [B, N, D]; with ``idx`` [B, K] only those patches
+        are encoded (the context), with ``valid`` [B, K] marking padded entries as keys to ignore."""
+        x = self.patch_embed(images)
+        if x.size(1) != self.pos_embed.size(1):
+            raise ValueError(f"image gives {x.size(1)} patches, the encoder was built for {self.pos_embed.size(1)}")
+        x = x + self.pos_embed.to(x.dtype)
+        if idx is not None:
+            x = gather_tokens(x, idx)
+        attn_mask = key_padding_mask(valid)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.norm(x)
+
+
+def build_encoder(name: str, image_size: int, depth: int | None = None, init_std: float = 0.02) -> VisionTransformer:
+    return VisionTransformer(parse_encoder_name(name, depth), image_size, init_std)

@@ -1,0 +1,104 @@
+from pathlib import Path
+
+import pytest
+
+from tcjepa.cli import main
+from tcjepa.config import Config, ConfigError, load_config, parse_overrides, project_root
+
+ROOT = project_root()
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads(recipe: Path):
+    cfg = load_config(recipe)
+    assert isinstance(cfg, Config)
+
+
+def test_quickstart_recipe_composes_blocks():
+    cfg = load_config(ROOT / "recipes/ijepa_quickstart.yaml")
+    assert cfg.model.encoder == "vit_tiny_8" and cfg.model.depth == 6  # from configs/model
+    assert cfg.optim.final_weight_decay == 0.4  # from configs/optim
+    assert cfg.optim.warmup_steps == 30  # recipe override
+    assert cfg.mask.target_scale == (0.15, 0.2)
+
+
+def test_vith14_recipe_matches_official_hyperparameters():
+    cfg = load_config(ROOT / "recipes/ijepa_vith14_in1k.yaml")
+    assert cfg.model.encoder == "vit_huge_14" and cfg.model.predictor_width == 384 and cfg.model.predictor_depth == 12
+    assert (cfg.optim.start_lr, cfg.optim.lr, cfg.optim.final_lr) == (2e-4, 1e-3, 1e-6)
+    assert (cfg.optim.weight_decay, cfg.optim.final_weight_decay) == (0.04, 0.4)
+    assert (cfg.teacher.momentum, cfg.teacher.final_momentum) == (0.996, 1.0)
+    assert cfg.train.batch_size == 2048 and cfg.train.steps == 300 * 625 and cfg.optim.warmup_steps == 40 * 625
+    assert cfg.deepspeed.zero_stage == 2 and cfg.deepspeed.config["zero_optimization"]["overlap_comm"] is True
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "configs").mkdir(exist_ok=True)
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_suggests(tmp_path):
+    p = write(tmp_path, "optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown key optim.lrr \(did you mean optim.lr\?\)"):
+        load_config(p)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key trian"):
+        load_config(write(tmp_path, "trian:\n  steps: 3\n"))
+
+
+def test_wrong_type(tmp_path):
+    with pytest.raises(ConfigError, match="train.steps: expected an integer"):
+        load_config(write(tmp_path, "train:\n  steps: many\n"))
+    with pytest.raises(ConfigError, match="data.hflip: expected true or false"):
+        load_config(write(tmp_path, "data:\n  hflip: 3\n"))
+
+
+@pytest.mark.parametrize("text,key", [
+    ("train:\n  precision: fp8\n", "train.precision"),
+    ("train:\n  batch_size: 0\n", "train.batch_size"),
+    ("teacher:\n  update: sgd\n", "teacher.update"),
+    ("teacher:\n  update: frozen\n", "teacher.checkpoint"),
+    ("deepspeed:\n  zero_stage: 4\n", "deepspeed.zero_stage"),
+    ("model:\n  encoder: vit_enormous_16\n", "model.encoder"),
+    ("model:\n  image_size: 100\n", "model.image_size"),
+    ("model:\n  image_size: 32\n", "mask"),  # 2x2 grid cannot hold 10 context patches
+    ("mask:\n  target_scale: [0.5, 1.5]\n", "mask"),
+])
+def test_impossible_values(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(write(tmp_path, text))
+
+
+def test_defaults_entry_missing(tmp_path):
+    with pytest.raises(ConfigError, match="model/nope"):
+        load_config(write(tmp_path, "defaults: [model/nope]\n"))
+
+
+def test_set_overrides():
+    cfg = load_config(ROOT / "recipes/ijepa_quickstart.yaml", ["train.steps=7", "optim.lr=3e-3", "data.hflip=false"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 3e-3 and cfg.data.hflip is False
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    with pytest.raises(ConfigError, match=r"--set: unknown key train.stpes \(did you mean train.steps\?\)"):
+        load_config(ROOT / "recipes/ijepa_quickstart.yaml", ["train.stpes=3"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.steps"])
+
+
+def test_cli_reports_config_errors_with_exit_2(tmp_path, capsys):
+    p = write(tmp_path, "optim:\n  lrr: 0.1\n")
+    assert main(["train", str(p), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "optim.lrr" in err[0]
+
+
+def test_cli_reports_missing_data_with_exit_2(tmp_path, capsys):
+    recipe = ROOT / "recipes/ijepa_quickstart.yaml"
+    rc = main(["train", str(recipe), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.train: shard") and "nowhere" in err
+    assert not (tmp_path / "run").exists()  # failed before creating anything
