@@ -30,6 +30,7 @@ from PIL import Image
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the official I-JEPA recipes
 STD = (0.229, 0.224, 0.225)
+MAX_SKIPS_BEFORE_FIRST = 1000  # a stream that never yields a good sample is an error, not a skip
 
 
 class DataError(ValueError):
@@ -267,6 +268,11 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
                 sample = decode_sample(raw)
             except Exception as e:  # noqa: BLE001 - any broken sample is skipped and counted
                 counter.skip("decode_error", f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}: {e!r}")
+                if counter.decoded == 0 and sum(counter.counts.values()) >= MAX_SKIPS_BEFORE_FIRST:
+                    raise DataError(
+                        f"the first {MAX_SKIPS_BEFORE_FIRST} samples of {s.urls[0]} ... all failed to decode "
+                        f"(last: {e!r}); are these image-caption WebDataset shards?"
+                    ) from e
                 continue
             counter.decoded += 1
             image = sample.pop("image")

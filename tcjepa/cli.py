@@ -6,6 +6,7 @@ Exit status 0 on success; bad input or config prints one ``error: ...`` line and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.recipe, overrides)
         out = args.out or str(Path("runs") / Path(args.recipe).stem)
         train(cfg, out, resume=args.resume)
-        print(f"finished: {out}")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"finished: {out}")
     elif args.command == "eval":
         import json
 

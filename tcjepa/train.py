@@ -21,7 +21,7 @@ import torch
 
 from data_pipelines.loader import DataError, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
 from tcjepa.checkpoint import load_encoder, save_final
-from tcjepa.config import Config, ConfigError, save_config, to_dict
+from tcjepa.config import Config, ConfigError, save_config
 from tcjepa.distributed import DistInfo, barrier, init_distributed
 from tcjepa.masks import sample_masks
 from tcjepa.methods.jepa import JEPA, param_groups
@@ -143,8 +143,14 @@ def _mask_seed(seed: int, rank: int, step: int) -> int:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Train ``cfg`` into ``out_dir`` (see DESIGN.md "Run directory"); returns the run directory."""
+def train(
+    cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True, stop_at: int | None = None
+) -> Path:
+    """Train ``cfg`` into ``out_dir`` (see DESIGN.md "Run directory"); returns the run directory.
+
+    ``stop_at`` ends this invocation after that many steps with a resumable checkpoint (schedules
+    still span ``train.steps``); ``--resume`` later continues to the end.
+    """
     import deepspeed
     from tqdm.auto import tqdm
 
@@ -189,7 +195,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
     batches = iter(loader)
     loss_sum, n_window, t_window = torch.zeros((), device=info.device), 0, time.perf_counter()
     extra_sum: dict[str, torch.Tensor] = {}
-    for step in range(start, total):
+    end = total if stop_at is None else min(total, stop_at)
+    for step in range(start, end):
         batch = next(batches)
         tracker.update(batch["skipped"])
         images = normalize(batch["images"].to(info.device, non_blocking=True))
@@ -217,7 +224,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
             extra_sum[k] = extra_sum.get(k, 0) + v.detach()
         n_window += 1
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == total:
+        if done % cfg.train.log_every == 0 or done == end:
             stats = torch.stack([loss_sum / n_window] + [v / n_window for v in extra_sum.values()]).float()
             skipped = torch.tensor(float(tracker.total), device=info.device)
             if info.world_size > 1:
@@ -243,6 +250,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
             save_checkpoint(engine, method, run_dir, done, tracker, cfg, info)
     bar.close()
 
+    if end < total:
+        save_checkpoint(engine, method, run_dir, end, tracker, cfg, info)
+        return run_dir
     if cfg.checkpoint.every:
         save_checkpoint(engine, method, run_dir, total, tracker, cfg, info)
     _save_final(engine, method, run_dir, cfg, info)

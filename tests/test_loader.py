@@ -108,3 +108,13 @@ def test_normalize():
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     y = normalize(x)
     assert torch.allclose(y[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]))
+
+
+def test_stream_of_only_broken_samples_is_an_error(tmp_path: Path, monkeypatch):
+    import data_pipelines.loader as loader
+
+    monkeypatch.setattr(loader, "MAX_SKIPS_BEFORE_FIRST", 5)
+    write_tar(tmp_path / "000000.tar", [(f"{i:03d}.png", b"garbage") for i in range(10)])
+    urls = resolve_shards(str(tmp_path))
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="all failed to decode"):
+        next(iter(make_loader(LoaderSpec(urls, 2, 16, train=True))))
