@@ -94,13 +94,6 @@ class MaskBatch:
         )
 
 
-def apply_masks(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Gather tokens: ``x`` [B, N, D], ``idx`` int64 [B, K] -> [B, K, D] (``out[b, k] = x[b, idx[b, k]]``).
-
-    The index is ``expand``ed over D (a view), not ``repeat``ed (a copy)."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
 # ----------------------------------------------------------------------------- sizes
 
 

@@ -108,3 +108,17 @@ def test_two_process_zero2_with_torchrun(shards64, tmp_path):
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
     assert (run / "final" / "model.safetensors").is_file()
     assert proc.stdout.count("finished:") == 1  # only rank 0 prints
+
+
+@pytest.mark.slow
+def test_zero3_matches_zero0(shards64, tmp_path):
+    """Partitioned parameters (ZeRO-3: EMA and final export gather them) train the same model."""
+    finals = []
+    for stage in (0, 3):
+        run = train(cfg_for(shards64, "train.steps=3", "checkpoint.every=0", f"deepspeed.zero_stage={stage}"),
+                    tmp_path / f"z{stage}", progress=False)
+        finals.append(load_final_state(run))
+    a, b = finals
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert not torch.equal(a["teacher.norm.weight"], torch.ones_like(a["teacher.norm.weight"]))  # EMA moved it

@@ -125,7 +125,8 @@ class PatchEmbed(nn.Module):
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, N, D], idx [B, K] -> [B, K, D] (gather with an expanded index, no copies of x)."""
+    """x [B, N, D], idx [B, K] -> [B, K, D], ``out[b, k] = x[b, idx[b, k]]``: the index is
+    ``expand``ed over D (a view), where the official ``apply_masks`` ``repeat``s it (a copy)."""
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
 
 
