@@ -1,0 +1,1 @@
+"""Data pipelines: shard writing, the WebDataset loader, synthetic data and dataset converters."""
