@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_probe(args.checkpoint, args.data, args.val_data, _probe_config(args.checkpoint, args.set), args.json)
         m = result["metrics"]
-        print(json.dumps({"task": result["task"], "top1": m["top1"], "best_lr": m["best_lr"], "chance": m["chance"]}))
+        print(json.dumps({"task": result["task"], **{k: v["top1"] for k, v in m["per_label"].items()}}))
     elif args.command == "data" and args.data_command == "synthetic":
         from data_pipelines.synthetic import write_synthetic_shards
 

@@ -111,7 +111,7 @@ class DeepSpeedConfig:
 class ProbeConfig:
     """Linear probe on frozen, mean-pooled encoder features (used by quickstart and eval)."""
 
-    label_key: str = "label"
+    labels: tuple[str, ...] = ("label",)  # json keys (dotted paths) to probe; the first is the headline
     epochs: int = 100
     lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
     weight_decay: float = 1e-4
@@ -404,4 +404,5 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     p = cfg.probe
     _check(p.encoder in ("auto", "teacher", "student"), source, "probe.encoder", "must be auto, teacher or student")
     _check(p.epochs > 0 and len(p.lrs) > 0, source, "probe.epochs", "and probe.lrs must be non-empty")
+    _check(len(p.labels) > 0, source, "probe.labels", "must name at least one json key, e.g. [label]")
     _check(0 < p.holdout < 1, source, "probe.holdout", "must be in (0, 1)")

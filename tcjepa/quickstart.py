@@ -15,7 +15,13 @@ from tcjepa.config import ConfigError, load_config, project_root
 QUICKSTART_RECIPE = "recipes/ijepa_quickstart.yaml"
 
 
-def quickstart(out: str | Path = "tcjepa_quickstart", overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+def quickstart(
+    out: str | Path = "tcjepa_quickstart",
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    train_samples: int = 3000,
+    val_samples: int = 1000,
+) -> dict[str, Any]:
     from data_pipelines.synthetic import write_synthetic_shards
     from tcjepa.checkpoint import load_encoder
     from tcjepa.eval.probe import run_probe
@@ -28,7 +34,7 @@ def quickstart(out: str | Path = "tcjepa_quickstart", overrides: list[str] | Non
         raise ConfigError(f"{out} already holds a finished quickstart; pass --out NEW_DIR")
     recipe = project_root() / QUICKSTART_RECIPE
     train_dir, val_dir = out / "data" / "train", out / "data" / "val"
-    for path, n, seed in ((train_dir, 3000, 0), (val_dir, 1000, 1)):
+    for path, n, seed in ((train_dir, train_samples, 0), (val_dir, val_samples, 1)):
         if not any(path.glob("*.tar")):
             print(f"writing {n} synthetic scenes to {path}")
             write_synthetic_shards(path, samples=n, shard_size=500, seed=seed)
@@ -40,20 +46,29 @@ def quickstart(out: str | Path = "tcjepa_quickstart", overrides: list[str] | Non
     random_init = build_student(cfg).encoder
     baseline = run_probe(run_dir, str(train_dir), str(val_dir), encoder=random_init, progress=progress,
                          save_to_run=False, json_out=run_dir / "eval" / "probe_random_init.json")["metrics"]
-    last = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l][-1]
-    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    rows = [
-        ("I-JEPA (trained, EMA teacher)", trained["top1"]),
-        ("random-init encoder", baseline["top1"]),
-        ("majority class", trained["chance"]),
-    ]
+    lines = [l for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
+    first, last = json.loads(lines[0]), json.loads(lines[-1])
     print()
     print(f"run: {run_dir}   steps: {cfg.train.steps}   loss {first['loss']:.4f} -> {last['loss']:.4f}   "
           f"{last['img_per_s']:.0f} img/s")
-    print(f"linear probe on '{cfg.probe.label_key}' (shape of the largest object), val top-1:")
-    width = max(len(r[0]) for r in rows)
-    print(f"  {'encoder'.ljust(width)}  top-1")
-    for name, acc in rows:
-        print(f"  {name.ljust(width)}  {acc:.3f}")
+    print(format_table(trained["per_label"], baseline["per_label"]))
     return {"run_dir": str(run_dir), "probe": trained, "probe_random_init": baseline,
             "loss_first": first["loss"], "loss_last": last["loss"]}
+
+
+def format_table(trained: dict[str, dict], baseline: dict[str, dict]) -> str:
+    """Linear-probe val top-1 per label: trained encoder, random-init encoder, majority class."""
+    keys = list(trained)
+    names = [LABEL_TITLES.get(k, k) for k in keys]
+    rows = [
+        ("I-JEPA, trained (EMA teacher)", [trained[k]["top1"] for k in keys]),
+        ("same encoder, random init", [baseline[k]["top1"] for k in keys]),
+        ("majority class", [trained[k]["majority_class"] for k in keys]),
+    ]
+    width = max(len(r[0]) for r in rows)
+    out = ["linear probe on frozen features, val top-1:", "  " + "encoder".ljust(width) + "".join(f"  {n:>8}" for n in names)]
+    out += ["  " + name.ljust(width) + "".join(f"  {v:8.3f}" for v in vals) for name, vals in rows]
+    return "\n".join(out)
+
+
+LABEL_TITLES = {"label": "shape", "labels.color": "colour", "labels.count": "count", "labels.bg": "backgr."}

@@ -21,38 +21,48 @@ from data_pipelines.loader import DataError, LoaderSpec, SkipTracker, make_loade
 from tcjepa.config import ProbeConfig
 
 
+def lookup(meta: dict[str, Any], key: str) -> Any:
+    """``lookup(meta, "labels.color")`` -> ``meta["labels"]["color"]`` (None if absent)."""
+    node: Any = meta
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 @torch.no_grad()
 def extract_features(
     encoder: nn.Module,
     shards: str,
     image_size: int,
-    label_key: str = "label",
     batch_size: int = 128,
     device: torch.device | str = "cpu",
     workers: int = 0,
     data_key: str = "--data",
     progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """Mean-pooled patch features [N, D] and integer labels [N]; unlabelled samples are counted."""
+) -> tuple[torch.Tensor, list[dict[str, Any]], dict[str, int]]:
+    """Mean-pooled patch features [N, D], each sample's json metadata, and skip counts by reason."""
     from tqdm.auto import tqdm
 
     urls = resolve_shards(shards, data_key)
     loader = make_loader(LoaderSpec(urls, batch_size, image_size, workers=workers, train=False))
-    feats, labels, dropped, tracker = [], [], Counter(), SkipTracker()
+    feats, metas, tracker = [], [], SkipTracker()
     encoder = encoder.to(device).eval()
-    for batch in tqdm(loader, desc="features", unit="batch", disable=not progress):
+    for batch in tqdm(loader, desc=f"features {Path(shards).name}", unit="batch", disable=not progress):
         tracker.update(batch["skipped"])
-        keep = [i for i, m in enumerate(batch["meta"]) if isinstance(m.get(label_key), int)]
-        dropped["no_label"] += len(batch["meta"]) - len(keep)
-        if not keep:
-            continue
-        images = normalize(batch["images"][keep].to(device))
-        feats.append(encoder(images).mean(dim=1).float().cpu())
-        labels.append(torch.tensor([batch["meta"][i][label_key] for i in keep]))
-    dropped.update({f"skipped_{k}": v for k, v in tracker.counts.items()})
+        feats.append(encoder(normalize(batch["images"].to(device))).mean(dim=1).float().cpu())
+        metas += batch["meta"]
     if not feats:
-        raise DataError(f"{data_key}: no sample in {shards} has an integer {label_key!r} in its json")
-    return torch.cat(feats), torch.cat(labels), dict(dropped)
+        raise DataError(f"{data_key}: no readable sample in {shards}")
+    return torch.cat(feats), metas, tracker.counts
+
+
+def select_labels(metas: list[dict[str, Any]], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the samples whose json has an integer at ``key`` (dotted path), and those labels."""
+    found = [lookup(m, key) for m in metas]
+    keep = [i for i, v in enumerate(found) if isinstance(v, int) and not isinstance(v, bool)]
+    return torch.tensor(keep, dtype=torch.long), torch.tensor([found[i] for i in keep], dtype=torch.long)
 
 
 def train_linear_probes(
@@ -111,7 +121,7 @@ def train_linear_probes(
         "num_train": len(train_x),
         "num_val": len(val_x),
         "num_classes": num_classes,
-        "chance": max(Counter(val_y.tolist()).values()) / len(val_y),
+        "majority_class": max(Counter(val_y.tolist()).values()) / len(val_y),
     }
 
 
@@ -125,7 +135,9 @@ def run_probe(
     progress: bool = True,
     save_to_run: bool = True,
 ) -> dict[str, Any]:
-    """``tcjepa eval probe``: features of the run's encoder on train/val shards -> linear probe.
+    """``tcjepa eval probe``: features of the run's encoder on train/val shards -> linear probes,
+    one per entry of ``probe.labels`` (the first one gives the headline ``top1``).
+
     Writes ``RUN_DIR/eval/probe.json`` (unless ``save_to_run`` is False; e.g. when probing another
     ``encoder`` with this run's settings) and ``json_out`` if given; returns the result dict."""
     from tcjepa.checkpoint import load_encoder, load_run_config
@@ -137,10 +149,20 @@ def run_probe(
     if encoder is None:
         encoder = load_encoder(checkpoint, cfg.encoder)
     size = run_cfg.model.image_size
-    tx, ty, tdrop = extract_features(encoder, data, size, cfg.label_key, cfg.batch_size, data_key="--data", progress=progress)
-    vx, vy, vdrop = extract_features(encoder, val_data, size, cfg.label_key, cfg.batch_size, data_key="--val-data", progress=progress)
-    metrics = train_linear_probes(tx, ty, vx, vy, cfg, seed=run_cfg.train.seed)
-    metrics["dropped"] = {"train": tdrop, "val": vdrop}
+    tx, tmeta, tskip = extract_features(encoder, data, size, cfg.batch_size, data_key="--data", progress=progress)
+    vx, vmeta, vskip = extract_features(encoder, val_data, size, cfg.batch_size, data_key="--val-data", progress=progress)
+    per_label = {}
+    for key in cfg.labels:
+        ti, ty = select_labels(tmeta, key)
+        vi, vy = select_labels(vmeta, key)
+        if len(ti) == 0 or len(vi) == 0:
+            where = "--data" if len(ti) == 0 else "--val-data"
+            raise DataError(f"{where}: no sample has an integer {key!r} in its json (probe.labels)")
+        m = train_linear_probes(tx[ti], ty, vx[vi], vy, cfg, seed=run_cfg.train.seed)
+        m["unlabelled"] = {"train": len(tx) - len(ti), "val": len(vx) - len(vi)}
+        per_label[key] = m
+    metrics = {**per_label[cfg.labels[0]], "label": cfg.labels[0], "per_label": per_label,
+               "skipped": {"train": tskip, "val": vskip}}
     result = {"task": "probe", "checkpoint": str(checkpoint), "data": data, "val_data": val_data, "metrics": metrics}
     outs = ([Path(checkpoint) / "eval" / "probe.json"] if save_to_run else []) + ([Path(json_out)] if json_out else [])
     for out in outs:

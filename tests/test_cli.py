@@ -1,0 +1,43 @@
+"""The command-line contract: subcommands call library functions; errors exit 2 with one line."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tcjepa.cli import main
+from tcjepa.quickstart import quickstart
+
+
+def test_data_synthetic(tmp_path, capsys):
+    assert main(["data", "synthetic", "--out", str(tmp_path / "d"), "--samples", "10", "--shard-size", "4", "--seed", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["000000.tar", "000001.tar", "000002.tar"]
+    assert "wrote 10 samples in 3 shards" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quickstart_then_eval_probe(tmp_path, capsys):
+    out = tmp_path / "qs"
+    result = quickstart(out, ["train.steps=6", "train.log_every=2", "probe.epochs=5", "checkpoint.every=0"],
+                        progress=False, train_samples=300, val_samples=100)
+    printed = capsys.readouterr().out
+    assert "I-JEPA, trained (EMA teacher)" in printed and "random init" in printed and "colour" in printed
+    run = Path(result["run_dir"])
+    saved = json.loads((run / "eval" / "probe.json").read_text())
+    assert saved["task"] == "probe" and saved["checkpoint"] == str(run)
+    assert 0.0 <= saved["metrics"]["top1"] <= 1.0 and saved["metrics"]["num_val"] == 100
+    assert set(saved["metrics"]["per_label"]) == {"label", "labels.color", "labels.count"}
+    assert saved["metrics"]["top1"] == result["probe"]["top1"]
+    assert (run / "eval" / "probe_random_init.json").is_file()
+
+    # the same run through `tcjepa eval probe`, with a --set override and --json
+    js = tmp_path / "probe.json"
+    argv = ["eval", "probe", "--checkpoint", str(run), "--data", str(out / "data/train"),
+            "--val-data", str(out / "data/val"), "--json", str(js), "--set", "probe.epochs=5"]
+    assert main(argv) == 0
+    again = json.loads(js.read_text())
+    assert again["metrics"]["top1"] == pytest.approx(saved["metrics"]["top1"])  # deterministic
+    assert main(argv[:-2] + ["--set", "train.steps=3"]) == 2
+    assert "only probe.* keys" in capsys.readouterr().err
+    with pytest.raises(Exception, match="already holds a finished quickstart"):
+        quickstart(out, progress=False)

@@ -1,0 +1,45 @@
+import torch
+
+from tcjepa.config import ProbeConfig
+from tcjepa.eval.probe import extract_features, select_labels, train_linear_probes
+from tcjepa.models.vit import build_encoder
+
+
+def blobs(n: int, seed: int, noise: float):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)) * 3
+    y = torch.randint(0, 3, (n,), generator=g)
+    return centers[y] + noise * torch.randn(n, 16, generator=g), y
+
+
+def test_probe_separates_separable_features():
+    tx, ty = blobs(300, 1, 0.5)
+    vx, vy = blobs(100, 2, 0.5)
+    m = train_linear_probes(tx, ty, vx, vy, ProbeConfig(epochs=20, lrs=(1e-3, 1e-2)))
+    assert m["top1"] > 0.95
+    assert m["best_lr"] in (1e-3, 1e-2) and set(m["per_class"]) == {"0", "1", "2"}
+    assert m["num_train"] == 300 and m["num_classes"] == 3
+
+
+def test_probe_is_at_chance_on_random_labels():
+    tx, _ = blobs(300, 1, 0.5)
+    vx, _ = blobs(300, 2, 0.5)
+    g = torch.Generator().manual_seed(5)
+    ty, vy = torch.randint(0, 3, (300,), generator=g), torch.randint(0, 3, (300,), generator=g)
+    m = train_linear_probes(tx, ty, vx, vy, ProbeConfig(epochs=20))
+    assert m["top1"] < 0.5
+
+
+def test_extract_features_and_label_selection(tmp_path):
+    from tests.conftest import labelled_members, png_bytes, write_tar
+
+    members = labelled_members(0, 5) + [("nolabel.png", png_bytes((9, 9, 9))), ("nolabel.txt", b"x")]
+    write_tar(tmp_path / "000000.tar", members)
+    enc = build_encoder("vit_micro_8", 32)
+    x, metas, skipped = extract_features(enc, str(tmp_path), 32, batch_size=4)
+    assert x.shape == (6, 96) and skipped == {}
+    idx, y = select_labels(metas, "label")
+    assert y.tolist() == [0, 1, 2, 0, 1] and len(idx) == 5  # the unlabelled sample is left out
+    metas[0]["labels"] = {"color": 4}
+    idx, y = select_labels(metas, "labels.color")
+    assert idx.tolist() == [0] and y.tolist() == [4]
