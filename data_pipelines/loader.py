@@ -30,6 +30,7 @@ from PIL import Image
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the official I-JEPA recipes
 STD = (0.229, 0.224, 0.225)
+SKIP_REASONS = ("decode_error", "tar_error")  # what SkipCounter counts
 MAX_SKIPS_BEFORE_FIRST = 1000  # a stream that never yields a good sample is an error, not a skip
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipelines.loader import DataError, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
+from data_pipelines.loader import SKIP_REASONS, DataError, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
 from tcjepa.checkpoint import load_encoder, save_final
 from tcjepa.config import Config, ConfigError, save_config
 from tcjepa.distributed import DistInfo, barrier, init_distributed
@@ -110,9 +110,17 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def save_checkpoint(engine: Any, method: JEPA, run_dir: Path, step: int, tracker: SkipTracker, cfg: Config, info: DistInfo) -> None:
+def global_skips(tracker: SkipTracker, before: dict[str, int], info: DistInfo) -> dict[str, int]:
+    """Skipped samples by reason, summed over ranks and over earlier invocations of the run."""
+    counts = torch.tensor([float(tracker.counts.get(r, 0)) for r in SKIP_REASONS], device=info.device)
+    if info.world_size > 1:
+        torch.distributed.all_reduce(counts)
+    return {r: int(c) + int(before.get(r, 0)) for r, c in zip(SKIP_REASONS, counts.tolist())}
+
+
+def save_checkpoint(engine: Any, method: JEPA, run_dir: Path, step: int, skipped: dict[str, int], cfg: Config, info: DistInfo) -> None:
     tag = f"{TAG_PREFIX}{step:08d}"
-    client = {"step": step, "teacher": method.teacher.state_dict(), "skipped": tracker.counts}
+    client = {"step": step, "teacher": method.teacher.state_dict(), "skipped": skipped}
     engine.save_checkpoint(str(run_dir / CHECKPOINTS), tag=tag, client_state=client)
     barrier()
     if info.is_main:
@@ -226,17 +234,17 @@ def train(
         done = step + 1
         if done % cfg.train.log_every == 0 or done == end:
             stats = torch.stack([loss_sum / n_window] + [v / n_window for v in extra_sum.values()]).float()
-            skipped = torch.tensor(float(tracker.total), device=info.device)
             if info.world_size > 1:
                 torch.distributed.all_reduce(stats)
-                torch.distributed.all_reduce(skipped)
                 stats /= info.world_size
+            skipped = global_skips(tracker, skipped_before, info)
             stats = stats.tolist()  # the only host sync, once per logging window
             elapsed = time.perf_counter() - t_window
             record = {
                 "step": done, "loss": stats[0], "lr": lr, "wd": wd, **sched,
                 "img_per_s": n_window * cfg.train.batch_size / max(elapsed, 1e-9),
-                "skipped": int(skipped.item()) + sum(skipped_before.values()),
+                "skipped": sum(skipped.values()),
+                **{f"skipped_{r}": n for r, n in skipped.items() if n},
                 **{k: v for k, v in zip(extra_sum, stats[1:])},
             }
             if not np.isfinite(record["loss"]):
@@ -247,14 +255,14 @@ def train(
             extra_sum, n_window, t_window = {}, 0, time.perf_counter()
         bar.update(1)
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < total:
-            save_checkpoint(engine, method, run_dir, done, tracker, cfg, info)
+            save_checkpoint(engine, method, run_dir, done, global_skips(tracker, skipped_before, info), cfg, info)
     bar.close()
 
     if end < total:
-        save_checkpoint(engine, method, run_dir, end, tracker, cfg, info)
+        save_checkpoint(engine, method, run_dir, end, global_skips(tracker, skipped_before, info), cfg, info)
         return run_dir
     if cfg.checkpoint.every:
-        save_checkpoint(engine, method, run_dir, total, tracker, cfg, info)
+        save_checkpoint(engine, method, run_dir, total, global_skips(tracker, skipped_before, info), cfg, info)
     _save_final(engine, method, run_dir, cfg, info)
     barrier()
     return run_dir

@@ -122,3 +122,20 @@ def test_zero3_matches_zero0(shards64, tmp_path):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert not torch.equal(a["teacher.norm.weight"], torch.ones_like(a["teacher.norm.weight"]))  # EMA moved it
+
+
+@pytest.mark.slow
+def test_corrupt_samples_are_counted_in_metrics_and_survive_resume(tmp_path):
+    d = tmp_path / "dirty"
+    d.mkdir()
+    for i in range(2):
+        members = labelled_members(i * 30, 30, size=64)
+        members += [(f"bad{i}{j}.png", b"\x89PNG broken") for j in range(5)]
+        write_tar(d / f"{i:06d}.tar", members)
+    cfg = cfg_for(d, "train.steps=12", "checkpoint.every=6", "train.log_every=6", "data.shuffle_buffer=10")
+    run = train(cfg, tmp_path / "run", progress=False, stop_at=6)
+    first = records(run)[-1]
+    assert first["skipped"] > 0 and first["skipped"] == first["skipped_decode_error"]
+    train(cfg, run, resume=True, progress=False)
+    last = records(run)[-1]
+    assert last["step"] == 12 and last["skipped"] > first["skipped"]  # counts carry over the resume
