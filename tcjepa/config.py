@@ -40,6 +40,8 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
+    """Keyword arguments of ``tcjepa.masks.sample_masks`` (same names)."""
+
     num_targets: int = 4
     target_scale: tuple[float, float] = (0.15, 0.2)
     target_aspect: tuple[float, float] = (0.75, 1.5)
@@ -392,13 +394,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _check(m.predictor_width > 0 and m.predictor_width % heads == 0, source, "model.predictor_width",
            f"must be a positive multiple of the predictor head count {heads}")
     grid = m.image_size // arch.patch_size
-    mk = cfg.mask
     try:
-        check_feasible(
-            (grid, grid), num_targets=mk.num_targets, target_scale=mk.target_scale,
-            target_aspect=mk.target_aspect, context_scale=mk.context_scale,
-            context_aspect=mk.context_aspect, min_context=mk.min_context, policy=mk.policy,
-        )
+        check_feasible((grid, grid), **dataclasses.asdict(cfg.mask))
     except ValueError as e:
         raise ConfigError(f"{source}: mask: {e} (grid {grid}x{grid} = image_size/patch)") from e
     p = cfg.probe

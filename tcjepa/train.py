@@ -9,6 +9,7 @@ Without a launcher it runs as a single process (CPU or one GPU); under ``deepspe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -196,7 +197,7 @@ def train(
     log = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start)
     grid = method.model.encoder.grid
     gen = torch.Generator()
-    mk = cfg.mask
+    mask_kwargs = dataclasses.asdict(cfg.mask)  # MaskConfig fields are sample_masks' keywords
     tracker = SkipTracker()
 
     bar = tqdm(total=total, initial=start, disable=not (progress and info.is_main), desc="train", unit="step")
@@ -216,11 +217,7 @@ def train(
             group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
 
         gen.manual_seed(_mask_seed(cfg.train.seed, info.rank, step))
-        masks = sample_masks(
-            images.size(0), grid, gen, num_targets=mk.num_targets, target_scale=mk.target_scale,
-            target_aspect=mk.target_aspect, context_scale=mk.context_scale, context_aspect=mk.context_aspect,
-            min_context=mk.min_context, policy=mk.policy,
-        ).to(info.device)
+        masks = sample_masks(images.size(0), grid, gen, **mask_kwargs).to(info.device)
 
         loss, extra = method.loss(engine, images, masks)
         engine.backward(loss)

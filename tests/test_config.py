@@ -102,3 +102,15 @@ def test_cli_reports_missing_data_with_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: data.train: shard") and "nowhere" in err
     assert not (tmp_path / "run").exists()  # failed before creating anything
+
+
+def test_mask_config_fields_are_sampler_keywords():
+    import dataclasses
+    import inspect
+
+    from tcjepa.config import MaskConfig
+    from tcjepa.masks import check_feasible, sample_masks
+
+    fields = {f.name for f in dataclasses.fields(MaskConfig)}
+    assert fields <= set(inspect.signature(sample_masks).parameters)
+    assert fields <= set(inspect.signature(check_feasible).parameters)
