@@ -312,4 +312,5 @@ def make_loader(spec: LoaderSpec) -> torch.utils.data.DataLoader:
         num_workers=spec.workers,
         persistent_workers=spec.workers > 0 and spec.train,
         prefetch_factor=4 if spec.workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
     )
