@@ -235,7 +235,7 @@ def train(
                 torch.distributed.all_reduce(stats)
                 stats /= info.world_size
             skipped = global_skips(tracker, skipped_before, info)
-            stats = stats.tolist()  # the only host sync, once per logging window
+            stats = stats.tolist()  # host syncs happen only here, once per logging window
             elapsed = time.perf_counter() - t_window
             record = {
                 "step": done, "loss": stats[0], "lr": lr, "wd": wd, **sched,
@@ -251,30 +251,30 @@ def train(
             loss_sum.zero_()
             extra_sum, n_window, t_window = {}, 0, time.perf_counter()
         bar.update(1)
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < total:
+        periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
+        if periodic or (done == end and (end < total or cfg.checkpoint.every)):  # the last step: resumable
             save_checkpoint(engine, method, run_dir, done, global_skips(tracker, skipped_before, info), cfg, info)
     bar.close()
 
     if end < total:
-        save_checkpoint(engine, method, run_dir, end, global_skips(tracker, skipped_before, info), cfg, info)
         return run_dir
-    if cfg.checkpoint.every:
-        save_checkpoint(engine, method, run_dir, total, global_skips(tracker, skipped_before, info), cfg, info)
     _save_final(engine, method, run_dir, cfg, info)
     barrier()
     return run_dir
 
 
 def _save_final(engine: Any, method: JEPA, run_dir: Path, cfg: Config, info: DistInfo) -> None:
-    model = engine.module
-    if engine.zero_optimization_partition_weights():
-        import deepspeed
+    """``final/model.safetensors`` from rank 0; ZeRO-3 first gathers the partitioned weights."""
+    import contextlib
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            if info.is_main:
-                save_final(run_dir, {"encoder": model.encoder, "predictor": model.predictor, "teacher": method.teacher}, cfg)
-    elif info.is_main:
-        save_final(run_dir, {"encoder": model.encoder, "predictor": model.predictor, "teacher": method.teacher}, cfg)
+    import deepspeed
+
+    model = engine.module
+    gather = (deepspeed.zero.GatheredParameters(list(model.parameters()))
+              if engine.zero_optimization_partition_weights() else contextlib.nullcontext())
+    with gather:
+        if info.is_main:
+            save_final(run_dir, {"encoder": model.encoder, "predictor": model.predictor, "teacher": method.teacher}, cfg)
 
 
 __all__ = ["train", "deepspeed_config", "DataError"]
