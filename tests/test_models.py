@@ -107,3 +107,16 @@ def test_ema_update():
     ema_update(teacher, student, 0.0)  # momentum 0 copies the student
     for t, s in zip(teacher.parameters(), student.parameters()):
         assert torch.equal(t, s)
+
+
+def test_packing_roundtrip_keeps_real_tokens_only():
+    from tcjepa.models.vit import Packing
+
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    x = torch.arange(18, dtype=torch.float32).view(2, 3, 3)
+    p = Packing(valid)
+    packed = p.pack(x)
+    assert packed.shape == (3, 3)
+    assert torch.equal(packed, torch.stack([x[0, 0], x[0, 1], x[1, 0]]))
+    back = p.unpack(packed)
+    assert torch.equal(back[valid], x[valid]) and torch.all(back[~valid] == 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tcjepa.models.vit import Block, gather_tokens, init_weights, rescale_residual_branches, sincos_pos_embed_2d
+from tcjepa.models.vit import Block, Packing, gather_tokens, init_weights, rescale_residual_branches, sincos_pos_embed_2d
 
 
 class Predictor(nn.Module):
@@ -57,14 +57,16 @@ class Predictor(nn.Module):
         targets = gather_tokens(pos, target_idx.reshape(B, T * Nt)).reshape(B * T, Nt, self.width)
         x = torch.cat([x, self.mask_token.to(x.dtype) + targets], dim=1)
 
-        attn_mask = None
+        packing = None
         if context_valid is not None or target_valid is not None:
             cv = context_valid if context_valid is not None else torch.ones(B, Nc, dtype=torch.bool, device=x.device)
             tv = target_valid if target_valid is not None else torch.ones(B, T, Nt, dtype=torch.bool, device=x.device)
-            keys = torch.cat([cv.unsqueeze(1).expand(B, T, Nc).reshape(B * T, Nc), tv.reshape(B * T, Nt)], dim=1)
-            attn_mask = keys[:, None, None, :]
+            packing = Packing(torch.cat([cv.unsqueeze(1).expand(B, T, Nc).reshape(B * T, Nc), tv.reshape(B * T, Nt)], 1))
+            x = packing.pack(x)
 
         for block in self.predictor_blocks:
-            x = block(x, attn_mask)
+            x = block(x, packing)
+        if packing is not None:
+            x = packing.unpack(x)
         x = self.predictor_proj(self.predictor_norm(x[:, Nc:]))
         return x.reshape(B, T, Nt, -1)

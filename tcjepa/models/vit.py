@@ -5,7 +5,8 @@ Parameter names follow facebookresearch/ijepa (``patch_embed.proj``, ``blocks.N.
 ``blocks.N.mlp.fc1``, ``norm``) so that official checkpoints and Hugging Face ``IJepaModel``
 map onto ours by renaming only. Attention runs through
 ``torch.nn.functional.scaled_dot_product_attention`` to get fused kernels. Sequences may be
-padded (per-sample context sizes differ); ``key_valid`` masks padded keys.
+padded (per-sample context sizes differ): :class:`Packing` runs the per-token layers on the real
+tokens only and masks padded keys in attention.
 """
 
 from __future__ import annotations
@@ -70,11 +71,28 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     return torch.cat([embed(xs), embed(ys)], dim=1).float()
 
 
-def key_padding_mask(key_valid: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, N] bool (True = real token) -> SDPA boolean mask [B, 1, 1, N], or None if nothing is padded."""
-    if key_valid is None:
-        return None
-    return key_valid[:, None, None, :]
+class Packing:
+    """The real tokens of a padded batch, packed into one [T, C] tensor.
+
+    Per-sample context sizes differ, so sequences are padded to the batch maximum; a third of
+    the tokens can be padding. Per-token layers (LayerNorm, qkv, proj, MLP: most of the FLOPs at
+    these lengths) run on the T real tokens only; only attention sees the padded [B, N] layout,
+    with padded keys masked.
+    """
+
+    def __init__(self, valid: torch.Tensor):
+        self.batch, self.length = valid.shape
+        self.index = valid.reshape(-1).nonzero().squeeze(1)  # flat positions of the real tokens
+        self.attn_mask = valid[:, None, None, :]  # SDPA boolean mask [B, 1, 1, N]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] -> [T, C]"""
+        return x.reshape(self.batch * self.length, -1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, C] -> [B, N, C], zeros at padded positions."""
+        out = x.new_zeros(self.batch * self.length, x.size(-1))
+        return out.index_copy(0, self.index, x).view(self.batch, self.length, -1)
 
 
 class Attention(nn.Module):
@@ -84,11 +102,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+    def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        """x: [B, N, C], or [T, C] packed real tokens when ``packing`` is given."""
+        qkv = self.qkv(x)
+        attn_mask = None
+        if packing is not None:
+            qkv, attn_mask = packing.unpack(qkv), packing.attn_mask
+        B, N, C3 = qkv.shape
+        C = C3 // 3
+        q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # unbind: no zero-fill in backward
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj(packing.pack(out) if packing is not None else out)
 
 
 class MLP(nn.Module):
@@ -110,8 +135,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask)
+    def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), packing)
         return x + self.mlp(self.norm2(x))
 
 
@@ -176,17 +201,20 @@ class VisionTransformer(nn.Module):
         self, images: torch.Tensor, idx: torch.Tensor | None = None, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
         """images [B, 3, H, W] -> patch features [B, N, D]; with ``idx`` [B, K] only those patches
-        are encoded (the context), with ``valid`` [B, K] marking padded entries as keys to ignore."""
+        are encoded (the context), with ``valid`` [B, K] marking padded entries (returned as zeros)."""
         x = self.patch_embed(images)
         if x.size(1) != self.pos_embed.size(1):
             raise ValueError(f"image gives {x.size(1)} patches, the encoder was built for {self.pos_embed.size(1)}")
         x = x + self.pos_embed.to(x.dtype)
         if idx is not None:
             x = gather_tokens(x, idx)
-        attn_mask = key_padding_mask(valid)
+        packing = Packing(valid) if valid is not None else None
+        if packing is not None:
+            x = packing.pack(x)
         for block in self.blocks:
-            x = block(x, attn_mask)
-        return self.norm(x)
+            x = block(x, packing)
+        x = self.norm(x)
+        return packing.unpack(x) if packing is not None else x
 
 
 def build_encoder(name: str, image_size: int, depth: int | None = None, init_std: float = 0.02) -> VisionTransformer:
