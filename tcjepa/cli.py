@@ -54,16 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _probe_config(run_dir: str, overrides: list[str]):
     from tcjepa.checkpoint import load_run_config
-    from tcjepa.config import Config, from_dict, parse_overrides, to_dict, _deep_merge
+    from tcjepa.config import ConfigError, apply_overrides, parse_overrides
 
-    base = load_run_config(run_dir)
-    over = parse_overrides(overrides)
-    bad = [k for k in over if k != "probe"]
+    bad = [k for k in parse_overrides(overrides) if k != "probe"]
     if bad:
-        from tcjepa.config import ConfigError
-
         raise ConfigError(f"--set {bad[0]}.*: only probe.* keys can be set for eval probe")
-    return from_dict(Config, _deep_merge(to_dict(base), over), "--set").probe
+    return apply_overrides(load_run_config(run_dir), overrides).probe
 
 
 def run(args: argparse.Namespace) -> int:

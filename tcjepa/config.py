@@ -328,15 +328,18 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
         for name in defaults:
             data = _deep_merge(data, _load_block(name, configs, path))
         data = _deep_merge(data, raw)
-    cfg = from_dict(Config, data, source)
-    if overrides:
-        over = parse_overrides(overrides)
-        merged = _deep_merge(to_dict(cfg), over)
-        # re-check only the override keys so their errors name --set
-        from_dict(Config, _deep_merge(to_dict(Config()), over), "--set")
-        cfg = from_dict(Config, merged, source)
+    cfg = apply_overrides(from_dict(Config, data, source), overrides or [])
     validate(cfg, source)
     return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with ``--set KEY=VALUE`` items applied; errors name ``--set`` and the key."""
+    if not overrides:
+        return cfg
+    over = parse_overrides(overrides)
+    from_dict(Config, _deep_merge(to_dict(Config()), over), "--set")  # check the override keys alone
+    return from_dict(Config, _deep_merge(to_dict(cfg), over), "--set")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

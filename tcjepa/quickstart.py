@@ -13,6 +13,7 @@ import torch
 from tcjepa.config import ConfigError, load_config, project_root
 
 QUICKSTART_RECIPE = "recipes/ijepa_quickstart.yaml"
+LABEL_TITLES = {"label": "shape", "labels.color": "colour", "labels.count": "count", "labels.bg": "backgr."}
 
 
 def quickstart(
@@ -23,7 +24,6 @@ def quickstart(
     val_samples: int = 1000,
 ) -> dict[str, Any]:
     from data_pipelines.synthetic import write_synthetic_shards
-    from tcjepa.checkpoint import load_encoder
     from tcjepa.eval.probe import run_probe
     from tcjepa.methods.jepa import build_student
     from tcjepa.train import train
@@ -70,5 +70,3 @@ def format_table(trained: dict[str, dict], baseline: dict[str, dict]) -> str:
     out += ["  " + name.ljust(width) + "".join(f"  {v:8.3f}" for v in vals) for name, vals in rows]
     return "\n".join(out)
 
-
-LABEL_TITLES = {"label": "shape", "labels.color": "colour", "labels.count": "count", "labels.bg": "backgr."}

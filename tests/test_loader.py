@@ -1,4 +1,3 @@
-import io
 import random
 from pathlib import Path
 
