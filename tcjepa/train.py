@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipelines.loader import SKIP_REASONS, DataError, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
+from data_pipelines.loader import SKIP_REASONS, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
 from tcjepa.checkpoint import load_encoder, save_final
 from tcjepa.config import Config, ConfigError, save_config
 from tcjepa.distributed import DistInfo, barrier, init_distributed
@@ -277,4 +277,3 @@ def _save_final(engine: Any, method: JEPA, run_dir: Path, cfg: Config, info: Dis
             save_final(run_dir, {"encoder": model.encoder, "predictor": model.predictor, "teacher": method.teacher}, cfg)
 
 
-__all__ = ["train", "deepspeed_config", "DataError"]
