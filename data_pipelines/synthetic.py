@@ -429,6 +429,7 @@ def write_synthetic_shards(
     shard_size: int = 500,
     seed: int = 0,
     image_size: int = 64,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Write ``samples`` synthetic scenes as shards in ``out_dir``; return a summary.
 
@@ -439,7 +440,11 @@ def write_synthetic_shards(
         raise ValueError(f"samples must be >= 1, got {samples}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 so shapes stay recognisable, got {image_size}")
-    paths = write_shards(iter_synthetic_samples(samples, seed, image_size), out_dir, shard_size=shard_size)
+    from tqdm.auto import tqdm
+
+    stream = tqdm(iter_synthetic_samples(samples, seed, image_size), total=samples, desc=f"scenes -> {out_dir}",
+                  unit="img", disable=not progress)
+    paths = write_shards(stream, out_dir, shard_size=shard_size)
     return {
         "samples": samples,
         "shards": [str(p) for p in paths],

@@ -92,8 +92,13 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "data" and args.data_command == "synthetic":
         from data_pipelines.synthetic import write_synthetic_shards
 
-        summary = write_synthetic_shards(args.out, samples=args.samples, shard_size=args.shard_size,
-                                         seed=args.seed, image_size=args.image_size)
+        from data_pipelines.loader import DataError
+
+        try:
+            summary = write_synthetic_shards(args.out, samples=args.samples, shard_size=args.shard_size,
+                                             seed=args.seed, image_size=args.image_size, progress=True)
+        except ValueError as e:
+            raise DataError(f"data synthetic: {e}") from e
         print(f"wrote {summary['samples']} samples in {len(summary['shards'])} shards to {args.out}")
     return 0
 

@@ -36,8 +36,7 @@ def quickstart(
     train_dir, val_dir = out / "data" / "train", out / "data" / "val"
     for path, n, seed in ((train_dir, train_samples, 0), (val_dir, val_samples, 1)):
         if not any(path.glob("*.tar")):
-            print(f"writing {n} synthetic scenes to {path}")
-            write_synthetic_shards(path, samples=n, shard_size=500, seed=seed)
+            write_synthetic_shards(path, samples=n, shard_size=500, seed=seed, progress=progress)
     cfg = load_config(recipe, [f"data.train={train_dir}", f"data.val={val_dir}", *(overrides or [])])
     train(cfg, run_dir, progress=progress)
 

@@ -13,6 +13,9 @@ def test_data_synthetic(tmp_path, capsys):
     assert main(["data", "synthetic", "--out", str(tmp_path / "d"), "--samples", "10", "--shard-size", "4", "--seed", "3"]) == 0
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["000000.tar", "000001.tar", "000002.tar"]
     assert "wrote 10 samples in 3 shards" in capsys.readouterr().out
+    assert main(["data", "synthetic", "--out", str(tmp_path / "e"), "--samples", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data synthetic: samples must be >= 1") and "\n" not in err
 
 
 @pytest.mark.slow

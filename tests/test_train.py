@@ -111,6 +111,15 @@ def test_two_process_zero2_with_torchrun(shards64, tmp_path):
 
 
 @pytest.mark.slow
+def test_official_mask_policy_trains(shards64, tmp_path):
+    """The truncating policy (nothing padded: no packing, no attention masks) runs through the loop."""
+    run = train(cfg_for(shards64, "train.steps=3", "checkpoint.every=0", "mask.policy=official"), tmp_path / "o",
+                progress=False)
+    assert [r["step"] for r in records(run)] == [1, 2, 3]
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_zero3_matches_zero0(shards64, tmp_path):
     """Partitioned parameters (ZeRO-3: EMA and final export gather them) train the same model."""
     finals = []
