@@ -18,6 +18,8 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tcjepa", description="Vision-language pretraining by feature prediction.")
+    # the deepspeed launcher passes --local_rank=N before the subcommand (`python -m tcjepa --local_rank=0 train ...`)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("quickstart", help="synthetic data -> train (tiny) -> evaluate -> results table")
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sets train.steps")
     p.add_argument("--out", help="run directory (default: runs/RECIPE_NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_set(p)
 
     p = sub.add_parser("eval", help="evaluate a finished run")

@@ -44,3 +44,14 @@ def test_quickstart_then_eval_probe(tmp_path, capsys):
     assert "only probe.* keys" in capsys.readouterr().err
     with pytest.raises(Exception, match="already holds a finished quickstart"):
         quickstart(out, progress=False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--local_rank=1", "train", "r.yaml", "--steps", "3"],  # the deepspeed launcher's order
+    ["train", "r.yaml", "--local-rank", "1", "--steps", "3"],  # torch.distributed.launch style
+])
+def test_launcher_local_rank_is_accepted(argv):
+    from tcjepa.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.command == "train" and args.recipe == "r.yaml" and args.steps == 3 and args.local_rank == 1

@@ -111,6 +111,20 @@ def test_two_process_zero2_with_torchrun(shards64, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_process_with_the_deepspeed_launcher(shards64, tmp_path):
+    """`deepspeed --module tcjepa ...` passes --local_rank=N before the subcommand."""
+    run = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29618",
+           "--module", "tcjepa", "train", str(RECIPE), "--data", str(shards64), "--steps", "2", "--out", str(run),
+           "--set", *SMALL, "deepspeed.zero_stage=1", "checkpoint.every=0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert [r["step"] for r in records(run)] == [1, 2]
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_official_mask_policy_trains(shards64, tmp_path):
     """The truncating policy (nothing padded: no packing, no attention masks) runs through the loop."""
     run = train(cfg_for(shards64, "train.steps=3", "checkpoint.every=0", "mask.policy=official"), tmp_path / "o",
