@@ -84,7 +84,25 @@ class TeacherConfig:
 
 @dataclass
 class ConditionerConfig:
+    """TC-JEPA's text conditioner (``enabled: false`` is plain I-JEPA). See
+    ``tcjepa.models.conditioner`` for the design and ``tcjepa.models.text`` for the encoders."""
+
     enabled: bool = False
+    every: int = 1  # a conditioner after every n-th predictor block (the last block always has one)
+    sparsity: str = "topk"  # topk | sparsemax | softmax
+    top_k: int = 4  # caption tokens kept per query (sparsity: topk)
+    heads: int | None = None  # default: the predictor's head count
+    caption_dropout: float = 0.1  # probability of training a sample without its caption
+    text_encoder: str = "scratch"  # scratch | hf | open_clip
+    text_path: str = ""  # hf: local model directory; open_clip: optional local checkpoint
+    text_frozen: bool | None = None  # default: frozen for hf, trained for scratch/open_clip
+    text_width: int = 256  # scratch encoder, and open_clip when open_clip_model is ""
+    text_depth: int = 4
+    text_heads: int = 4
+    open_clip_model: str = "ViT-B-32"  # open_clip config whose text tower is built ("" = text_width/depth/heads)
+    tokenizer: str = "auto"  # auto (hf for an hf encoder, else open_clip) | open_clip | hf | sentencepiece
+    tokenizer_path: str = ""  # hf/sentencepiece; default: text_path
+    context_length: int = 32
 
 
 @dataclass
@@ -354,6 +372,51 @@ def _check(ok: bool, source: str, key: str, msg: str) -> None:
         raise ConfigError(f"{source}: {key} {msg}")
 
 
+def resolved_tokenizer(c: ConditionerConfig) -> tuple[str, str]:
+    """``(kind, path)`` of the caption tokenizer the conditioner config asks for."""
+    kind = c.tokenizer if c.tokenizer != "auto" else ("hf" if c.text_encoder == "hf" else "open_clip")
+    return kind, c.tokenizer_path or (c.text_path if kind == "hf" else "")
+
+
+def _validate_conditioner(cfg: Config, source: str, predictor_heads: int) -> None:
+    c = cfg.conditioner
+    if not c.enabled:
+        return
+    depth = cfg.model.predictor_depth
+    _check(1 <= c.every <= depth, source, "conditioner.every", f"must be in [1, model.predictor_depth={depth}], got {c.every}")
+    _check(c.sparsity in ("topk", "sparsemax", "softmax"), source, "conditioner.sparsity",
+           f"must be topk, sparsemax or softmax, got {c.sparsity!r}")
+    _check(c.top_k >= 1, source, "conditioner.top_k", f"must be >= 1, got {c.top_k}")
+    heads = c.heads or predictor_heads
+    _check(heads > 0 and cfg.model.predictor_width % heads == 0, source, "conditioner.heads",
+           f"must divide model.predictor_width {cfg.model.predictor_width}, got {heads}")
+    _check(0.0 <= c.caption_dropout <= 1.0, source, "conditioner.caption_dropout", "must be in [0, 1]")
+    _check(c.text_encoder in ("scratch", "hf", "open_clip"), source, "conditioner.text_encoder",
+           f"must be scratch, hf or open_clip, got {c.text_encoder!r}")
+    _check(c.context_length >= 2, source, "conditioner.context_length", "must be >= 2")
+    if c.text_encoder == "scratch" or (c.text_encoder == "open_clip" and not c.open_clip_model):
+        _check(c.text_width > 0 and c.text_heads > 0 and c.text_width % c.text_heads == 0, source,
+               "conditioner.text_width", f"must be a positive multiple of conditioner.text_heads {c.text_heads}")
+        _check(c.text_depth >= 0, source, "conditioner.text_depth", "must be >= 0")
+    if c.text_encoder == "hf":
+        _check(bool(c.text_path) and Path(c.text_path).is_dir(), source, "conditioner.text_path",
+               f"must be a local Hugging Face model directory for text_encoder hf, got {c.text_path!r}")
+    if c.text_encoder == "open_clip" and c.text_path:
+        _check(Path(c.text_path).is_file(), source, "conditioner.text_path",
+               f"open_clip checkpoint {c.text_path!r} does not exist")
+    kind, path = resolved_tokenizer(c)
+    _check(kind in ("open_clip", "hf", "sentencepiece"), source, "conditioner.tokenizer",
+           f"must be auto, open_clip, hf or sentencepiece, got {c.tokenizer!r}")
+    _check(c.text_encoder != "hf" or kind == "hf", source, "conditioner.tokenizer",
+           f"must be hf (or auto) for text_encoder hf: the pretrained encoder reads its own tokenizer's ids, got {c.tokenizer!r}")
+    if kind == "hf":
+        _check(bool(path) and Path(path).is_dir(), source, "conditioner.tokenizer_path",
+               f"must be a local Hugging Face tokenizer directory, got {path!r}")
+    if kind == "sentencepiece":
+        _check(bool(path) and Path(path).is_file(), source, "conditioner.tokenizer_path",
+               f"must be a SentencePiece .model file, got {path!r}")
+
+
 def validate(cfg: Config, source: str = "<config>") -> None:
     """Reject impossible values (everything that can be checked without touching data)."""
     from tcjepa.masks import check_feasible
@@ -401,6 +464,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         check_feasible((grid, grid), **dataclasses.asdict(cfg.mask))
     except ValueError as e:
         raise ConfigError(f"{source}: mask: {e} (grid {grid}x{grid} = image_size/patch)") from e
+    _validate_conditioner(cfg, source, heads)
     p = cfg.probe
     _check(p.encoder in ("auto", "teacher", "student"), source, "probe.encoder", "must be auto, teacher or student")
     _check(p.epochs > 0 and len(p.lrs) > 0, source, "probe.epochs", "and probe.lrs must be non-empty")

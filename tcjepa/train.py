@@ -218,8 +218,11 @@ def train(
 
         gen.manual_seed(_mask_seed(cfg.train.seed, info.rank, step))
         masks = sample_masks(images.size(0), grid, gen, **mask_kwargs).to(info.device)
+        tokens = method.text_inputs(batch["captions"], gen)  # after the masks: same masks as I-JEPA
+        if tokens is not None:
+            tokens = tokens.to(info.device)
 
-        loss, extra = method.loss(engine, images, masks)
+        loss, extra = method.loss(engine, images, masks, tokens)
         engine.backward(loss)
         engine.step()
         sched = method.after_step(engine, step, total)
@@ -274,6 +277,9 @@ def _save_final(engine: Any, method: JEPA, run_dir: Path, cfg: Config, info: Dis
               if engine.zero_optimization_partition_weights() else contextlib.nullcontext())
     with gather:
         if info.is_main:
-            save_final(run_dir, {"encoder": model.encoder, "predictor": model.predictor, "teacher": method.teacher}, cfg)
+            modules = {"encoder": model.encoder, "predictor": model.predictor, "teacher": method.teacher}
+            if model.text is not None:
+                modules["text"] = model.text
+            save_final(run_dir, modules, cfg)
 
 

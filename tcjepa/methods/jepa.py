@@ -1,8 +1,10 @@
-"""Joint-embedding predictive objective: I-JEPA (EMA teacher) and frozen-teacher latent
-prediction (SALT stage 2) share this file; they differ only by ``teacher.update``.
+"""Joint-embedding predictive objective: I-JEPA (EMA teacher), TC-JEPA (I-JEPA whose predictor
+reads the caption through a text conditioner: ``conditioner.enabled``) and frozen-teacher latent
+prediction (SALT stage 2) share this file; they differ only by config.
 
 Contract used by the training loop (``tcjepa.train``):
-``method.model`` is the trainable module DeepSpeed wraps; ``method.loss(engine, images, masks)``
+``method.model`` is the trainable module DeepSpeed wraps; ``method.text_inputs(captions, gen)``
+tokenizes captions (None without a conditioner); ``method.loss(engine, images, masks, tokens)``
 returns ``(loss, metrics)``; ``method.after_step(engine, step, total)`` updates the teacher;
 ``method.teacher`` is the target encoder (outside the engine, fp32, never trained by SGD).
 """
@@ -16,9 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tcjepa.config import Config
+from data_pipelines.tokenizers import Tokenizer, Tokens, build_tokenizer
+from tcjepa.config import Config, resolved_tokenizer
 from tcjepa.masks import MaskBatch
+from tcjepa.models.conditioner import build_conditioners
 from tcjepa.models.predictor import Predictor
+from tcjepa.models.text import TextTower, build_text_encoder
 from tcjepa.models.vit import VisionTransformer, build_encoder, gather_tokens
 from tcjepa.schedules import momentum_at
 
@@ -33,22 +38,56 @@ def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tens
 
 
 class JEPAStudent(nn.Module):
-    """Context encoder + predictor: what the optimiser trains."""
+    """Context encoder + predictor (+ text tower for TC-JEPA): what the optimiser trains."""
 
-    def __init__(self, encoder: VisionTransformer, predictor: Predictor):
+    def __init__(self, encoder: VisionTransformer, predictor: Predictor, text: TextTower | None = None):
         super().__init__()
         self.encoder = encoder
         self.predictor = predictor
+        self.text = text
+        self.last_stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor,
+                tokens: Tokens | None = None) -> torch.Tensor:
         context_valid = masks.context_valid if masks.padded else None
         target_valid = masks.target_valid if masks.padded else None
         z = self.encoder(images, masks.context_idx, context_valid)
-        pred = self.predictor(z, masks.context_idx, masks.target_idx, context_valid, target_valid)
+        text = self.text(tokens) if self.text is not None and tokens is not None else None
+        pred = self.predictor(z, masks.context_idx, masks.target_idx, context_valid, target_valid, text)
+        if text is not None:
+            self._record_conditioner_stats()
         return masked_smooth_l1(pred.float(), targets, target_valid)
 
+    @torch.no_grad()
+    def _record_conditioner_stats(self) -> None:
+        """Gate magnitude and attention entropy, read here because ZeRO-3 gathers the gate
+        parameters only inside forward."""
+        layers = list(self.predictor.conditioners.values())
+        self.last_stats = {
+            "cond_gate": torch.stack([torch.tanh(c.gate.float()).abs().mean() for c in layers]).mean(),
+            "cond_entropy": torch.stack([c.last_entropy for c in layers]).mean(),
+        }
 
-def build_student(cfg: Config) -> JEPAStudent:
+
+def build_text_tower(cfg: Config, vocab_size: int, width: int) -> TextTower:
+    c = cfg.conditioner
+    encoder = build_text_encoder(
+        c.text_encoder, vocab_size=vocab_size, context_length=c.context_length, width=c.text_width,
+        depth=c.text_depth, num_heads=c.text_heads, path=c.text_path, open_clip_model=c.open_clip_model,
+        frozen=c.text_frozen, init_std=cfg.model.init_std,
+    )
+    return TextTower(encoder, width, cfg.model.init_std)
+
+
+def build_tokenizer_for(cfg: Config) -> Tokenizer:
+    kind, path = resolved_tokenizer(cfg.conditioner)
+    return build_tokenizer(kind, path, cfg.conditioner.context_length)
+
+
+def build_student(cfg: Config, tokenizer: Tokenizer | None = None) -> JEPAStudent:
+    """Encoder and predictor draw their initial weights exactly as I-JEPA's do; the text parts
+    are initialised from a forked RNG stream, so enabling the conditioner changes nothing else
+    (a fresh TC-JEPA equals I-JEPA bit for bit)."""
     m = cfg.model
     encoder = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
     predictor = Predictor(
@@ -60,7 +99,18 @@ def build_student(cfg: Config) -> JEPAStudent:
         mlp_ratio=encoder.arch.mlp_ratio,
         init_std=m.init_std,
     )
-    return JEPAStudent(encoder, predictor)
+    c = cfg.conditioner
+    if not c.enabled:
+        return JEPAStudent(encoder, predictor)
+    tokenizer = tokenizer or build_tokenizer_for(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed + 7919)
+        text = build_text_tower(cfg, tokenizer.vocab_size, predictor.width)
+        predictor.conditioners = build_conditioners(
+            predictor.width, m.predictor_depth, c.every, c.heads or predictor.predictor_blocks[0].attn.num_heads,
+            c.sparsity, c.top_k, m.init_std,
+        )
+    return JEPAStudent(encoder, predictor, text)
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -88,7 +138,8 @@ class JEPA:
 
     def __init__(self, cfg: Config, teacher: VisionTransformer | None = None):
         self.cfg = cfg
-        self.model = build_student(cfg)
+        self.tokenizer = build_tokenizer_for(cfg) if cfg.conditioner.enabled else None
+        self.model = build_student(cfg, self.tokenizer)
         if teacher is None:
             teacher = copy.deepcopy(self.model.encoder)
         self.teacher = teacher.requires_grad_(False).eval()
@@ -107,11 +158,26 @@ class JEPA:
         B, T, Nt = masks.target_idx.shape
         return gather_tokens(h, masks.target_idx.reshape(B, T * Nt)).reshape(B, T, Nt, -1)
 
-    def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def text_inputs(self, captions: list[str], gen: torch.Generator) -> Tokens | None:
+        """Tokenized captions with caption dropout (``conditioner.caption_dropout``) drawn from
+        ``gen``; None for methods without a conditioner. Dropped captions train the text-free path."""
+        if self.tokenizer is None:
+            return None
+        p = self.cfg.conditioner.caption_dropout
+        if p > 0:
+            drop = (torch.rand(len(captions), generator=gen) < p).tolist()
+            captions = ["" if d else c for c, d in zip(captions, drop)]
+        return self.tokenizer(captions)
+
+    def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch,
+             tokens: Tokens | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         targets = self.targets(images, masks)
         with self._autocast(images.device):
-            loss = engine(images, masks, targets)
-        return loss, {"target_std": targets.std(dim=(0, 1, 2)).mean()}
+            loss = engine(images, masks, targets, tokens)
+        metrics = {"target_std": targets.std(dim=(0, 1, 2)).mean()}
+        if tokens is not None:
+            metrics.update(engine.module.last_stats if hasattr(engine, "module") else engine.last_stats)
+        return loss, metrics
 
     def after_step(self, engine: Any, step: int, total: int) -> dict[str, float]:
         """EMA update after optimiser step ``step`` (0-based); no-op for a frozen teacher."""

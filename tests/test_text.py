@@ -1,0 +1,137 @@
+"""Tokenizers and text encoders (scratch, local Hugging Face, open_clip), and a TC-JEPA training
+step with each encoder."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipelines.tokenizers import HFTokenizer, OpenCLIPTokenizer, build_tokenizer, train_sentencepiece
+from tcjepa.checkpoint import load_final_state
+from tcjepa.config import load_config, project_root
+from tcjepa.models.text import HFTextEncoder, OpenCLIPTextEncoder, ScratchTextEncoder, build_text_encoder
+from tcjepa.train import train
+from tests.conftest import labelled_members, write_tar
+
+WORDS = "a an the red green blue circle square triangle big small on left right top of two".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    """A tiny BERT and its WordPiece tokenizer saved as a local Hugging Face directory."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    BertTokenizerFast(vocab=vocab).save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(d)
+    return d
+
+
+def test_open_clip_tokenizer_pads_and_marks_empty_captions():
+    tok = OpenCLIPTokenizer(16)
+    t = tok(["a red circle", "", "word " * 40])
+    assert t.ids.shape == (3, 16) and t.ids.dtype == torch.long
+    assert t.mask[0].sum() == 5  # <start> a red circle <end>
+    assert t.mask[1].sum() == 2 and t.mask[2].all()  # empty: markers only; long: truncated
+    assert t.has_text.tolist() == [True, False, True]
+    assert tok.token_strings(t.ids[0, 1:4]) == ["a", "red", "circle"]
+
+
+def test_hf_tokenizer_from_local_dir(tiny_hf):
+    tok = HFTokenizer(str(tiny_hf), context_length=8)
+    t = tok(["the red circle", "   "])
+    assert t.ids.shape == (2, 8) and t.mask[0].sum() == 5 and t.has_text.tolist() == [True, False]
+    assert tok.token_strings(t.ids[0, :5]) == ["[CLS]", "the", "red", "circle", "[SEP]"]
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        HFTokenizer(str(tiny_hf / "missing"))
+
+
+def test_sentencepiece_trains_on_captions_and_tokenizes(tmp_path):
+    captions = [f"a {c} {s} on the {p}" for c in ("red", "green", "blue") for s in ("circle", "square")
+                for p in ("left", "right", "top")] * 20
+    model = train_sentencepiece(captions, tmp_path / "caps.model", vocab_size=40)
+    tok = build_tokenizer("sentencepiece", str(model), context_length=40)
+    t = tok(["a red circle on the left", ""])
+    assert t.ids[0, 0] == 1 and t.mask[0].sum() >= 4 and t.mask[1].sum() == 2  # <s> ... </s>
+    assert (t.ids[~t.mask] == 0).all() and tok.vocab_size <= 40
+    assert "".join(tok.token_strings(t.ids[0, 1 : t.mask[0].sum() - 1])).replace("\u2581", " ").strip() == "a red circle on the left"
+
+
+def test_scratch_encoder_ignores_padding():
+    torch.manual_seed(0)
+    enc = ScratchTextEncoder(vocab_size=50, context_length=8, width=16, depth=2, num_heads=2)
+    ids = torch.randint(1, 50, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, 5:] = False
+    out = enc(ids, mask)
+    ids2 = ids.clone()
+    ids2[0, 5:] = 7  # change only padding
+    torch.testing.assert_close(enc(ids2, mask)[0, :5], out[0, :5])
+    assert out.shape == (2, 8, 16)
+
+
+def test_hf_encoder_is_frozen_by_default_and_returns_token_features(tiny_hf):
+    enc = build_text_encoder("hf", vocab_size=0, context_length=8, path=str(tiny_hf))
+    assert isinstance(enc, HFTextEncoder) and enc.frozen and enc.width == 32
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.model.training  # frozen encoders stay in eval mode (no dropout)
+    t = HFTokenizer(str(tiny_hf), 8)(["the red circle"])
+    out = enc(t.ids, t.mask)
+    assert out.shape == (1, 8, 32) and not out.requires_grad
+
+
+def test_open_clip_tower_loads_a_local_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    src = OpenCLIPTextEncoder("", context_length=16, vocab_size=100, width=32, depth=1, num_heads=2)
+    state = {k: v for k, v in src.model.state_dict().items() if k != "attn_mask"}
+    state["logit_scale"] = torch.ones(())  # a full CLIP checkpoint also holds the image tower etc.
+    state["visual.proj"] = torch.zeros(2, 2)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "clip.pt")
+    torch.manual_seed(1)
+    dst = build_text_encoder("open_clip", vocab_size=100, context_length=16, width=32, depth=1, num_heads=2,
+                             open_clip_model="", path=str(tmp_path / "clip.pt"))
+    ids = torch.randint(1, 100, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    torch.testing.assert_close(dst(ids, mask), src(ids, mask))
+    assert not dst.frozen
+
+
+# ----------------------------------------------------------------------------- a training step each
+
+
+@pytest.fixture(scope="module")
+def captioned_shards(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("captioned")
+    write_tar(d / "000000.tar", labelled_members(0, 48, size=64))
+    return d
+
+
+def _train_tc(shards: Path, out: Path, *extra: str) -> Path:
+    cfg = load_config(project_root() / "recipes/tcjepa_quickstart.yaml", [
+        f"data.train={shards}", "model.encoder=vit_micro_8", "model.depth=1", "model.predictor_depth=2",
+        "model.predictor_width=48", "train.batch_size=8", "train.steps=2", "train.log_every=1",
+        "data.workers=0", "data.shuffle_buffer=10", "checkpoint.every=0", "conditioner.context_length=16",
+        "conditioner.text_width=32", "conditioner.text_depth=1", *extra])
+    return train(cfg, out, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", ["scratch", "hf", "open_clip"])
+def test_each_text_encoder_trains_a_step(encoder, captioned_shards, tiny_hf, tmp_path):
+    extra = {"scratch": [], "hf": ["conditioner.text_encoder=hf", f"conditioner.text_path={tiny_hf}"],
+             "open_clip": ["conditioner.text_encoder=open_clip", "conditioner.open_clip_model=",
+                           "conditioner.text_heads=2"]}[encoder]
+    run = _train_tc(captioned_shards, tmp_path / "run", *extra)
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(r["loss"] > 0 for r in recs)
+    assert recs[0]["cond_gate"] == 0 and recs[1]["cond_gate"] > 0  # the gate opened after step 1
+    assert recs[0]["cond_entropy"] > 0
+    state = load_final_state(run)
+    assert any(k.startswith("text.encoder.") for k in state)
+    assert any(k.startswith("predictor.conditioners.") for k in state)
