@@ -79,3 +79,20 @@ def load_encoder(run_dir: str | Path, which: str = "auto") -> nn.Module:
     encoder = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
     encoder.load_state_dict(sub, strict=True)
     return encoder.eval()
+
+
+def load_student(run_dir: str | Path) -> tuple[nn.Module, Config]:
+    """The whole trained student of a finished JEPA run (encoder, predictor and, for TC-JEPA, the
+    text tower and conditioners), in eval mode, with its config."""
+    from tcjepa.methods.jepa import build_student
+
+    cfg = load_run_config(run_dir)
+    state = load_final_state(run_dir)
+    student = build_student(cfg)
+    want = {k for k in student.state_dict()}
+    have = {k for k in state if not k.startswith("teacher.")}
+    if want != have:
+        raise ConfigError(f"{run_dir}: {FINAL}/{WEIGHTS} does not match its config; "
+                          f"missing {sorted(want - have)[:5]}, unexpected {sorted(have - want)[:5]}")
+    student.load_state_dict({k: state[k] for k in want}, strict=True)
+    return student.eval(), cfg

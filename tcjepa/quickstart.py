@@ -1,6 +1,7 @@
-"""``tcjepa quickstart``: synthetic shards -> train the tiny quickstart recipe -> linear probe ->
-a results table, in minutes on a laptop CPU. The probe of a randomly initialised encoder of the
-same architecture is printed beside it, so the table shows what training bought."""
+"""``tcjepa quickstart``: synthetic shards -> train the tiny TC-JEPA quickstart recipe -> linear
+probe -> a results table, in minutes on a laptop CPU. The probe of a randomly initialised encoder
+of the same architecture is printed beside it, so the table shows what training bought; the
+conditioner's word-to-patch attention is drawn into ``OUT/viz``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from tcjepa.config import ConfigError, load_config, project_root
 
-QUICKSTART_RECIPE = "recipes/ijepa_quickstart.yaml"
+QUICKSTART_RECIPE = "recipes/tcjepa_quickstart.yaml"
 LABEL_TITLES = {"label": "shape", "labels.color": "colour", "labels.count": "count", "labels.bg": "backgr."}
 
 
@@ -45,22 +46,31 @@ def quickstart(
     random_init = build_student(cfg).encoder
     baseline = run_probe(run_dir, str(train_dir), str(val_dir), encoder=random_init, progress=progress,
                          save_to_run=False, json_out=run_dir / "eval" / "probe_random_init.json")["metrics"]
+    viz = None
+    if cfg.conditioner.enabled:
+        from tcjepa.viz import visualize_attention
+
+        viz = out / "viz"
+        visualize_attention(run_dir, str(val_dir), viz, samples=4)
     lines = [l for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
     first, last = json.loads(lines[0]), json.loads(lines[-1])
     print()
     print(f"run: {run_dir}   steps: {cfg.train.steps}   loss {first['loss']:.4f} -> {last['loss']:.4f}   "
           f"{last['img_per_s']:.0f} img/s")
-    print(format_table(trained["per_label"], baseline["per_label"]))
-    return {"run_dir": str(run_dir), "probe": trained, "probe_random_init": baseline,
+    method = "TC-JEPA" if cfg.conditioner.enabled else "I-JEPA"
+    print(format_table(trained["per_label"], baseline["per_label"], method))
+    if viz is not None:
+        print(f"caption-word attention maps: {viz}/attention_*.png")
+    return {"run_dir": str(run_dir), "viz": str(viz) if viz else None, "probe": trained, "probe_random_init": baseline,
             "loss_first": first["loss"], "loss_last": last["loss"]}
 
 
-def format_table(trained: dict[str, dict], baseline: dict[str, dict]) -> str:
+def format_table(trained: dict[str, dict], baseline: dict[str, dict], method: str = "TC-JEPA") -> str:
     """Linear-probe val top-1 per label: trained encoder, random-init encoder, majority class."""
     keys = list(trained)
     names = [LABEL_TITLES.get(k, k) for k in keys]
     rows = [
-        ("I-JEPA, trained (EMA teacher)", [trained[k]["top1"] for k in keys]),
+        (f"{method}, trained (EMA teacher)", [trained[k]["top1"] for k in keys]),
         ("same encoder, random init", [baseline[k]["top1"] for k in keys]),
         ("majority class", [trained[k]["majority_class"] for k in keys]),
     ]

@@ -9,7 +9,7 @@ import torch
 from tcjepa.config import ConfigError, load_config, project_root
 from tcjepa.masks import sample_masks
 from tcjepa.methods.jepa import JEPA
-from tcjepa.models.conditioner import TextConditioner, conditioned_blocks, sparsemax, topk_softmax
+from tcjepa.models.conditioner import TextConditioner, build_conditioners, conditioned_blocks, sparsemax, topk_softmax
 from tcjepa.models.vit import Packing
 
 TC_RECIPE = project_root() / "recipes/tcjepa_quickstart.yaml"
@@ -94,6 +94,20 @@ def test_conditioner_handles_packed_and_padded_layouts_alike(sparsity):
     torch.testing.assert_close(packed[valid], dense[valid])
     torch.testing.assert_close(dense[S:], x[S:])  # the sample without text is left unchanged
     assert not torch.allclose(dense[:S], x[:S])
+
+
+def test_qk_norm_gives_order_one_logits_and_gate_scale_scales_the_gate():
+    torch.manual_seed(0)
+    x, text = torch.randn(2, 20, 32), torch.randn(2, 6, 32)  # unit scale, as TextTower's LayerNorm gives
+    valid, has = torch.ones(2, 6, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+    for qk_norm, lo, hi in ((True, 0.05, 1.2), (False, 0.0, 0.01)):
+        cond = build_conditioners(32, 1, 1, 2, "softmax", qk_norm=qk_norm)["0"]  # tcjepa's 0.02 init
+        cond(x, text, valid, has)
+        ent = cond.last_entropy
+        assert lo <= float(torch.log(torch.tensor(6.0)) - ent) <= hi, (qk_norm, ent)  # gap from uniform
+    cond = TextConditioner(32, 2, gate_scale=10.0)
+    torch.nn.init.constant_(cond.gate, 0.01)
+    torch.testing.assert_close(cond.gate_value(), torch.tanh(torch.full((32,), 0.1)))
 
 
 def test_conditioned_blocks_always_include_the_last():

@@ -121,13 +121,18 @@ def _train_tc(shards: Path, out: Path, *extra: str) -> Path:
     return train(cfg, out, progress=False)
 
 
+@pytest.fixture(scope="module")
+def scratch_run(captioned_shards, tmp_path_factory) -> Path:
+    return _train_tc(captioned_shards, tmp_path_factory.mktemp("tc") / "run")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("encoder", ["scratch", "hf", "open_clip"])
-def test_each_text_encoder_trains_a_step(encoder, captioned_shards, tiny_hf, tmp_path):
-    extra = {"scratch": [], "hf": ["conditioner.text_encoder=hf", f"conditioner.text_path={tiny_hf}"],
+def test_each_text_encoder_trains_a_step(encoder, captioned_shards, tiny_hf, scratch_run, tmp_path):
+    extra = {"hf": ["conditioner.text_encoder=hf", f"conditioner.text_path={tiny_hf}"],
              "open_clip": ["conditioner.text_encoder=open_clip", "conditioner.open_clip_model=",
-                           "conditioner.text_heads=2"]}[encoder]
-    run = _train_tc(captioned_shards, tmp_path / "run", *extra)
+                           "conditioner.text_heads=2"]}.get(encoder)
+    run = scratch_run if extra is None else _train_tc(captioned_shards, tmp_path / "run", *extra)
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(r["loss"] > 0 for r in recs)
     assert recs[0]["cond_gate"] == 0 and recs[1]["cond_gate"] > 0  # the gate opened after step 1
@@ -135,3 +140,33 @@ def test_each_text_encoder_trains_a_step(encoder, captioned_shards, tiny_hf, tmp
     state = load_final_state(run)
     assert any(k.startswith("text.encoder.") for k in state)
     assert any(k.startswith("predictor.conditioners.") for k in state)
+
+
+@pytest.mark.slow
+def test_viz_attention_writes_overlays(scratch_run, captioned_shards, tmp_path):
+    from PIL import Image
+
+    from tcjepa.cli import main
+
+    assert main(["viz", "attention", "--checkpoint", str(scratch_run), "--data", str(captioned_shards),
+                 "--out", str(tmp_path / "viz"), "--samples", "3"]) == 0
+    pngs = sorted((tmp_path / "viz").glob("attention_*.png"))
+    assert len(pngs) == 3
+    with Image.open(pngs[0]) as im:
+        assert im.width >= 128 * 4 and im.height > 128  # image + one tile per caption word
+    rec = json.loads((tmp_path / "viz" / "attention.json").read_text())
+    sample = rec["samples"][0]
+    assert sample["tokens"] == ["a", sample["caption"].split()[1], "square"]  # markers dropped
+    grid = rec["grid"][0] * rec["grid"][1]
+    assert len(sample["attention"]) == 3 and all(len(m) == grid for m in sample["attention"])
+    assert all(0 <= v <= 1 for m in sample["attention"] for v in m)
+
+
+@pytest.mark.slow
+def test_viz_attention_rejects_a_run_without_conditioner(captioned_shards, tmp_path, capsys):
+    from tcjepa.cli import main
+
+    run = _train_tc(captioned_shards, tmp_path / "ijepa", "conditioner.enabled=false", "train.steps=1")
+    assert main(["viz", "attention", "--checkpoint", str(run), "--data", str(captioned_shards),
+                 "--out", str(tmp_path / "viz")]) == 2
+    assert "not a TC-JEPA run" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipelines.tokenizers import Tokenizer, Tokens, build_tokenizer
-from tcjepa.config import Config, resolved_tokenizer
+from tcjepa.config import Config, resolved_text_path, resolved_tokenizer
 from tcjepa.masks import MaskBatch
 from tcjepa.models.conditioner import build_conditioners
 from tcjepa.models.predictor import Predictor
@@ -64,7 +64,7 @@ class JEPAStudent(nn.Module):
         parameters only inside forward."""
         layers = list(self.predictor.conditioners.values())
         self.last_stats = {
-            "cond_gate": torch.stack([torch.tanh(c.gate.float()).abs().mean() for c in layers]).mean(),
+            "cond_gate": torch.stack([c.gate_value().float().abs().mean() for c in layers]).mean(),
             "cond_entropy": torch.stack([c.last_entropy for c in layers]).mean(),
         }
 
@@ -73,7 +73,7 @@ def build_text_tower(cfg: Config, vocab_size: int, width: int) -> TextTower:
     c = cfg.conditioner
     encoder = build_text_encoder(
         c.text_encoder, vocab_size=vocab_size, context_length=c.context_length, width=c.text_width,
-        depth=c.text_depth, num_heads=c.text_heads, path=c.text_path, open_clip_model=c.open_clip_model,
+        depth=c.text_depth, num_heads=c.text_heads, path=resolved_text_path(c), open_clip_model=c.open_clip_model,
         frozen=c.text_frozen, init_std=cfg.model.init_std,
     )
     return TextTower(encoder, width, cfg.model.init_std)
@@ -108,7 +108,7 @@ def build_student(cfg: Config, tokenizer: Tokenizer | None = None) -> JEPAStuden
         text = build_text_tower(cfg, tokenizer.vocab_size, predictor.width)
         predictor.conditioners = build_conditioners(
             predictor.width, m.predictor_depth, c.every, c.heads or predictor.predictor_blocks[0].attn.num_heads,
-            c.sparsity, c.top_k, m.init_std,
+            c.sparsity, c.top_k, c.qk_norm, c.gate_scale, m.init_std,
         )
     return JEPAStudent(encoder, predictor, text)
 

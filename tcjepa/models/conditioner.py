@@ -2,11 +2,18 @@
 
 Each predictor token (context tokens and mask tokens alike) attends over its caption's tokens;
 only a few caption tokens keep weight per query (each patch reads a few relevant words). The
-result enters the predictor through a gated residual, ``x + tanh(gate) * out``, with the
+result enters the predictor through a gated residual, ``x + tanh(s * gate) * out``, with the
 per-channel gate initialised at zero (as Flamingo's gated cross-attention): a fresh TC-JEPA
 computes exactly what I-JEPA computes, bit for bit, and text influence grows only as far as
 the loss asks for it. ``out_proj`` is *not* zero-initialised, so the gate gets a gradient at
 step 0.
+
+Two choices make the path learn in short runs (measured on the quickstart scenes, see
+benchmarks/RESULTS.md): queries and keys are LayerNorm-ed per head (QK-norm), so the logits
+are O(1) from step 0 and the top-k choice follows content instead of init noise (with the
+0.02-scale init, logits are ~1e-3 and the q/k gradients, ~1e-12, vanish under Adam's eps);
+and the gate is scaled by ``gate_scale`` (default 10), which under Adam is a 10x learning rate
+for the gate alone, so it opens within a few hundred steps rather than a few thousand.
 
 Sparsity rules (``sparsity``):
 
@@ -68,14 +75,17 @@ def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
 class TextConditioner(nn.Module):
     """One gated sparse cross-attention layer: predictor tokens (queries) over text tokens."""
 
-    def __init__(self, width: int, num_heads: int, sparsity: str = "topk", top_k: int = 4):
+    def __init__(self, width: int, num_heads: int, sparsity: str = "topk", top_k: int = 4,
+                 qk_norm: bool = True, gate_scale: float = 10.0):
         super().__init__()
         if sparsity not in SPARSITY:
             raise ValueError(f"unknown sparsity {sparsity!r}; expected one of {', '.join(SPARSITY)}")
         if width % num_heads:
             raise ValueError(f"conditioner width {width} is not divisible by {num_heads} heads")
-        self.num_heads, self.sparsity, self.top_k = num_heads, sparsity, top_k
+        self.num_heads, self.sparsity, self.top_k, self.gate_scale = num_heads, sparsity, top_k, gate_scale
         self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.q_norm = nn.LayerNorm(width // num_heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(width // num_heads, eps=1e-6) if qk_norm else nn.Identity()
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)
         self.out_proj = nn.Linear(width, width, bias=False)  # no bias: zero update stays zero
@@ -103,6 +113,7 @@ class TextConditioner(nn.Module):
         BS, N, _ = q.shape
         q = q.reshape(B, (BS // B) * N, H, dh).transpose(1, 2)  # [B, H, Q, dh]: a sample's queries share its text
         k, v = self.kv(text).view(B, L, 2, H, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, dh]
+        q, k = self.q_norm(q), self.k_norm(k)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(dh))
         w = self.weights(scores, text_valid[:, None, None, :])
         out = (w @ v).transpose(1, 2).reshape(B, -1, C)
@@ -112,7 +123,11 @@ class TextConditioner(nn.Module):
         if packing is not None:
             out = packing.pack(out)
         out = self.out_proj(out)
-        return x + torch.tanh(self.gate).to(out.dtype) * out
+        return x + self.gate_value().to(out.dtype) * out
+
+    def gate_value(self) -> torch.Tensor:
+        """The per-channel residual gate, tanh(gate_scale * gate), in [-1, 1]."""
+        return torch.tanh(self.gate_scale * self.gate)
 
     @torch.no_grad()
     def _record(self, w: torch.Tensor, has_text: torch.Tensor, packing: Packing | None, S: int, N: int) -> None:
@@ -132,11 +147,13 @@ def conditioned_blocks(depth: int, every: int) -> list[int]:
 
 
 def build_conditioners(width: int, depth: int, every: int, num_heads: int, sparsity: str = "topk",
-                       top_k: int = 4, init_std: float = 0.02) -> nn.ModuleDict:
+                       top_k: int = 4, qk_norm: bool = True, gate_scale: float = 10.0,
+                       init_std: float = 0.02) -> nn.ModuleDict:
     """Conditioners keyed by predictor block index (``Predictor.conditioners``)."""
     from tcjepa.models.vit import init_weights
 
-    layers = nn.ModuleDict({str(i): TextConditioner(width, num_heads, sparsity, top_k) for i in conditioned_blocks(depth, every)})
+    layers = nn.ModuleDict({str(i): TextConditioner(width, num_heads, sparsity, top_k, qk_norm, gate_scale)
+                            for i in conditioned_blocks(depth, every)})
     init_weights(layers, init_std)
     for layer in layers.values():
         nn.init.zeros_(layer.gate)

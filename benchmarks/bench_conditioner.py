@@ -1,0 +1,145 @@
+"""TC-JEPA's training step time over I-JEPA's, same encoder, same masks, side by side.
+
+One step = EMA-teacher targets + context encoder (+ text tower) + predictor (+ conditioners) +
+smooth-L1, backward, AdamW (foreach) on tcjepa's param groups, foreach EMA update; captions are
+tokenized inside the timed step (as in training). Variants are interleaved step by step with a
+rotating order, so machine load hits them alike; the ratio is the median of the ratios of
+back-to-back steps.
+
+    python benchmarks/bench_conditioner.py                      # ViT-S/16 224 px, 32-token captions
+    python benchmarks/bench_conditioner.py --preset quickstart  # the quickstart recipes' sizes
+    python benchmarks/bench_conditioner.py --quick              # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from data_pipelines.synthetic import render_scene
+from tcjepa.config import load_config, project_root
+from tcjepa.masks import sample_masks
+from tcjepa.methods.jepa import JEPA, ema_update, param_groups
+
+PRESETS = {
+    # the issue's target: ViT-S/16 at 224 px, predictor as bench_train_step.py (depth 6, width 384)
+    "vits16": ["model.encoder=vit_small_16", "model.image_size=224", "model.predictor_depth=6",
+               "model.predictor_width=384", "conditioner.context_length=32", "conditioner.text_width=256",
+               "conditioner.text_depth=4", "conditioner.text_heads=4"],
+    "quickstart": [],  # recipes/tcjepa_quickstart.yaml as is
+}
+VARIANTS = {
+    "I-JEPA": ["conditioner.enabled=false"],
+    "TC-JEPA every=1": [],
+    "TC-JEPA every=2": ["conditioner.every=2"],
+    "TC-JEPA frozen text": ["conditioner.text_frozen=true"],
+    "TC-JEPA sparsemax": ["conditioner.sparsity=sparsemax"],
+}
+
+
+class Runner:
+    def __init__(self, name: str, overrides: list[str], seed: int = 0):
+        self.name = name
+        self.cfg = load_config(project_root() / "recipes/tcjepa_quickstart.yaml", overrides)
+        torch.manual_seed(seed)
+        self.method = JEPA(self.cfg)
+        self.student = self.method.model.train()
+        groups = param_groups(self.student)
+        for g in groups:
+            g["weight_decay"] = 0.04 if g["apply_wd"] else 0.0
+        self.opt = torch.optim.AdamW(groups, lr=1e-4, foreach=True)
+        for c in self.student.predictor.conditioners.values():
+            torch.nn.init.constant_(c.gate, 0.1)  # an open gate: the whole text path gets gradients
+        self.params = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+
+    def step(self, images: torch.Tensor, masks: Any, captions: list[str], gen: torch.Generator) -> float:
+        t0 = time.perf_counter()
+        tokens = self.method.text_inputs(captions, gen)
+        targets = self.method.targets(images, masks)
+        loss = self.student(images, masks, targets, tokens)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        ema_update(self.method.teacher, self.student.encoder, 0.996)
+        return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="vits16")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 2 warm-up steps)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (micro encoder, 2 steps)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = list(PRESETS[args.preset])
+    if args.quick:
+        base = ["model.encoder=vit_micro_8", "model.depth=2", "model.predictor_depth=2", "model.predictor_width=48",
+                "conditioner.text_width=32", "conditioner.text_depth=1", "conditioner.context_length=16"]
+        args.steps, args.batch = 2, 4
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    runners = [Runner(n, base + [f"train.batch_size={args.batch}"] + VARIANTS[n]) for n in names]
+    cfg = runners[0].cfg
+    B, size = args.batch, cfg.model.image_size
+    rng = random.Random(0)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(B, 3, size, size)
+    captions = [render_scene(rng, 64)[1] for _ in range(B)]
+    mask_kw = dataclasses.asdict(cfg.mask)
+    grid = runners[0].student.encoder.grid
+    masks = [sample_masks(B, grid, gen, **mask_kw) for _ in range(args.steps + 2)]
+    tok = runners[-1].method.tokenizer
+    if tok is not None:
+        real = tok(captions).mask.sum(1).float()
+        print(f"captions: {real.mean():.1f} real tokens of {tok.context_length} on average")
+
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for i, m in enumerate(masks):
+        order = runners[i % len(runners):] + runners[: i % len(runners)]
+        for r in order:
+            dt = r.step(images, m, captions, torch.Generator().manual_seed(i))
+            if i >= 2:
+                times[r.name].append(dt)
+        print(f"round {i + 1}/{len(masks)}: " + "  ".join(f"{r.name} {times[r.name][-1] * 1e3:.0f} ms" if i >= 2 else r.name
+                                                          for r in runners), flush=True)
+    ref = times[runners[0].name]
+    results = []
+    for r in runners:
+        t = times[r.name]
+        ratio = statistics.median(a / b for a, b in zip(t, ref))
+        results.append({"variant": r.name, "median_ms": statistics.median(t) * 1e3, "img_per_s": B / statistics.median(t),
+                        "ratio_vs_first": ratio, "trainable_params": r.params})
+    print()
+    print(f"| variant | step (ms) | img/s | time / {runners[0].name} | trainable params |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['variant']} | {r['median_ms']:.0f} | {r['img_per_s']:.1f} | {r['ratio_vs_first']:.3f} | {r['trainable_params'] / 1e6:.2f} M |")
+    env = {"preset": args.preset, "batch": B, "steps": args.steps, "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+           "overrides": base, "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(env))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

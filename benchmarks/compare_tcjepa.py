@@ -1,0 +1,115 @@
+"""I-JEPA vs TC-JEPA on the synthetic captioned scenes: same encoder, steps, masks and seeds,
+then a linear probe of each frozen encoder on the scene attributes; mean +- std over seeds.
+
+Both recipes (``recipes/ijepa_quickstart.yaml``, ``recipes/tcjepa_quickstart.yaml``) share every
+setting but the conditioner; a seed fixes initialisation, data order and masks alike for both
+(the conditioner's own initialisation uses a separate RNG stream). Finished runs are reused, so
+an interrupted comparison continues where it stopped.
+
+    python benchmarks/compare_tcjepa.py --seeds 0,1,2 --out runs/compare
+    python benchmarks/compare_tcjepa.py --variant "TC-JEPA every=2=recipes/tcjepa_quickstart.yaml:conditioner.every=2"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tcjepa.config import load_config, project_root
+
+DEFAULT_VARIANTS = {
+    "I-JEPA": ("recipes/ijepa_quickstart.yaml", []),
+    "TC-JEPA": ("recipes/tcjepa_quickstart.yaml", []),
+}
+TITLES = {"label": "shape", "labels.color": "colour", "labels.count": "count"}
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, list[str]]]:
+    """``NAME=RECIPE[:KEY=VALUE,KEY=VALUE]``"""
+    name, _, rest = text.partition("=")
+    recipe, _, overrides = rest.partition(":")
+    if not name or not recipe:
+        raise SystemExit(f"error: --variant {text!r}: expected NAME=RECIPE[:KEY=VALUE,...]")
+    return name, (recipe, [o for o in overrides.split(",") if o])
+
+
+def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: Path, steps: int | None) -> dict:
+    from tcjepa.eval.probe import run_probe
+    from tcjepa.train import train
+
+    train_dir, val_dir = data / "train", data / "val"
+    extra = [f"data.train={train_dir}", f"data.val={val_dir}", f"train.seed={seed}", *overrides]
+    if steps:
+        extra.append(f"train.steps={steps}")
+    if not (run_dir / "final" / "model.safetensors").is_file():
+        cfg = load_config(project_root() / recipe, extra)
+        t0 = time.time()
+        train(cfg, run_dir, progress=False, resume=(run_dir / "checkpoints").is_dir())
+        print(f"  trained {run_dir} in {time.time() - t0:.0f} s", flush=True)
+    probe = run_dir / "eval" / "probe.json"
+    if not probe.is_file():
+        run_probe(run_dir, str(train_dir), str(val_dir), progress=False)
+    metrics = json.loads(probe.read_text())["metrics"]
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
+    return {"top1": {k: v["top1"] for k, v in metrics["per_label"].items()},
+            "final_loss": recs[-1]["loss"], "img_per_s": statistics.median(r["img_per_s"] for r in recs),
+            "cond_gate": recs[-1].get("cond_gate"), "cond_entropy": recs[-1].get("cond_entropy")}
+
+
+def summarise(results: dict[str, dict[int, dict]]) -> str:
+    labels = list(next(iter(next(iter(results.values())).values()))["top1"])
+    head = "| method | " + " | ".join(TITLES.get(k, k) for k in labels) + " | final loss | img/s |"
+    lines = [head, "|---" * (len(labels) + 3) + "|"]
+
+    def fmt(xs: list[float], digits: int = 3) -> str:
+        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return f"{statistics.mean(xs):.{digits}f} ± {sd:.{digits}f}"
+
+    for name, by_seed in results.items():
+        runs = list(by_seed.values())
+        cells = [fmt([r["top1"][k] for r in runs]) for k in labels]
+        lines.append(f"| {name} (n={len(runs)}) | " + " | ".join(cells)
+                     + f" | {fmt([r['final_loss'] for r in runs], 4)} | {statistics.mean(r['img_per_s'] for r in runs):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps (default: the recipes')")
+    p.add_argument("--train-samples", type=int, default=3000)
+    p.add_argument("--val-samples", type=int, default=1000)
+    p.add_argument("--variant", action="append", default=[], help="NAME=RECIPE[:KEY=VALUE,...]; repeatable; "
+                   "replaces the default I-JEPA / TC-JEPA pair")
+    args = p.parse_args(argv)
+    from data_pipelines.synthetic import write_synthetic_shards
+
+    variants = dict(parse_variant(v) for v in args.variant) if args.variant else DEFAULT_VARIANTS
+    out = Path(args.out)
+    data = out / "data"
+    for split, n, seed in (("train", args.train_samples, 0), ("val", args.val_samples, 1)):
+        if not any((data / split).glob("*.tar")):
+            write_synthetic_shards(data / split, samples=n, shard_size=500, seed=seed, progress=False)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results: dict[str, dict[int, dict]] = {name: {} for name in variants}
+    for seed in seeds:  # seed-major: a partial comparison still pairs the methods
+        for name, (recipe, overrides) in variants.items():
+            slug = name.lower().replace(" ", "_").replace("=", "").replace("/", "_")
+            print(f"{name} seed {seed}", flush=True)
+            results[name][seed] = run_one(recipe, overrides, seed, data, out / f"{slug}_s{seed}", args.steps)
+            print(f"  {json.dumps(results[name][seed])}", flush=True)
+    table = summarise(results)
+    print(table)
+    (out / "summary.json").write_text(json.dumps({"variants": {k: list(v) for k, v in variants.items()},
+                                                   "seeds": seeds, "results": results}, indent=1))
+    (out / "summary.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""``tcjepa viz attention``: where in the image each caption word is read by the conditioner.
+
+For a few samples, the trained student encodes the whole image and the predictor is asked to
+predict every patch (one target block covering the grid, context = all patches); the
+conditioners keep their attention weights. For each caption token, the weight that each patch's
+prediction query puts on that token (averaged over heads and conditioner layers) is drawn as a
+heat map over the image: with a working conditioner, "red" lights up the red object, "top" the
+top of the image. Writes ``attention_NN.png`` per sample and ``attention.json`` with the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TILE = 128
+
+
+def attention_maps(student: Any, images: torch.Tensor, tokens: Any) -> torch.Tensor:
+    """Per-sample [L, N] attention of the N patch-prediction queries on the L caption tokens."""
+    enc, pred = student.encoder, student.predictor
+    B, N = images.size(0), enc.grid[0] * enc.grid[1]
+    idx = torch.arange(N).expand(B, N)
+    layers = list(pred.conditioners.values())
+    for c in layers:
+        c.keep_weights = True
+    try:
+        with torch.no_grad():
+            z = enc(images)
+            pred(z, idx, idx[:, None, :], text=student.text(tokens))
+        # weights [B, H, Q, L], queries = N context tokens then N mask tokens: keep the mask tokens
+        maps = torch.stack([c.last_weights[:, :, N:, :].mean(1) for c in layers]).mean(0)  # [B, N, L]
+    finally:
+        for c in layers:
+            c.keep_weights, c.last_weights = False, None
+    return maps.transpose(1, 2)
+
+
+def _heat(image, weights: torch.Tensor, grid: tuple[int, int]):
+    from PIL import Image
+
+    w = weights.reshape(grid).float()
+    w = (w - w.min()) / (w.max() - w.min()).clamp_min(1e-12)
+    heat = Image.fromarray((w.numpy() * 255).astype("uint8"), "L").resize((TILE, TILE), Image.BILINEAR)
+    red = Image.new("RGB", (TILE, TILE), (255, 40, 0))
+    base = image.convert("L").convert("RGB").resize((TILE, TILE))
+    return Image.composite(red, base, heat.point(lambda v: int(v * 0.75)))
+
+
+def render_sample(image, caption: str, words: list[str], maps: torch.Tensor, grid: tuple[int, int], per_row: int = 6):
+    """One PNG: the image, its caption, and one heat map per caption token."""
+    from PIL import Image, ImageDraw
+
+    tiles = [(image.resize((TILE, TILE)), "image")] + [(_heat(image, m, grid), w) for w, m in zip(words, maps)]
+    rows = (len(tiles) + per_row - 1) // per_row
+    lines = textwrap.wrap(caption or "(no caption)", width=per_row * TILE // 7)
+    head, label = 14 * len(lines) + 8, 16
+    canvas = Image.new("RGB", (per_row * TILE, head + rows * (TILE + label)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, 4 + 14 * i), line, fill="black")
+    for i, (tile, name) in enumerate(tiles):
+        x, y = (i % per_row) * TILE, head + (i // per_row) * (TILE + label)
+        canvas.paste(tile, (x, y))
+        draw.text((x + 4, y + TILE + 2), name[:20], fill="black")
+    return canvas
+
+
+def visualize_attention(checkpoint: str | Path, data: str, out: str | Path, samples: int = 4,
+                        max_words: int = 23) -> list[Path]:
+    """Write attention overlays for the first ``samples`` samples of ``data``; returns the PNGs."""
+    from PIL import Image
+
+    from data_pipelines.loader import DataError, LoaderSpec, make_loader, normalize, resolve_shards
+    from tcjepa.checkpoint import load_student
+    from tcjepa.config import ConfigError
+    from tcjepa.methods.jepa import build_tokenizer_for
+
+    student, cfg = load_student(checkpoint)
+    if student.text is None:
+        raise ConfigError(f"{checkpoint}: not a TC-JEPA run (conditioner.enabled is false); nothing attends to text")
+    tokenizer = build_tokenizer_for(cfg)
+    loader = make_loader(LoaderSpec(resolve_shards(data, "--data"), samples, cfg.model.image_size, train=False))
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise DataError(f"--data: no readable sample in {data}")
+    tokens = tokenizer(batch["captions"])
+    maps = attention_maps(student, normalize(batch["images"]), tokens)  # [B, L, N]
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written, record = [], []
+    for i, caption in enumerate(batch["captions"]):
+        real = tokens.mask[i].nonzero().squeeze(1)[1:-1][:max_words]  # drop begin/end markers
+        words = tokenizer.token_strings(tokens.ids[i, real].tolist())
+        image = Image.fromarray(batch["images"][i].permute(1, 2, 0).numpy())
+        path = out / f"attention_{i:02d}.png"
+        render_sample(image, caption, words, maps[i, real], student.encoder.grid).save(path)
+        written.append(path)
+        record.append({"key": batch["keys"][i], "caption": caption, "tokens": words,
+                       "attention": [[round(float(v), 5) for v in m] for m in maps[i, real]]})
+    (out / "attention.json").write_text(json.dumps({"checkpoint": str(checkpoint), "grid": list(student.encoder.grid),
+                                                    "samples": record}, indent=1))
+    return written
