@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         base = ["model.encoder=vit_micro_8", "model.depth=2", "model.predictor_depth=2", "model.predictor_width=48",
                 "conditioner.text_width=32", "conditioner.text_depth=1", "conditioner.context_length=16"]
-        args.steps, args.batch = 2, 4
+        args.steps, args.batch, args.preset = 2, 4, "quick"
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

@@ -150,3 +150,20 @@ def train_sentencepiece(captions: Iterable[str], out: str | Path, vocab_size: in
     tmp.write_bytes(model.getvalue())
     tmp.replace(out)
     return out
+
+
+def captions_from_shards(urls: Iterable[str]) -> Iterable[str]:
+    """Every ``KEY.txt`` caption of the given local tar shards (images are not decoded).
+    Captions that are not UTF-8 are skipped with a warning naming the shard and member."""
+    import tarfile
+    import warnings
+
+    for url in urls:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".txt"):
+                    data = tar.extractfile(member).read()
+                    try:
+                        yield data.decode("utf-8")
+                    except UnicodeDecodeError:
+                        warnings.warn(f"{url}: {member.name} is not UTF-8; skipped")

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shard-size", type=int, default=500)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--image-size", type=int, default=64)
+    d = dsub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on the captions of SHARDS")
+    d.add_argument("--data", required=True, help="SHARDS")
+    d.add_argument("--vocab-size", type=int, default=1000)
+    d.add_argument("--out", required=True, help="FILE.model")
     return parser
 
 
@@ -104,6 +108,19 @@ def run(args: argparse.Namespace) -> int:
 
         written = visualize_attention(args.checkpoint, args.data, args.out, samples=args.samples)
         print(f"wrote {len(written)} attention maps to {args.out}")
+    elif args.command == "data" and args.data_command == "train-tokenizer":
+        from data_pipelines.loader import DataError, resolve_shards
+        from data_pipelines.tokenizers import captions_from_shards, train_sentencepiece
+
+        captions = [c for c in captions_from_shards(resolve_shards(args.data, "--data")) if c.strip()]
+        if not captions:
+            raise DataError(f"--data: no non-empty caption in {args.data}")
+        try:
+            train_sentencepiece(captions, args.out, vocab_size=args.vocab_size)
+        except RuntimeError as e:
+            raise DataError(f"data train-tokenizer: {e}") from e
+        print(f"trained a {args.vocab_size}-piece SentencePiece model on {len(captions)} captions: {args.out}")
+        print(f"use it with --set conditioner.tokenizer=sentencepiece conditioner.tokenizer_path={args.out}")
     elif args.command == "data" and args.data_command == "synthetic":
         from data_pipelines.synthetic import write_synthetic_shards
 

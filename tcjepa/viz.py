@@ -40,11 +40,10 @@ def attention_maps(student: Any, images: torch.Tensor, tokens: Any) -> torch.Ten
     return maps.transpose(1, 2)
 
 
-def _heat(image, weights: torch.Tensor, grid: tuple[int, int]):
+def _heat(image, weights: torch.Tensor, grid: tuple[int, int], vmax: float):
     from PIL import Image
 
-    w = weights.reshape(grid).float()
-    w = (w - w.min()) / (w.max() - w.min()).clamp_min(1e-12)
+    w = (weights.reshape(grid).float() / max(vmax, 1e-12)).clamp(0, 1)
     heat = Image.fromarray((w.numpy() * 255).astype("uint8"), "L").resize((TILE, TILE), Image.BILINEAR)
     red = Image.new("RGB", (TILE, TILE), (255, 40, 0))
     base = image.convert("L").convert("RGB").resize((TILE, TILE))
@@ -52,10 +51,12 @@ def _heat(image, weights: torch.Tensor, grid: tuple[int, int]):
 
 
 def render_sample(image, caption: str, words: list[str], maps: torch.Tensor, grid: tuple[int, int], per_row: int = 6):
-    """One PNG: the image, its caption, and one heat map per caption token."""
+    """One PNG: the image, its caption, and one heat map per caption token, all on one colour
+    scale (the sample's largest weight), so a word that no patch reads stays dark."""
     from PIL import Image, ImageDraw
 
-    tiles = [(image.resize((TILE, TILE)), "image")] + [(_heat(image, m, grid), w) for w, m in zip(words, maps)]
+    vmax = float(maps.max()) if maps.numel() else 1.0
+    tiles = [(image.resize((TILE, TILE)), "image")] + [(_heat(image, m, grid, vmax), w) for w, m in zip(words, maps)]
     rows = (len(tiles) + per_row - 1) // per_row
     lines = textwrap.wrap(caption or "(no caption)", width=per_row * TILE // 7)
     head, label = 14 * len(lines) + 8, 16

@@ -215,3 +215,21 @@ def test_conditioner_config_errors():
         tiny_cfg("conditioner.text_encoder=hf", f"conditioner.text_path={project_root()}", "conditioner.tokenizer=open_clip")
     with pytest.raises(ConfigError, match="conditioner.heads"):
         tiny_cfg("conditioner.heads=5")
+
+
+def test_pkg_asset_paths_resolve_through_get_model_path(tmp_path, monkeypatch):
+    from tcjepa.config import resolve_asset_path
+
+    pkg = tmp_path / "site" / "fake_text_model"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(f"def get_model_path():\n    return {str(tmp_path / 'weights')!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert resolve_asset_path("pkg:fake_text_model") == str(tmp_path / "weights")
+    assert resolve_asset_path("/some/dir") == "/some/dir"
+    with pytest.raises(ConfigError, match="not installed"):
+        resolve_asset_path("pkg:no_such_package_here")
+    with pytest.raises(ConfigError, match="no get_model_path"):
+        resolve_asset_path("pkg:json")
+    # an hf encoder whose package resolves to a missing directory fails before training
+    with pytest.raises(ConfigError, match="conditioner.text_path"):
+        tiny_cfg("conditioner.text_encoder=hf", "conditioner.text_path=pkg:fake_text_model")

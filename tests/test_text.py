@@ -170,3 +170,17 @@ def test_viz_attention_rejects_a_run_without_conditioner(captioned_shards, tmp_p
     assert main(["viz", "attention", "--checkpoint", str(run), "--data", str(captioned_shards),
                  "--out", str(tmp_path / "viz")]) == 2
     assert "not a TC-JEPA run" in capsys.readouterr().err
+
+
+def test_cli_train_tokenizer_on_shards(tmp_path, capsys):
+    from tcjepa.cli import main
+
+    shards = tmp_path / "shards"
+    assert main(["data", "synthetic", "--out", str(shards), "--samples", "200", "--shard-size", "100"]) == 0
+    out = tmp_path / "tok" / "caps.model"
+    assert main(["data", "train-tokenizer", "--data", str(shards), "--vocab-size", "120", "--out", str(out)]) == 0
+    assert "on 200 captions" in capsys.readouterr().out
+    tok = build_tokenizer("sentencepiece", str(out), context_length=64)
+    t = tok(["a big red circle in the top left"])
+    assert tok.vocab_size <= 120 and 4 <= t.mask.sum() <= 20  # sub-word pieces, far fewer than characters
+    assert main(["data", "train-tokenizer", "--data", str(tmp_path / "none"), "--out", str(out)]) == 2
