@@ -202,19 +202,18 @@ def test_conditioner_stats_are_recorded():
     assert 0 < stats["cond_entropy"] <= torch.log(torch.tensor(4.0)) + 1e-6  # top-4: at most log 4
 
 
-def test_conditioner_config_errors():
-    with pytest.raises(ConfigError, match="conditioner.sparsity"):
-        tiny_cfg("conditioner.sparsity=dense")
-    with pytest.raises(ConfigError, match="conditioner.every"):
-        tiny_cfg("conditioner.every=9")
-    with pytest.raises(ConfigError, match="conditioner.text_path"):
-        tiny_cfg("conditioner.text_encoder=hf", "conditioner.text_path=/nonexistent/minilm")
-    with pytest.raises(ConfigError, match="conditioner.tokenizer_path"):
-        tiny_cfg("conditioner.tokenizer=sentencepiece")
-    with pytest.raises(ConfigError, match="must be hf"):
-        tiny_cfg("conditioner.text_encoder=hf", f"conditioner.text_path={project_root()}", "conditioner.tokenizer=open_clip")
-    with pytest.raises(ConfigError, match="conditioner.heads"):
-        tiny_cfg("conditioner.heads=5")
+@pytest.mark.parametrize("overrides, match", [
+    (["conditioner.sparsity=dense"], "conditioner.sparsity"),
+    (["conditioner.every=9"], "conditioner.every"),
+    (["conditioner.text_encoder=hf", "conditioner.text_path=/nonexistent/minilm"], "conditioner.text_path"),
+    (["conditioner.tokenizer=sentencepiece"], "conditioner.tokenizer_path"),
+    (["conditioner.text_encoder=hf", f"conditioner.text_path={project_root()}", "conditioner.tokenizer=open_clip"], "must be hf"),
+    (["conditioner.heads=5"], "conditioner.heads"),
+    (["conditioner.gate_scale=0"], "conditioner.gate_scale"),
+])
+def test_conditioner_config_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_cfg(*overrides)
 
 
 def test_pkg_asset_paths_resolve_through_get_model_path(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from data_pipelines.tokenizers import Tokens
-from tcjepa.models.vit import Block, Packing, init_weights, rescale_residual_branches
+from tcjepa.models.vit import Block, init_weights, rescale_residual_branches, run_blocks
 
 
 TEXT_ENCODERS = ("scratch", "hf", "open_clip")
@@ -83,13 +83,7 @@ class ScratchTextEncoder(TextEncoder):
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         L = ids.size(1)
         x = self.token_embed(ids) + self.pos_embed[:, :L]
-        packing = None if bool(mask.all()) else Packing(mask)
-        if packing is not None:
-            x = packing.pack(x)
-        for block in self.blocks:
-            x = block(x, packing)
-        x = self.norm(x)
-        return packing.unpack(x) if packing is not None else x
+        return run_blocks(x, self.blocks, self.norm, None if bool(mask.all()) else mask)
 
 
 class HFTextEncoder(TextEncoder):

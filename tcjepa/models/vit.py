@@ -208,13 +208,19 @@ class VisionTransformer(nn.Module):
         x = x + self.pos_embed.to(x.dtype)
         if idx is not None:
             x = gather_tokens(x, idx)
-        packing = Packing(valid) if valid is not None else None
-        if packing is not None:
-            x = packing.pack(x)
-        for block in self.blocks:
-            x = block(x, packing)
-        x = self.norm(x)
-        return packing.unpack(x) if packing is not None else x
+        return run_blocks(x, self.blocks, self.norm, valid)
+
+
+def run_blocks(x: torch.Tensor, blocks: nn.ModuleList, norm: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``norm(blocks(x))`` over [B, N, C]; with ``valid`` [B, N], per-token layers run on the real
+    tokens only and padded positions come back as zeros."""
+    packing = Packing(valid) if valid is not None else None
+    if packing is not None:
+        x = packing.pack(x)
+    for block in blocks:
+        x = block(x, packing)
+    x = norm(x)
+    return packing.unpack(x) if packing is not None else x
 
 
 def build_encoder(name: str, image_size: int, depth: int | None = None, init_std: float = 0.02) -> VisionTransformer:
