@@ -184,3 +184,15 @@ def test_cli_train_tokenizer_on_shards(tmp_path, capsys):
     t = tok(["a big red circle in the top left"])
     assert tok.vocab_size <= 120 and 4 <= t.mask.sum() <= 20  # sub-word pieces, far fewer than characters
     assert main(["data", "train-tokenizer", "--data", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_shards_without_captions_train_as_ijepa(tmp_path):
+    """No KEY.txt at all: every sample has identity conditioning; the run still trains and logs."""
+    shards = tmp_path / "nocap"
+    shards.mkdir()
+    write_tar(shards / "000000.tar", [m for m in labelled_members(0, 24, size=64) if not m[0].endswith(".txt")])
+    run = _train_tc(shards, tmp_path / "run", "conditioner.caption_dropout=0")
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(r["loss"] > 0 for r in recs)
+    assert recs[1]["cond_gate"] == 0  # no caption anywhere: the gate never received a gradient
