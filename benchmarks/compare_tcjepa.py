@@ -74,6 +74,16 @@ def summarise(results: dict[str, dict[int, dict]]) -> str:
         cells = [fmt([r["top1"][k] for r in runs]) for k in labels]
         lines.append(f"| {name} (n={len(runs)}) | " + " | ".join(cells)
                      + f" | {fmt([r['final_loss'] for r in runs], 4)} | {statistics.mean(r['img_per_s'] for r in runs):.0f} |")
+    # seeds pair the runs (same init, data order and masks): paired differences to the first method
+    ref_name, ref = next(iter(results.items()))
+    for name, by_seed in list(results.items())[1:]:
+        seeds = [s for s in by_seed if s in ref]
+        if not seeds:
+            continue
+        cells = [fmt([by_seed[s]["top1"][k] - ref[s]["top1"][k] for s in seeds]) for k in labels]
+        wins = [sum(by_seed[s]["top1"][k] > ref[s]["top1"][k] for s in seeds) for k in labels]
+        lines.append(f"| {name} − {ref_name}, paired | " + " | ".join(f"{c} ({w}/{len(seeds)} seeds up)" for c, w in zip(cells, wins))
+                     + " | | |")
     return "\n".join(lines)
 
 

@@ -72,7 +72,7 @@ def render_sample(image, caption: str, words: list[str], maps: torch.Tensor, gri
 
 
 def visualize_attention(checkpoint: str | Path, data: str, out: str | Path, samples: int = 4,
-                        max_words: int = 23) -> list[Path]:
+                        max_words: int = 35) -> list[Path]:
     """Write attention overlays for the first ``samples`` samples of ``data``; returns the PNGs."""
     from PIL import Image
 

@@ -26,6 +26,12 @@ Sparsity rules (``sparsity``):
   of kept tokens adapts per query (no k to choose), at the cost of a sort.
 - ``softmax``: dense attention, for ablations.
 
+Why top-k by default: the issue's design reads "each patch attends only to a few words"; top-k
+states that literally, costs one ``topk`` over <= 77 scores per query and has the same forward
+and backward cost whatever k is. sparsemax lets the data choose how many words; 1.5-entmax
+(between the two) needs a bisection or sort per query and is not implemented; the step-time
+price of sparsemax's sort is in benchmarks/RESULTS.md.
+
 Samples without text (empty caption, or dropped by caption dropout) get a zero update, i.e.
 identity conditioning, rather than attention over nothing.
 """
