@@ -8,6 +8,10 @@ an interrupted comparison continues where it stopped.
 
     python benchmarks/compare_tcjepa.py --seeds 0,1,2 --out runs/compare
     python benchmarks/compare_tcjepa.py --variant "TC-JEPA every=2=recipes/tcjepa_quickstart.yaml:conditioner.every=2"
+
+Control for "is it the text?": ``--shuffled-captions`` writes ``OUT/data/train_shuffled`` (the
+same images and labels, every caption moved to another image by a fixed permutation); a variant
+can train on it with ``data.train=OUT/data/train_shuffled`` (the probe still uses the real data).
 """
 
 from __future__ import annotations
@@ -35,6 +39,32 @@ def parse_variant(text: str) -> tuple[str, tuple[str, list[str]]]:
     if not name or not recipe:
         raise SystemExit(f"error: --variant {text!r}: expected NAME=RECIPE[:KEY=VALUE,...]")
     return name, (recipe, [o for o in overrides.split(",") if o])
+
+
+def write_shuffled_captions(src: Path, dst: Path, seed: int = 0) -> Path:
+    """Copy the shards in ``src`` to ``dst`` with captions permuted across samples."""
+    import random
+    import tarfile
+    from collections import defaultdict
+
+    from data_pipelines.shards import write_shards
+
+    if any(dst.glob("*.tar")):
+        return dst
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    for shard in sorted(src.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if m.isfile():
+                    key, _, ext = m.name.partition(".")
+                    samples[key][ext] = tar.extractfile(m).read()
+    keys = sorted(samples)
+    perm = keys[:]
+    random.Random(seed).shuffle(perm)
+    out = [{"__key__": k, **{e: v for e, v in samples[k].items() if e != "txt"}, "txt": samples[p].get("txt", b"")}
+           for k, p in zip(keys, perm)]
+    write_shards(out, dst, shard_size=500)
+    return dst
 
 
 def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: Path, steps: int | None) -> dict:
@@ -94,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override train.steps (default: the recipes')")
     p.add_argument("--train-samples", type=int, default=3000)
     p.add_argument("--val-samples", type=int, default=1000)
+    p.add_argument("--shuffled-captions", action="store_true", help="also write OUT/data/train_shuffled (control)")
     p.add_argument("--variant", action="append", default=[], help="NAME=RECIPE[:KEY=VALUE,...]; repeatable; "
                    "replaces the default I-JEPA / TC-JEPA pair")
     args = p.parse_args(argv)
@@ -105,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     for split, n, seed in (("train", args.train_samples, 0), ("val", args.val_samples, 1)):
         if not any((data / split).glob("*.tar")):
             write_synthetic_shards(data / split, samples=n, shard_size=500, seed=seed, progress=False)
+    if args.shuffled_captions:
+        write_shuffled_captions(data / "train", data / "train_shuffled")
     seeds = [int(s) for s in args.seeds.split(",")]
     results: dict[str, dict[int, dict]] = {name: {} for name in variants}
     for seed in seeds:  # seed-major: a partial comparison still pairs the methods

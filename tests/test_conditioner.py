@@ -96,6 +96,15 @@ def test_conditioner_handles_packed_and_padded_layouts_alike(sparsity):
     assert not torch.allclose(dense[:S], x[:S])
 
 
+def test_a_caption_with_no_real_token_is_identity_not_nan():
+    cond = build_conditioners(16, 1, 1, 2)["0"]
+    torch.nn.init.normal_(cond.gate)
+    x, text = torch.randn(2, 5, 16), torch.randn(2, 4, 16)
+    valid = torch.tensor([[True, True, False, False], [False] * 4])
+    out = cond(x, text, valid, torch.tensor([True, False]))
+    assert torch.isfinite(out).all() and torch.equal(out[1], x[1])
+
+
 def test_qk_norm_gives_order_one_logits_and_gate_scale_scales_the_gate():
     torch.manual_seed(0)
     x, text = torch.randn(2, 20, 32), torch.randn(2, 6, 32)  # unit scale, as TextTower's LayerNorm gives

@@ -113,6 +113,7 @@ class TextConditioner(nn.Module):
         text: [B, L, C] projected text features; text_valid [B, L]; has_text [B]."""
         B, L, C = text.shape
         H, dh = self.num_heads, C // self.num_heads
+        text_valid = text_valid | ~text_valid.any(-1, keepdim=True)  # a row with no real token: no NaN
         q = self.q(self.norm(x))
         if packing is not None:
             q = packing.unpack(q)
