@@ -33,12 +33,13 @@ TITLES = {"label": "shape", "labels.color": "colour", "labels.count": "count"}
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, list[str]]]:
-    """``NAME=RECIPE[:KEY=VALUE,KEY=VALUE]``"""
-    name, _, rest = text.partition("=")
-    recipe, _, overrides = rest.partition(":")
-    if not name or not recipe:
-        raise SystemExit(f"error: --variant {text!r}: expected NAME=RECIPE[:KEY=VALUE,...]")
-    return name, (recipe, [o for o in overrides.split(",") if o])
+    """``NAME=RECIPE.yaml[:KEY=VALUE,KEY=VALUE]``; NAME may itself contain '='."""
+    import re
+
+    m = re.fullmatch(r"(?P<name>.+?)=(?P<recipe>[^=:]+\.ya?ml)(?::(?P<over>.*))?", text)
+    if m is None:
+        raise SystemExit(f"error: --variant {text!r}: expected NAME=RECIPE.yaml[:KEY=VALUE,...]")
+    return m["name"], (m["recipe"], [o for o in (m["over"] or "").split(",") if o])
 
 
 def write_shuffled_captions(src: Path, dst: Path, seed: int = 0) -> Path:
