@@ -26,7 +26,7 @@ def quickstart(
 ) -> dict[str, Any]:
     from data_pipelines.synthetic import write_synthetic_shards
     from tcjepa.eval.probe import run_probe
-    from tcjepa.methods.jepa import build_student
+    from tcjepa.models.vit import build_encoder
     from tcjepa.train import train
 
     out = Path(out)
@@ -43,7 +43,8 @@ def quickstart(
 
     trained = run_probe(run_dir, str(train_dir), str(val_dir), progress=progress)["metrics"]
     torch.manual_seed(cfg.train.seed)
-    random_init = build_student(cfg).encoder
+    m = cfg.model  # the student's first draw after the seed: the same weights build_student gives
+    random_init = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
     baseline = run_probe(run_dir, str(train_dir), str(val_dir), encoder=random_init, progress=progress,
                          save_to_run=False, json_out=run_dir / "eval" / "probe_random_init.json")["metrics"]
     viz = None
