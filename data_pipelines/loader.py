@@ -5,9 +5,11 @@ a seeded shuffle buffer, are decoded and augmented (random resized crop, flip) a
 Evaluation mode: each shard is read once, split over ranks and workers, with a deterministic
 resize + centre crop.
 
-A sample that cannot be read (broken tar member, undecodable image, bad text or JSON) is
-skipped and counted by reason; the counts travel with each batch (``batch["skipped"]``, the
-worker's cumulative counts) and :class:`SkipTracker` sums them over workers for the metrics.
+A sample that cannot be read is skipped and counted by reason (:data:`SKIP_REASONS`); the
+counts travel with each batch (``batch["skipped"]``, the worker's cumulative counts) and
+:class:`SkipTracker` sums them over workers for the metrics and enforces a skip-rate limit, so a
+data set that is mostly broken stops the run with a clear error instead of quietly training on
+what is left.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import random
 import re
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -30,12 +32,32 @@ from PIL import Image
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the official I-JEPA recipes
 STD = (0.229, 0.224, 0.225)
-SKIP_REASONS = ("decode_error", "tar_error")  # what SkipCounter counts
+# Why a sample was skipped. Every skip is one of these (the catch-all is decode_error).
+SKIP_REASONS = (
+    "tar_error",        # a truncated or broken tar member (the shard is read on past it)
+    "missing_image",    # no .jpg/.jpeg/.png/.webp member
+    "empty_image",      # a zero-byte image member
+    "bad_image",        # image bytes that do not decode
+    "bad_text",         # a caption that is not UTF-8
+    "huge_caption",     # a caption over LoaderSpec.max_caption_bytes
+    "missing_caption",  # no caption, when captions are required
+    "bad_json",         # a .json member that does not parse to an object
+    "decode_error",     # anything else
+)
 MAX_SKIPS_BEFORE_FIRST = 1000  # a stream that never yields a good sample is an error, not a skip
+MAX_CAPTION_BYTES = 65536
 
 
 class DataError(ValueError):
     """Shards are missing, empty or unreadable; the message names the path."""
+
+
+class SampleError(ValueError):
+    """One sample cannot be used; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
 
 
 # ----------------------------------------------------------------------------- shard lists
@@ -108,9 +130,28 @@ class SkipTracker:
 
     def __init__(self) -> None:
         self.per_worker: dict[int, dict[str, int]] = {}
+        self.delivered_per_worker: dict[int, int] = {}
 
     def update(self, skipped: dict[str, Any]) -> None:
         self.per_worker[int(skipped["worker"])] = dict(skipped["counts"])
+        self.delivered_per_worker[int(skipped["worker"])] = int(skipped.get("delivered", 0))
+
+    @property
+    def delivered(self) -> int:
+        return sum(self.delivered_per_worker.values())
+
+    def check_rate(self, max_rate: float, min_samples: int, where: str) -> None:
+        """Raise :class:`DataError` once at least ``min_samples`` samples were read and more than
+        ``max_rate`` of them were skipped (``max_rate >= 1`` disables the check)."""
+        skipped = self.total
+        seen = skipped + self.delivered
+        if max_rate < 1 and seen >= min_samples and skipped > max_rate * seen:
+            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.counts.items(), key=lambda kv: -kv[1]) if n)
+            raise DataError(
+                f"{where}: {skipped} of {seen} samples ({skipped / seen:.1%}) were skipped, over the limit of "
+                f"{max_rate:.1%} (data.max_skip_rate); by reason: {reasons}. Check the shards with "
+                "`tcjepa data inspect`, or raise data.max_skip_rate if this is expected"
+            )
 
     @property
     def counts(self) -> dict[str, int]:
@@ -148,9 +189,23 @@ class ResampledShards(torch.utils.data.IterableDataset):
             yield {"url": self.urls[rng.randrange(len(self.urls))]}
 
 
+def eval_partition(n_shards: int, rank: int, world_size: int, worker: int, workers: int) -> tuple[slice, int, int]:
+    """Which shards and samples one (rank, worker) reads in evaluation mode, so that together
+    they read every sample exactly once: ``(shard slice, sample stride, sample offset)``.
+
+    With at least as many shards as readers, each reader takes every C-th shard (C = ranks x
+    workers). With fewer, every reader walks all shards and keeps every C-th sample, so no reader
+    is idle and none is missed (small data sets, many workers).
+    """
+    readers, me = world_size * workers, rank * workers + worker
+    if n_shards >= readers:
+        return slice(me, None, readers), 1, 0
+    return slice(None), readers, me
+
+
 @dataclass
 class SplitShards(torch.utils.data.IterableDataset):
-    """Each shard once, split over ranks then workers (evaluation)."""
+    """Each shard once, split over ranks then workers (evaluation); see :func:`eval_partition`."""
 
     urls: list[str]
     rank: int = 0
@@ -158,7 +213,8 @@ class SplitShards(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, str]]:
         wid, nworkers = _worker()
-        for url in self.urls[self.rank :: self.world_size][wid::nworkers]:
+        shards, _, _ = eval_partition(len(self.urls), self.rank, self.world_size, wid, nworkers)
+        for url in self.urls[shards]:
             yield {"url": url}
 
 
@@ -176,15 +232,58 @@ def shuffle(samples: Iterable[dict], bufsize: int, rng: random.Random) -> Iterat
     yield from buf
 
 
-def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """Raw tar members -> {key, image (PIL RGB), caption, meta}; raises on a broken sample."""
+def _caption(raw: dict[str, Any], meta: dict[str, Any], rng: random.Random | None, max_bytes: int) -> str:
+    """The caption: one of ``meta["captions"]`` when the json holds a list (random in training,
+    the first in evaluation), else the ``.txt`` member; '' when there is none."""
+    options = meta.get("captions")
+    if isinstance(options, list) and options and all(isinstance(c, str) for c in options):
+        caption = options[rng.randrange(len(options))] if rng is not None else options[0]
+        if len(caption.encode("utf-8")) > max_bytes:
+            raise SampleError("huge_caption", f"json caption of {len(caption.encode('utf-8'))} bytes > {max_bytes}")
+        return caption.strip()
+    data = raw.get("txt")
+    if data is None:
+        return ""
+    if len(data) > max_bytes:
+        raise SampleError("huge_caption", f"txt of {len(data)} bytes > {max_bytes}")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise SampleError("bad_text", f"txt is not UTF-8: {e}") from None
+
+
+def decode_sample(
+    raw: dict[str, Any],
+    rng: random.Random | None = None,
+    require_caption: bool = False,
+    max_caption_bytes: int = MAX_CAPTION_BYTES,
+) -> dict[str, Any]:
+    """Raw tar members -> {key, image (PIL RGB), caption, meta}; raises :class:`SampleError`.
+
+    The cheap checks (members present, json, caption) run before the image is decoded.
+    """
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
-        raise KeyError("no image member (.jpg/.png/.webp)")
-    with Image.open(io.BytesIO(raw[ext])) as img:
-        image = img.convert("RGB")
-    caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
-    meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
+        raise SampleError("missing_image", f"no image member (.jpg/.png/.webp); members: {sorted(k for k in raw if not k.startswith('__'))}")
+    data = raw[ext]
+    if not data:
+        raise SampleError("empty_image", f".{ext} member is empty (0 bytes)")
+    meta: Any = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise SampleError("bad_json", f".json does not parse: {e}") from None
+        if not isinstance(meta, dict):
+            raise SampleError("bad_json", f".json holds a {type(meta).__name__}, not an object")
+    caption = _caption(raw, meta, rng, max_caption_bytes)
+    if require_caption and not caption:
+        raise SampleError("missing_caption", "no caption (.txt or json 'captions') and data.require_captions is on")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            image = img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise SampleError("bad_image", f".{ext} does not decode: {e!r}") from None
     return {"key": raw.get("__key__", "?"), "image": image, "caption": caption, "meta": meta}
 
 
@@ -240,7 +339,8 @@ class LoaderSpec:
     crop_scale: tuple[float, float] = (0.3, 1.0)
     hflip: bool = True
     epoch: int = 0  # varies the training stream (e.g. after a resume)
-    extra: dict[str, Any] = field(default_factory=dict)
+    require_caption: bool = False  # skip samples without a caption (reason missing_caption)
+    max_caption_bytes: int = MAX_CAPTION_BYTES
 
 
 class ImageCaptionStream(torch.utils.data.IterableDataset):
@@ -253,26 +353,34 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
         import webdataset as wds
 
         s = self.spec
-        wid, _ = _worker()
+        wid, nworkers = _worker()
         counter = SkipCounter()
         rng = random.Random(f"samples-{s.seed}-{s.epoch}-{s.rank}-{wid}")
+        stride, offset = 1, 0
         if s.train:
             shards: Iterable = ResampledShards(s.urls, s.seed + 1000003 * s.epoch, s.rank)
         else:
             shards = SplitShards(s.urls, s.rank, s.world_size)
-        samples: Iterable = wds.tarfile_to_samples(handler=counter.tar_error)(iter(shards))
+            _, stride, offset = eval_partition(len(s.urls), s.rank, s.world_size, wid, nworkers)
+        # with a sample-level split every reader walks the same shards: one of them counts tar errors
+        on_tar_error = counter.tar_error if offset == 0 else (lambda exn: True)
+        samples: Iterable = wds.tarfile_to_samples(handler=on_tar_error)(iter(shards))
+        if stride > 1:
+            samples = (x for i, x in enumerate(samples) if i % stride == offset)
         if s.train:
             samples = shuffle(samples, s.shuffle_buffer, rng)
         batch: list[dict[str, Any]] = []
+        reported: dict[str, int] = {}
         for raw in samples:
             try:
-                sample = decode_sample(raw)
+                sample = decode_sample(raw, rng if s.train else None, s.require_caption, s.max_caption_bytes)
             except Exception as e:  # noqa: BLE001 - any broken sample is skipped and counted
-                counter.skip("decode_error", f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}: {e!r}")
+                reason = e.reason if isinstance(e, SampleError) else "decode_error"
+                counter.skip(reason, f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}: {e}")
                 if counter.decoded == 0 and sum(counter.counts.values()) >= MAX_SKIPS_BEFORE_FIRST:
                     raise DataError(
                         f"the first {MAX_SKIPS_BEFORE_FIRST} samples of {s.urls[0]} ... all failed to decode "
-                        f"(last: {e!r}); are these image-caption WebDataset shards?"
+                        f"(last: {reason}: {e}); are these image-caption WebDataset shards?"
                     ) from e
                 continue
             counter.decoded += 1
@@ -288,19 +396,28 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
             sample["image"] = to_tensor(image)
             batch.append(sample)
             if len(batch) == s.batch_size:
-                yield collate(batch, wid, counter)
-                batch = []
-        if batch and not s.train:
-            yield collate(batch, wid, counter)
+                yield collate(batch, wid, counter, s.image_size)
+                batch, reported = [], dict(counter.counts)
+        if not s.train and (batch or counter.counts != reported):
+            # the rest, possibly no samples at all: the final skip counts must reach the consumer
+            yield collate(batch, wid, counter, s.image_size)
 
 
-def collate(samples: list[dict[str, Any]], worker: int, counter: SkipCounter) -> dict[str, Any]:
+def _skip_record(worker: int, counter: SkipCounter) -> dict[str, Any]:
+    return {"worker": worker, "counts": dict(counter.counts), "delivered": counter.decoded}
+
+
+def collate(samples: list[dict[str, Any]], worker: int, counter: SkipCounter, image_size: int) -> dict[str, Any]:
+    """A batch; it may hold no samples (the last one of an evaluation worker whose tail was all
+    skipped), and always carries the worker's cumulative skip counts."""
+    images = (torch.stack([s["image"] for s in samples]) if samples
+              else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8))
     return {
-        "images": torch.stack([s["image"] for s in samples]),
+        "images": images,
         "captions": [s["caption"] for s in samples],
         "keys": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
-        "skipped": {"worker": worker, "counts": dict(counter.counts)},
+        "skipped": _skip_record(worker, counter),
     }
 
 

@@ -59,6 +59,10 @@ class DataConfig:
     shuffle_buffer: int = 1000
     crop_scale: tuple[float, float] = (0.3, 1.0)
     hflip: bool = True
+    max_skip_rate: float = 0.05  # stop with an error when more of the samples read are skipped (1 disables)
+    skip_rate_min_samples: int = 1000  # ... but only once this many samples were read
+    require_captions: bool = False  # skip samples without a caption (I-JEPA needs none)
+    max_caption_bytes: int = 65536  # longer captions are skipped as broken (they are truncated to the context anyway)
 
 
 @dataclass
@@ -478,6 +482,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _check(cfg.checkpoint.keep >= 1, source, "checkpoint.keep", "must be >= 1")
     _check(cfg.data.workers >= 0, source, "data.workers", "must be >= 0")
     _check(cfg.data.shuffle_buffer >= 1, source, "data.shuffle_buffer", "must be >= 1")
+    _check(0 < cfg.data.max_skip_rate <= 1, source, "data.max_skip_rate", "must be in (0, 1] (1 disables the limit)")
+    _check(cfg.data.skip_rate_min_samples >= 1, source, "data.skip_rate_min_samples", "must be >= 1")
+    _check(cfg.data.max_caption_bytes >= 1, source, "data.max_caption_bytes", "must be >= 1")
     lo, hi = cfg.data.crop_scale
     _check(0 < lo <= hi <= 1, source, "data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {[lo, hi]}")
     try:

@@ -193,6 +193,7 @@ def train(
         urls, micro, cfg.model.image_size, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
         workers=cfg.data.workers, train=True, shuffle_buffer=cfg.data.shuffle_buffer,
         crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, epoch=start,
+        require_caption=cfg.data.require_captions, max_caption_bytes=cfg.data.max_caption_bytes,
     ))
     log = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start)
     grid = method.model.encoder.grid
@@ -208,6 +209,7 @@ def train(
     for step in range(start, end):
         batch = next(batches)
         tracker.update(batch["skipped"])
+        tracker.check_rate(cfg.data.max_skip_rate, cfg.data.skip_rate_min_samples, f"data.train {cfg.data.train}")
         images = normalize(batch["images"].to(info.device, non_blocking=True))
 
         lr = lr_at(step, total, lr=o.lr, start_lr=o.start_lr, final_lr=o.final_lr, warmup=o.warmup_steps)

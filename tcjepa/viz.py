@@ -86,7 +86,7 @@ def visualize_attention(checkpoint: str | Path, data: str, out: str | Path, samp
         raise ConfigError(f"{checkpoint}: not a TC-JEPA run (conditioner.enabled is false); nothing attends to text")
     tokenizer = build_tokenizer_for(cfg)
     loader = make_loader(LoaderSpec(resolve_shards(data, "--data"), samples, cfg.model.image_size, train=False))
-    batch = next(iter(loader), None)
+    batch = next((b for b in loader if b["keys"]), None)
     if batch is None:
         raise DataError(f"--data: no readable sample in {data}")
     tokens = tokenizer(batch["captions"])

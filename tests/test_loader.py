@@ -1,3 +1,4 @@
+import json
 import random
 from pathlib import Path
 
@@ -71,12 +72,16 @@ def test_train_loader_batches_and_determinism(tiny_shards: Path):
     assert len(a) == 48  # infinite: more samples than the data set holds
 
 
-def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path):
+def test_corrupt_samples_are_skipped_and_counted_by_reason(tmp_path: Path):
     members = labelled_members(0, 6)
-    members += [("bad1.png", b"not a png at all"), ("bad1.txt", b"broken image")]
-    members += [("bad2.png", png_bytes((1, 2, 3))), ("bad2.json", b"{not json")]
-    members += [("bad3.txt", b"caption without an image")]
-    members += [("bad4.png", png_bytes((1, 2, 3))), ("bad4.txt", b"\xff\xfe invalid utf-8")]
+    members += [("badimg.png", b"not a png at all"), ("badimg.txt", b"broken image")]
+    members += [("empty.jpg", b""), ("empty.txt", b"zero-byte image")]
+    members += [("badjson.png", png_bytes((1, 2, 3))), ("badjson.json", b"{not json")]
+    members += [("listjson.png", png_bytes((1, 2, 3))), ("listjson.json", b"[1, 2]")]
+    members += [("noimage.txt", b"caption without an image")]
+    members += [("badtext.png", png_bytes((1, 2, 3))), ("badtext.txt", b"\xff\xfe invalid utf-8")]
+    members += [("huge.png", png_bytes((1, 2, 3))), ("huge.txt", b"word " * 20000)]
+    members += [("nocaption.png", png_bytes((1, 2, 3)))]  # kept: captions are not required by default
     write_tar(tmp_path / "000000.tar", members)
     # a truncated shard: valid header of a member whose data is cut off
     good = tmp_path / "000001.tar"
@@ -87,12 +92,77 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path):
     urls = resolve_shards(str(tmp_path))
     with pytest.warns(UserWarning, match="skipped sample"):
         keys, tracker = keys_of(make_loader(LoaderSpec(urls, 2, 16, train=False)))
-    assert set(keys) >= {f"{i:06d}" for i in range(6)}
-    assert not any(k.startswith("bad") for k in keys)
-    counts = tracker.counts
-    assert counts["decode_error"] == 4  # bad1..bad4, each named in a warning
-    assert counts["tar_error"] == 1  # the truncated shard, counted once
-    assert {"000100", "000101"} <= set(keys)  # its samples before the cut still arrive
+    assert set(keys) == {f"{i:06d}" for i in range(6)} | {"000100", "000101", "nocaption"}
+    assert tracker.counts == {
+        "bad_image": 1, "empty_image": 1, "bad_json": 2, "missing_image": 1, "bad_text": 1,
+        "huge_caption": 1, "tar_error": 1,
+    }
+    assert tracker.delivered == len(keys)
+
+
+def test_required_captions_skip_samples_without_one(tmp_path: Path):
+    members = labelled_members(0, 3) + [("nocap.png", png_bytes((1, 2, 3))), ("blank.png", png_bytes((1, 2, 3))),
+                                        ("blank.txt", b"   \n")]
+    write_tar(tmp_path / "000000.tar", members)
+    spec = LoaderSpec(resolve_shards(str(tmp_path)), 2, 16, train=False, require_caption=True)
+    with pytest.warns(UserWarning, match="missing_caption"):
+        keys, tracker = keys_of(make_loader(spec))
+    assert sorted(keys) == ["000000", "000001", "000002"] and tracker.counts == {"missing_caption": 2}
+
+
+def test_caption_list_in_json_picks_one(tmp_path: Path):
+    options = ["a red square", "a crimson box", "red on black"]
+    members = [(f"{i:03d}.png", png_bytes((200, 0, 0))) for i in range(40)]
+    members += [(f"{i:03d}.json", json.dumps({"captions": options}).encode()) for i in range(40)]
+    members += [(f"{i:03d}.txt", b"ignored when the json has a list") for i in range(40)]
+    write_tar(tmp_path / "000000.tar", sorted(members))
+    urls = resolve_shards(str(tmp_path))
+    evals = next(iter(make_loader(LoaderSpec(urls, 40, 16, train=False))))["captions"]
+    assert evals == [options[0]] * 40  # evaluation: deterministic, the first
+    train = next(iter(make_loader(LoaderSpec(urls, 40, 16, seed=1, shuffle_buffer=1))))["captions"]
+    assert set(train) == set(options)  # training: one at random per sample
+
+
+@pytest.mark.parametrize("n_shards,world,workers", [(1, 1, 2), (2, 2, 2), (3, 2, 1), (5, 2, 2)])
+def test_eval_mode_reads_each_sample_exactly_once_across_ranks_and_workers(tmp_path, n_shards, world, workers):
+    per = 7
+    for k in range(n_shards):
+        write_tar(tmp_path / f"{k:06d}.tar", labelled_members(k * per, per))
+    urls = resolve_shards(str(tmp_path))
+    seen = []
+    for rank in range(world):
+        keys, _ = keys_of(make_loader(LoaderSpec(urls, 3, 16, train=False, rank=rank, world_size=world, workers=workers)))
+        seen += keys
+    assert sorted(seen) == [f"{i:06d}" for i in range(n_shards * per)]  # the union is the data set, no repeats
+
+
+def test_eval_partition_is_a_partition():
+    from data_pipelines.loader import eval_partition
+
+    per_shard = 5
+    for n_shards in range(1, 9):
+        for world, workers in [(1, 1), (1, 3), (2, 2), (4, 1)]:
+            taken = []  # (shard, sample) pairs each reader keeps
+            for rank in range(world):
+                for w in range(workers):
+                    shards, stride, offset = eval_partition(n_shards, rank, world, w, workers)
+                    stream = [(k, j) for k in list(range(n_shards))[shards] for j in range(per_shard)]
+                    taken += [x for i, x in enumerate(stream) if i % stride == offset]
+            assert sorted(taken) == [(k, j) for k in range(n_shards) for j in range(per_shard)]
+
+
+def test_skip_rate_limit(tmp_path: Path):
+    members = labelled_members(0, 18) + [(f"bad{i}.png", b"junk") for i in range(2)]
+    write_tar(tmp_path / "000000.tar", members)
+    urls = resolve_shards(str(tmp_path))
+    with pytest.warns(UserWarning):
+        _, tracker = keys_of(make_loader(LoaderSpec(urls, 4, 16, train=False)))
+    assert tracker.total == 2 and tracker.delivered == 18
+    tracker.check_rate(0.2, 10, "data.train x")  # 10% skipped: under a 20% limit
+    tracker.check_rate(0.05, 100, "data.train x")  # under the minimum sample count: not judged yet
+    with pytest.raises(DataError, match=r"data.train x: 2 of 20 samples \(10.0%\) were skipped.*bad_image: 2"):
+        tracker.check_rate(0.05, 10, "data.train x")
+    tracker.check_rate(1.0, 1, "data.train x")  # 1 disables
 
 
 def test_random_resized_crop_box_in_bounds():

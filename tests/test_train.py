@@ -158,7 +158,19 @@ def test_corrupt_samples_are_counted_in_metrics_and_survive_resume(tmp_path):
     cfg = cfg_for(d, "train.steps=12", "checkpoint.every=6", "train.log_every=6", "data.shuffle_buffer=10")
     run = train(cfg, tmp_path / "run", progress=False, stop_at=6)
     first = records(run)[-1]
-    assert first["skipped"] > 0 and first["skipped"] == first["skipped_decode_error"]
+    assert first["skipped"] > 0 and first["skipped"] == first["skipped_bad_image"]
     train(cfg, run, resume=True, progress=False)
     last = records(run)[-1]
     assert last["step"] == 12 and last["skipped"] > first["skipped"]  # counts carry over the resume
+
+
+def test_skip_rate_over_the_limit_stops_training(tmp_path):
+    from data_pipelines.loader import DataError
+
+    d = tmp_path / "dirty"
+    d.mkdir()
+    write_tar(d / "000000.tar", labelled_members(0, 30, size=64) + [(f"bad{j}.png", b"junk") for j in range(10)])
+    cfg = cfg_for(d, "train.steps=50", "data.skip_rate_min_samples=40", "data.shuffle_buffer=5")
+    with pytest.warns(UserWarning), pytest.raises(DataError, match=r"were skipped, over the limit of 5.0%.*bad_image"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "final").exists()

@@ -41,8 +41,12 @@ def extract_features(
     workers: int = 0,
     data_key: str = "--data",
     progress: bool = False,
+    max_skip_rate: float = 0.05,
 ) -> tuple[torch.Tensor, list[dict[str, Any]], dict[str, int]]:
-    """Mean-pooled patch features [N, D], each sample's json metadata, and skip counts by reason."""
+    """Mean-pooled patch features [N, D], each sample's json metadata, and skip counts by reason.
+
+    Every sample is read exactly once; more than ``max_skip_rate`` of them skipped is an error
+    (an evaluation on what is left of a broken data set would not be comparable)."""
     from tqdm.auto import tqdm
 
     urls = resolve_shards(shards, data_key)
@@ -51,10 +55,13 @@ def extract_features(
     encoder = encoder.to(device).eval()
     for batch in tqdm(loader, desc=f"features {Path(shards).name}", unit="batch", disable=not progress):
         tracker.update(batch["skipped"])
+        if not batch["keys"]:
+            continue
         feats.append(encoder(normalize(batch["images"].to(device))).mean(dim=1).float().cpu())
         metas += batch["meta"]
     if not feats:
         raise DataError(f"{data_key}: no readable sample in {shards}")
+    tracker.check_rate(max_skip_rate, 1, f"{data_key} {shards}")
     return torch.cat(feats), metas, tracker.counts
 
 
