@@ -60,12 +60,15 @@ def write_shards(
     out_dir: str | Path,
     shard_size: int = 1000,
     prefix: str = "",
+    max_bytes: int = 0,
 ) -> list[Path]:
     """Write ``samples`` into tar shards of ``shard_size`` samples each; return the shard paths.
 
     Each sample maps ``"__key__"`` (no dots or slashes) and extensions (``"png"``, ``"txt"``,
     ``"json"``, ...) to bytes or str (stored as UTF-8); members are named ``KEY.ext``. Shards are
     named ``{prefix}{index:06d}.tar`` so brace patterns such as ``dir/{000000..000009}.tar`` work.
+    With ``max_bytes`` a shard is also closed once it holds that many bytes (a sample is never
+    split, so a shard ends at most one sample past the limit).
     Each shard is written to ``NAME.tar.tmp`` and renamed when complete; on an invalid sample the
     partial shard is removed and the error raised (shards already finished are kept). Duplicate
     keys within one call are rejected. Existing shards of the same name are overwritten.
@@ -96,7 +99,7 @@ def write_shards(
             for name, data in members:
                 _add_member(tar, name, data)
             count += 1
-            if count == shard_size:
+            if count == shard_size or (max_bytes and tar.offset >= max_bytes):
                 tar.close()
                 tar = None
                 os.replace(tmp, final)

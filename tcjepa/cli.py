@@ -59,6 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shard-size", type=int, default=500)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--image-size", type=int, default=64)
+    d = dsub.add_parser("write", help="image-caption folder or CSV/TSV/JSONL/parquet manifest -> shards",
+                        description="Convert local images + captions into WebDataset shards (img2dataset layout). "
+                                    "Rows that cannot be used are skipped, counted in OUT/stats.json and listed "
+                                    "in OUT/skipped.jsonl.")
+    d.add_argument("--input", required=True, help="a folder (NAME.jpg + NAME.txt [+ NAME.json]) or FILE.csv|tsv|jsonl|parquet")
+    d.add_argument("--out", required=True, help="output directory for the shards")
+    d.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    d.add_argument("--shard-bytes", default="0", help="also cap shards by size, e.g. 500MB (default: no cap)")
+    d.add_argument("--resize", type=int, default=0, metavar="PX", help="shrink so the longer side is <= PX (default: keep)")
+    d.add_argument("--workers", type=int, default=1, help="processes decoding/re-encoding images")
+    d.add_argument("--image-column", default="", help="manifest column of image paths (default: image|filepath|path|file)")
+    d.add_argument("--caption-column", default="", help="manifest column of captions (default: caption|text|txt)")
+    d.add_argument("--image-root", default="", help="relative image paths start here (default: the manifest's folder)")
+    d.add_argument("--allow-empty-captions", action="store_true", help="keep rows without a caption")
+    d.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    d = dsub.add_parser("inspect", help="counts, caption lengths, image sizes, broken samples, contact sheet")
+    d.add_argument("shards", metavar="SHARDS")
+    d.add_argument("--out", default="", help="write contact_sheet.png and inspect.json here")
+    d.add_argument("--limit", type=int, default=0, help="read only the first N good samples")
+    d.add_argument("--sheet-samples", type=int, default=16)
+    d = dsub.add_parser("easy-vqa", help="convert the easy-vqa package's data set into train/test shards")
+    d.add_argument("--out", required=True)
+    d.add_argument("--shard-size", type=int, default=1000)
+    d.add_argument("--workers", type=int, default=1)
+    d.add_argument("--overwrite", action="store_true")
     d = dsub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on the captions of SHARDS")
     d.add_argument("--data", required=True, help="SHARDS")
     d.add_argument("--vocab-size", type=int, default=1000)
@@ -108,6 +133,25 @@ def run(args: argparse.Namespace) -> int:
 
         written = visualize_attention(args.checkpoint, args.data, args.out, samples=args.samples)
         print(f"wrote {len(written)} attention maps to {args.out}")
+    elif args.command == "data" and args.data_command == "write":
+        from data_pipelines.write import WriteOptions, parse_size, summary_line, write_dataset
+
+        opts = WriteOptions(
+            shard_size=args.shard_size, shard_bytes=parse_size(args.shard_bytes), resize=args.resize,
+            workers=args.workers, image_column=args.image_column, caption_column=args.caption_column,
+            image_root=args.image_root, allow_empty_captions=args.allow_empty_captions, overwrite=args.overwrite,
+        )
+        print(summary_line(write_dataset(args.input, args.out, opts)))
+    elif args.command == "data" and args.data_command == "inspect":
+        from data_pipelines.inspection import format_report, inspect_shards
+
+        report = inspect_shards(args.shards, args.out or None, sheet_samples=args.sheet_samples, limit=args.limit)
+        print(format_report(report))
+    elif args.command == "data" and args.data_command == "easy-vqa":
+        from data_pipelines.easy_vqa import convert_easy_vqa, summary
+
+        for line in summary(convert_easy_vqa(args.out, args.shard_size, args.workers, args.overwrite)):
+            print(line)
     elif args.command == "data" and args.data_command == "train-tokenizer":
         from data_pipelines.loader import DataError, resolve_shards
         from data_pipelines.tokenizers import captions_from_shards, train_sentencepiece
