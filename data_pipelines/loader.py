@@ -257,10 +257,13 @@ def decode_sample(
     rng: random.Random | None = None,
     require_caption: bool = False,
     max_caption_bytes: int = MAX_CAPTION_BYTES,
+    min_side: int = 0,
 ) -> dict[str, Any]:
     """Raw tar members -> {key, image (PIL RGB), caption, meta}; raises :class:`SampleError`.
 
-    The cheap checks (members present, json, caption) run before the image is decoded.
+    The cheap checks (members present, json, caption) run before the image is decoded. With
+    ``min_side`` a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's
+    ``draft``) as long as both sides stay >= ``min_side``: much less work for large images.
     """
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
@@ -281,6 +284,8 @@ def decode_sample(
         raise SampleError("missing_caption", "no caption (.txt or json 'captions') and data.require_captions is on")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
+                img.draft("RGB", (min_side, min_side))
             image = img.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise SampleError("bad_image", f".{ext} does not decode: {e!r}") from None
@@ -341,6 +346,17 @@ class LoaderSpec:
     epoch: int = 0  # varies the training stream (e.g. after a resume)
     require_caption: bool = False  # skip samples without a caption (reason missing_caption)
     max_caption_bytes: int = MAX_CAPTION_BYTES
+    tokenizer: Any = None  # captions -> Tokens, run in the workers; the batch then has "tokens"
+    draft: bool = True  # let the JPEG decoder downscale by 2/4/8 when the image is much larger than needed
+
+
+def draft_side(spec: LoaderSpec) -> int:
+    """The shortest image side that still gives every crop at least ``image_size`` pixels across:
+    the smallest random-resized crop covers ``crop_scale[0]`` of the area at an aspect up to 4/3,
+    so its short side can be sqrt(scale * 3/4) of the image's; a centre crop needs ``image_size``."""
+    if not spec.train:
+        return spec.image_size
+    return math.ceil(spec.image_size / math.sqrt(spec.crop_scale[0] * 3 / 4))
 
 
 class ImageCaptionStream(torch.utils.data.IterableDataset):
@@ -371,9 +387,10 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
             samples = shuffle(samples, s.shuffle_buffer, rng)
         batch: list[dict[str, Any]] = []
         reported: dict[str, int] = {}
+        min_side = draft_side(s) if s.draft else 0
         for raw in samples:
             try:
-                sample = decode_sample(raw, rng if s.train else None, s.require_caption, s.max_caption_bytes)
+                sample = decode_sample(raw, rng if s.train else None, s.require_caption, s.max_caption_bytes, min_side)
             except Exception as e:  # noqa: BLE001 - any broken sample is skipped and counted
                 reason = e.reason if isinstance(e, SampleError) else "decode_error"
                 counter.skip(reason, f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}: {e}")
@@ -396,29 +413,33 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
             sample["image"] = to_tensor(image)
             batch.append(sample)
             if len(batch) == s.batch_size:
-                yield collate(batch, wid, counter, s.image_size)
+                yield collate(batch, wid, counter, s.image_size, s.tokenizer)
                 batch, reported = [], dict(counter.counts)
         if not s.train and (batch or counter.counts != reported):
             # the rest, possibly no samples at all: the final skip counts must reach the consumer
-            yield collate(batch, wid, counter, s.image_size)
+            yield collate(batch, wid, counter, s.image_size, s.tokenizer)
 
 
 def _skip_record(worker: int, counter: SkipCounter) -> dict[str, Any]:
     return {"worker": worker, "counts": dict(counter.counts), "delivered": counter.decoded}
 
 
-def collate(samples: list[dict[str, Any]], worker: int, counter: SkipCounter, image_size: int) -> dict[str, Any]:
+def collate(samples: list[dict[str, Any]], worker: int, counter: SkipCounter, image_size: int,
+            tokenizer: Any = None) -> dict[str, Any]:
     """A batch; it may hold no samples (the last one of an evaluation worker whose tail was all
     skipped), and always carries the worker's cumulative skip counts."""
     images = (torch.stack([s["image"] for s in samples]) if samples
               else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8))
-    return {
+    batch = {
         "images": images,
         "captions": [s["caption"] for s in samples],
         "keys": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
         "skipped": _skip_record(worker, counter),
     }
+    if tokenizer is not None:  # truncated/padded to the tokenizer's context length
+        batch["tokens"] = tokenizer(batch["captions"])
+    return batch
 
 
 def make_loader(spec: LoaderSpec) -> torch.utils.data.DataLoader:

@@ -36,6 +36,16 @@ class Tokens:
         return Tokens(self.ids.to(device), self.mask.to(device), self.has_text.to(device))
 
 
+def drop_captions(tokens: Tokens, drop: torch.Tensor, empty: Tokens) -> Tokens:
+    """``tokens`` with the rows where ``drop`` is True replaced by ``empty`` (the tokenization of
+    ''): the same result as tokenizing '' in their place, for captions tokenized ahead of time."""
+    if not bool(drop.any()):
+        return tokens
+    d = drop.view(-1, 1)
+    return Tokens(torch.where(d, empty.ids[:1], tokens.ids), torch.where(d, empty.mask[:1], tokens.mask),
+                  tokens.has_text & ~drop)
+
+
 class Tokenizer(Protocol):
     vocab_size: int
     context_length: int

@@ -194,6 +194,7 @@ def train(
         workers=cfg.data.workers, train=True, shuffle_buffer=cfg.data.shuffle_buffer,
         crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, epoch=start,
         require_caption=cfg.data.require_captions, max_caption_bytes=cfg.data.max_caption_bytes,
+        tokenizer=method.tokenizer,  # captions are tokenized in the loader's workers
     ))
     log = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start)
     grid = method.model.encoder.grid
@@ -220,7 +221,7 @@ def train(
 
         gen.manual_seed(_mask_seed(cfg.train.seed, info.rank, step))
         masks = sample_masks(images.size(0), grid, gen, **mask_kwargs).to(info.device)
-        tokens = method.text_inputs(batch["captions"], gen)  # after the masks: same masks as I-JEPA
+        tokens = method.text_inputs(batch["captions"], gen, batch.get("tokens"))  # after the masks: same masks as I-JEPA
         if tokens is not None:
             tokens = tokens.to(info.device)
 

@@ -1,9 +1,12 @@
+import io
 import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_pipelines.loader import (
     DataError, LoaderSpec, SkipTracker, make_loader, normalize, random_resized_crop_box, resolve_shards,
@@ -187,3 +190,36 @@ def test_stream_of_only_broken_samples_is_an_error(tmp_path: Path, monkeypatch):
     urls = resolve_shards(str(tmp_path))
     with pytest.warns(UserWarning), pytest.raises(DataError, match="all failed to decode"):
         next(iter(make_loader(LoaderSpec(urls, 2, 16, train=True))))
+
+
+def test_jpeg_draft_decodes_large_images_at_reduced_scale():
+    from data_pipelines.loader import decode_sample, draft_side
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    smooth = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(smooth).resize((1024, 768), Image.BICUBIC).save(buf, format="JPEG", quality=92)
+    raw = {"__key__": "k", "jpg": buf.getvalue(), "txt": b"big"}
+    full = decode_sample(raw)["image"]
+    small = decode_sample(raw, min_side=150)["image"]
+    assert full.size == (1024, 768) and small.size == (256, 192)  # 1/4 scale: the last with both sides >= 150
+    a = np.asarray(full.resize((64, 48), Image.BICUBIC), dtype=np.float32)
+    b = np.asarray(small.resize((64, 48), Image.BICUBIC), dtype=np.float32)
+    assert np.abs(a - b).mean() < 2.0  # the same picture at the size the model sees
+    assert draft_side(LoaderSpec([], 1, 224, train=False)) == 224
+    assert draft_side(LoaderSpec([], 1, 224, crop_scale=(0.3, 1.0))) == 473  # 224 / sqrt(0.3 * 3/4)
+
+
+def test_loader_tokenizes_in_workers_and_dropout_matches(tiny_shards: Path):
+    from data_pipelines.tokenizers import OpenCLIPTokenizer, drop_captions
+
+    tok = OpenCLIPTokenizer(16)
+    urls = resolve_shards(str(tiny_shards))
+    batch = next(iter(make_loader(LoaderSpec(urls, 6, 16, train=False, workers=1, tokenizer=tok))))
+    expected = tok(batch["captions"])
+    assert torch.equal(batch["tokens"].ids, expected.ids) and torch.equal(batch["tokens"].mask, expected.mask)
+    drop = torch.tensor([True, False, True, False, False, False])
+    dropped = drop_captions(batch["tokens"], drop, tok([""]))
+    reference = tok(["" if d else c for c, d in zip(batch["captions"], drop.tolist())])
+    assert torch.equal(dropped.ids, reference.ids) and torch.equal(dropped.mask, reference.mask)
+    assert torch.equal(dropped.has_text, reference.has_text)

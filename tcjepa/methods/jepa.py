@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.tokenizers import Tokenizer, Tokens, build_tokenizer
+from data_pipelines.tokenizers import Tokenizer, Tokens, build_tokenizer, drop_captions
 from tcjepa.config import Config, resolved_text_path, resolved_tokenizer
 from tcjepa.masks import MaskBatch
 from tcjepa.models.conditioner import build_conditioners
@@ -139,6 +139,7 @@ class JEPA:
     def __init__(self, cfg: Config, teacher: VisionTransformer | None = None):
         self.cfg = cfg
         self.tokenizer = build_tokenizer_for(cfg) if cfg.conditioner.enabled else None
+        self._empty: Tokens | None = None  # the tokenization of "", for dropped captions
         self.model = build_student(cfg, self.tokenizer)
         if teacher is None:
             teacher = copy.deepcopy(self.model.encoder)
@@ -158,16 +159,23 @@ class JEPA:
         B, T, Nt = masks.target_idx.shape
         return gather_tokens(h, masks.target_idx.reshape(B, T * Nt)).reshape(B, T, Nt, -1)
 
-    def text_inputs(self, captions: list[str], gen: torch.Generator) -> Tokens | None:
+    def text_inputs(self, captions: list[str], gen: torch.Generator, tokens: Tokens | None = None) -> Tokens | None:
         """Tokenized captions with caption dropout (``conditioner.caption_dropout``) drawn from
-        ``gen``; None for methods without a conditioner. Dropped captions train the text-free path."""
+        ``gen``; None for methods without a conditioner. Dropped captions train the text-free path.
+        ``tokens``: the captions already tokenized (by the loader's workers)."""
         if self.tokenizer is None:
             return None
         p = self.cfg.conditioner.caption_dropout
-        if p > 0:
-            drop = (torch.rand(len(captions), generator=gen) < p).tolist()
-            captions = ["" if d else c for c, d in zip(captions, drop)]
-        return self.tokenizer(captions)
+        drop = torch.rand(len(captions), generator=gen) < p if p > 0 else None
+        if tokens is None:
+            if drop is not None:
+                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            return self.tokenizer(captions)
+        if drop is not None:
+            if self._empty is None:
+                self._empty = self.tokenizer([""])
+            tokens = drop_captions(tokens, drop, self._empty)
+        return tokens
 
     def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch,
              tokens: Tokens | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
