@@ -69,10 +69,33 @@ class OpenCLIPTokenizer:
         self.context_length = context_length
         self.vocab_size = len(self._tok.encoder)
 
+        self._word_ids: dict[str, list[int]] = {}  # word -> BPE ids, so that each word is encoded once
+
+    def _encode(self, text: str) -> list[int]:
+        """``SimpleTokenizer.encode`` with a cache per word (the same ids, ~2x faster on captions)."""
+        tok, cache = self._tok, self._word_ids
+        ids: list[int] = []
+        for word in tok.pat.findall(tok.clean_fn(text)):
+            found = cache.get(word)
+            if found is None:
+                if len(cache) > 200_000:
+                    cache.clear()
+                chars = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
+                found = cache[word] = [tok.encoder[t] for t in tok.bpe(chars).split(" ")]
+            ids.extend(found)
+        return ids
+
     def __call__(self, texts: Sequence[str]) -> Tokens:
         texts = list(texts)
-        ids = self._tok(texts, context_length=self.context_length)
-        return Tokens(ids.long(), ids != 0, _has_text(texts))
+        L, sot, eot = self.context_length, self._tok.sot_token_id, self._tok.eot_token_id
+        ids = torch.zeros(len(texts), L, dtype=torch.long)
+        for row, text in enumerate(texts):
+            seq = [sot] + self._encode(text) + [eot]
+            if len(seq) > L:  # truncate, keeping <end_of_text> last, as open_clip does
+                seq = seq[:L]
+                seq[-1] = eot
+            ids[row, : len(seq)] = torch.tensor(seq)
+        return Tokens(ids, ids != 0, _has_text(texts))
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self._tok.decoder.get(int(i), "?").replace("</w>", "") for i in ids]

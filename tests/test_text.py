@@ -196,3 +196,16 @@ def test_shards_without_captions_train_as_ijepa(tmp_path):
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(r["loss"] > 0 for r in recs)
     assert recs[1]["cond_gate"] == 0  # no caption anywhere: the gate never received a gradient
+
+
+def test_open_clip_tokenizer_matches_open_clip_exactly():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from data_pipelines.tokenizers import OpenCLIPTokenizer
+
+    captions = ["a red circle above a small blue square", "", "  ", "Hello, World!! naïve café 東京 🙂 it's 3.14 &amp;",
+                "word " * 100, "CAPS and   spaces\n\ttabs", "a red circle above a small blue square"]
+    for length in (6, 77):
+        ours, ref = OpenCLIPTokenizer(length), SimpleTokenizer(context_length=length)
+        for _ in range(2):  # the second pass runs from the per-word cache
+            assert torch.equal(ours(captions).ids, ref(captions, context_length=length))
