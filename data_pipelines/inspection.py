@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from data_pipelines.loader import IMAGE_EXTS, SampleError, SkipCounter, decode_sample, resolve_shards
+from data_pipelines.tarstream import iter_samples
 
 WORD_BINS = (0, 1, 5, 10, 20, 50, 100)  # caption length histogram edges, in words
 
@@ -57,7 +58,6 @@ def inspect_shards(shards: str, out: str | Path | None = None, sheet_samples: in
                    progress: bool = True) -> dict[str, Any]:
     """Read every sample of ``shards`` (or the first ``limit``) once; return the statistics and,
     with ``out``, write ``out/contact_sheet.png`` and ``out/inspect.json``."""
-    import webdataset as wds
     from tqdm.auto import tqdm
 
     urls = resolve_shards(shards, "SHARDS")
@@ -81,7 +81,7 @@ def inspect_shards(shards: str, out: str | Path | None = None, sheet_samples: in
             examples.setdefault("tar_error", repr(exn)[:300])
         return True
 
-    stream = wds.tarfile_to_samples(handler=on_tar_error)(iter({"url": u} for u in urls))
+    stream = iter_samples(urls, on_tar_error)
     for raw in tqdm(stream, desc="inspect", unit="sample", disable=not progress):
         where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
         size = None

@@ -18,7 +18,6 @@ import io
 import json
 import math
 import random
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+
+from data_pipelines.tarstream import iter_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the official I-JEPA recipes
@@ -100,13 +101,12 @@ def resolve_shards(spec: str, key: str = "data.train") -> list[str]:
 
 
 class SkipCounter:
-    """Per-worker counts of skipped samples by reason; doubles as a webdataset error handler."""
+    """Per-worker counts of skipped samples by reason; doubles as the tar reader's error handler."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.warned = 0
-        self.decoded = 0  # samples delivered, to tell a new tar error from a re-raise of the last
-        self._last_tar_error: tuple[int, str] | None = None
+        self.decoded = 0  # samples delivered
 
     def skip(self, reason: str, detail: str) -> None:
         self.counts[reason] += 1
@@ -115,13 +115,8 @@ class SkipCounter:
             warnings.warn(f"skipped sample ({reason}): {detail}", stacklevel=2)
 
     def tar_error(self, exn: Exception) -> bool:
-        """webdataset handler: count a broken shard read once (webdataset reports a truncated
-        member twice, from the tar iterator and again from the expander) and keep going."""
-        match = re.search(r"name='([^']+)'", repr(exn))
-        event = (self.decoded, match.group(1) if match else repr(exn))
-        if event != self._last_tar_error:
-            self._last_tar_error = event
-            self.skip("tar_error", repr(exn))
+        """Tar-reader error handler: count the broken shard read and go on with the next shard."""
+        self.skip("tar_error", str(exn))
         return True
 
 
@@ -371,8 +366,6 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
         self.spec = spec
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
-
         s = self.spec
         wid, nworkers = _worker()
         counter = SkipCounter()
@@ -385,7 +378,7 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
             _, stride, offset = eval_partition(len(s.urls), s.rank, s.world_size, wid, nworkers)
         # with a sample-level split every reader walks the same shards: one of them counts tar errors
         on_tar_error = counter.tar_error if offset == 0 else (lambda exn: True)
-        samples: Iterable = wds.tarfile_to_samples(handler=on_tar_error)(iter(shards))
+        samples: Iterable = iter_samples((x["url"] for x in shards), on_tar_error)
         if stride > 1:
             samples = (x for i, x in enumerate(samples) if i % stride == offset)
         if s.train:

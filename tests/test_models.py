@@ -120,3 +120,17 @@ def test_packing_roundtrip_keeps_real_tokens_only():
     assert torch.equal(packed, torch.stack([x[0, 0], x[0, 1], x[1, 0]]))
     back = p.unpack(packed)
     assert torch.equal(back[valid], x[valid]) and torch.all(back[~valid] == 0)
+
+
+def test_attention_backends_leave_out_cudnn():
+    """cuDNN attention made the H200 step 1.74x slower (benchmarks/RESULTS.md): keep it out."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
+
+    from tcjepa.models.vit import CUDA_SDPA_BACKENDS, attention
+
+    assert SDPBackend.CUDNN_ATTENTION not in CUDA_SDPA_BACKENDS
+    assert CUDA_SDPA_BACKENDS[0] == SDPBackend.FLASH_ATTENTION
+    q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
+    mask = torch.tensor([True, True, True, False, False]).view(1, 1, 1, 5)
+    assert torch.equal(attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))

@@ -2,6 +2,8 @@
 step with each encoder."""
 
 import json
+import random
+import string
 from pathlib import Path
 
 import pytest
@@ -205,7 +207,12 @@ def test_open_clip_tokenizer_matches_open_clip_exactly():
 
     captions = ["a red circle above a small blue square", "", "  ", "Hello, World!! naïve café 東京 🙂 it's 3.14 &amp;",
                 "word " * 100, "CAPS and   spaces\n\ttabs", "a red circle above a small blue square"]
+    rng = random.Random(0)  # printable ASCII takes a fast cleaning path: it must clean the same
+    alphabet = string.printable + "&;#<>" * 3
+    captions += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60))) for _ in range(500)]
+    captions += ["caf\u00e9 &lt;b&gt; \u201cquoted\u201d", "line\r\nbreak", "esc \x1b[31m red"]
     for length in (6, 77):
         ours, ref = OpenCLIPTokenizer(length), SimpleTokenizer(context_length=length)
         for _ in range(2):  # the second pass runs from the per-word cache
             assert torch.equal(ours(captions).ids, ref(captions, context_length=length))
+    assert OpenCLIPTokenizer(8)([]).ids.shape == (0, 8)

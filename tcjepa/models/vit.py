@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # width, depth, heads, mlp_ratio (as in facebookresearch/ijepa's vision_transformer.py)
 ARCHS: dict[str, tuple[int, int, int, float]] = {
@@ -95,6 +96,20 @@ class Packing:
         return out.index_copy(0, self.index, x).view(self.batch, self.length, -1)
 
 
+# SDPA backends tried on CUDA, in order. cuDNN attention is left out: torch 2.11 picked it for
+# our shapes on an H200 and the whole ViT-B/16 I-JEPA step ran 1.74x slower than with flash
+# (benchmarks/RESULTS.md, "GPU training step"). The CPU keeps PyTorch's own choice.
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with the backend choice above."""
+    if q.is_cuda:
+        with sdpa_kernel(CUDA_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -111,7 +126,7 @@ class Attention(nn.Module):
         B, N, C3 = qkv.shape
         C = C3 // 3
         q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # unbind: no zero-fill in backward
+        out = attention(q, k, v, attn_mask)  # unbind: no zero-fill in backward
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj(packing.pack(out) if packing is not None else out)
 
