@@ -123,6 +123,43 @@ def open_clip_pipeline(urls: list[str], scale: tuple[float, float], seed: int) -
         yield images.shape[0]
 
 
+def decoders(files: list[Path], n: int = 200) -> dict[str, float]:
+    """ms per image to decode the JPEG bytes to RGB: PIL; PIL with ``draft`` towards the side an
+    evaluation centre crop needs (224) and towards the side the smallest training crop needs (the
+    loader's rule); ``torchvision.io.decode_jpeg`` when torchvision is installed."""
+    import io
+
+    from data_pipelines.loader import draft_side
+
+    blobs = [f.read_bytes() for f in files[:n]]
+    train_side = draft_side(LoaderSpec([], 1, OUT_SIZE, crop_scale=(0.3, 1.0)))
+
+    def pil(data: bytes, side: int = 0) -> None:
+        with Image.open(io.BytesIO(data)) as img:
+            if side and min(img.size) >= 2 * side:
+                img.draft("RGB", (side, side))
+            img.convert("RGB")
+
+    ways: dict[str, Callable[[bytes], None]] = {
+        "PIL": pil, f"PIL draft ({OUT_SIZE}, eval)": lambda d: pil(d, OUT_SIZE),
+        f"PIL draft ({train_side}, train)": lambda d: pil(d, train_side),
+    }
+    try:
+        from torchvision.io import decode_jpeg
+
+        ways["torchvision decode_jpeg"] = lambda d: decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8))
+    except ImportError:
+        pass
+    out = {}
+    for name, fn in ways.items():
+        fn(blobs[0])
+        start = time.perf_counter()
+        for data in blobs:
+            fn(data)
+        out[name] = (time.perf_counter() - start) / len(blobs) * 1e3
+    return out
+
+
 def timed(make: Callable[[], Iterator[int]], n: int) -> float:
     """samples/s to pull ``n`` samples (the first batch, which fills buffers, is not timed)."""
     it = make()
@@ -169,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         "ours/no-draft": lambda: ours(urls, scale, False, 0),
         "open_clip": lambda: open_clip_pipeline(urls, scale, 0),
     }
+    decode_ms = decoders(files)
+    print("decode only, ms/image: " + ", ".join(f"{k} {v:.2f}" for k, v in decode_ms.items()), flush=True)
+
     names = [v for v in args.variants.split(",") if v]
     rates: dict[str, list[float]] = {v: [] for v in names}
     for r in range(args.rounds):
@@ -185,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         vs_oc = f"{med[v] / med['open_clip']:.2f}x" if "open_clip" in med else "-"
         print(f"| {v} | {med[v]:.1f} | {vs_plain} | {vs_oc} |")
     result = {"size": args.size, "images": args.images, "samples": args.samples, "rounds": args.rounds,
-              "scale": scale, "rates": rates, "median": med, "data_write_samples_per_s": write,
+              "scale": scale, "rates": rates, "median": med, "data_write_samples_per_s": write, "decode_ms": decode_ms,
               "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "cpu": platform.processor(),
                           "cores": __import__("os").cpu_count()},
               "date": time.strftime("%Y-%m-%d")}
