@@ -77,7 +77,7 @@ def test_train_loader_batches_and_determinism(tiny_shards: Path):
 
 def test_corrupt_samples_are_skipped_and_counted_by_reason(tmp_path: Path):
     members = labelled_members(0, 6)
-    members += [("badimg.png", b"not a png at all"), ("badimg.txt", b"broken image")]
+    members += [("badimg.jpg", b"not a jpeg at all"), ("badimg.txt", b"text bytes named .jpg")]
     members += [("empty.jpg", b""), ("empty.txt", b"zero-byte image")]
     members += [("badjson.png", png_bytes((1, 2, 3))), ("badjson.json", b"{not json")]
     members += [("listjson.png", png_bytes((1, 2, 3))), ("listjson.json", b"[1, 2]")]
