@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipelines.tarstream import iter_samples
+from data_pipelines.tarstream import iter_samples, read_sample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the official I-JEPA recipes
@@ -168,22 +168,6 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-@dataclass
-class ResampledShards(torch.utils.data.IterableDataset):
-    """Infinite stream of shard urls, drawn with replacement from an RNG seeded by
-    (seed, rank, worker): every rank/worker sees a different, reproducible order."""
-
-    urls: list[str]
-    seed: int
-    rank: int = 0
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        wid, _ = _worker()
-        rng = random.Random(f"shards-{self.seed}-{self.rank}-{wid}")
-        while True:
-            yield {"url": self.urls[rng.randrange(len(self.urls))]}
-
-
 def eval_partition(n_shards: int, rank: int, world_size: int, worker: int, workers: int) -> tuple[slice, int, int]:
     """Which shards and samples one (rank, worker) reads in evaluation mode, so that together
     they read every sample exactly once: ``(shard slice, sample stride, sample offset)``.
@@ -213,18 +197,79 @@ class SplitShards(torch.utils.data.IterableDataset):
             yield {"url": url}
 
 
-def shuffle(samples: Iterable[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
-    """Reservoir shuffle with an explicit RNG (reproducible, unlike a global one)."""
-    buf: list[dict] = []
-    for sample in samples:
-        if len(buf) < bufsize:
-            buf.append(sample)
-            continue
-        i = rng.randrange(len(buf))
-        buf[i], sample = sample, buf[i]
-        yield sample
-    rng.shuffle(buf)
-    yield from buf
+class TrainSource:
+    """The raw samples one training reader (rank, role) sees: shards drawn with replacement from a
+    seeded RNG, each read in order, through a reservoir shuffle buffer.
+
+    Its position is small, explicit state (:meth:`state`): the two RNGs, the shard being read and
+    the byte offset of its next sample, and *where* the buffered samples are (shard, offset), not
+    their bytes. A run restored from it continues with exactly the samples, crops and flips the
+    uninterrupted run would have seen. ``rng`` also drives augmentation and caption choice, so the
+    decode stage shares it.
+    """
+
+    def __init__(self, urls: list[str], seed: int, rank: int, role: int, bufsize: int,
+                 on_tar_error: Any, state: dict[str, Any] | None = None):
+        self.urls, self.bufsize, self.on_tar_error = urls, bufsize, on_tar_error
+        self.shard_rng = random.Random(f"shards-{seed}-{rank}-{role}")
+        self.rng = random.Random(f"samples-{seed}-{rank}-{role}")
+        self.current: tuple[str, int] | None = None  # (shard, offset of its next unread sample)
+        self.buffer: list[dict[str, Any]] = []
+        if state is not None:
+            self.restore(state)
+
+    def _raw(self) -> Iterator[dict[str, Any]]:
+        empty_in_a_row = 0
+        while True:
+            if self.current is None or self.current[1] < 0:  # < 0: the shard ended in an error
+                self.current = (self.urls[self.shard_rng.randrange(len(self.urls))], 0)
+            url, start = self.current
+            got = False
+            for sample in iter_samples([url], self.on_tar_error, start=start):
+                got = True
+                self.current = (url, sample["__next__"])
+                yield sample
+            self.current = None
+            empty_in_a_row = 0 if got else empty_in_a_row + 1
+            if empty_in_a_row > max(100, 10 * len(self.urls)):
+                raise DataError(f"{empty_in_a_row} shards in a row gave no sample ({url} was the last); "
+                                "are these WebDataset tar shards?")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        buf, rng = self.buffer, self.rng
+        for sample in self._raw():
+            if len(buf) < self.bufsize:
+                buf.append(sample)
+                continue
+            i = rng.randrange(len(buf))
+            buf[i], sample = sample, buf[i]
+            yield sample
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "shard_rng": _rng_state(self.shard_rng), "rng": _rng_state(self.rng),
+            "current": list(self.current) if self.current is not None else None,
+            "buffer": [[b["__url__"], b["__offset__"]] for b in self.buffer],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.shard_rng.setstate(_rng_from(state["shard_rng"]))
+        self.rng.setstate(_rng_from(state["rng"]))
+        self.current = tuple(state["current"]) if state["current"] is not None else None
+        try:
+            self.buffer = [read_sample(url, offset) for url, offset in state["buffer"]]
+        except (OSError, ValueError) as e:
+            raise DataError(f"resuming the data stream: a buffered sample cannot be read again ({e}); "
+                            "were the shards changed since the checkpoint?") from e
+
+
+def _rng_state(rng: random.Random) -> list[Any]:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_from(state: list[Any]) -> tuple[Any, ...]:
+    return (state[0], tuple(state[1]), state[2])
 
 
 def _caption(raw: dict[str, Any], meta: dict[str, Any], rng: random.Random | None, max_bytes: int) -> str:
@@ -343,7 +388,8 @@ class LoaderSpec:
     shuffle_buffer: int = 1000
     crop_scale: tuple[float, float] = (0.3, 1.0)
     hflip: bool = True
-    epoch: int = 0  # varies the training stream (e.g. after a resume)
+    resume: dict[int, dict[str, Any]] | None = None  # role -> TrainSource.state() from a checkpoint
+    consumed: int = 0  # batches the trainer consumed before ``resume`` (rotates the worker roles)
     require_caption: bool = False  # skip samples without a caption (reason missing_caption)
     max_caption_bytes: int = MAX_CAPTION_BYTES
     tokenizer: Any = None  # captions -> Tokens, run in the workers; the batch then has "tokens"
@@ -369,26 +415,31 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
         s = self.spec
         wid, nworkers = _worker()
         counter = SkipCounter()
-        rng = random.Random(f"samples-{s.seed}-{s.epoch}-{s.rank}-{wid}")
         stride, offset = 1, 0
+        role, source = 0, None
         if s.train:
-            shards: Iterable = ResampledShards(s.urls, s.seed + 1000003 * s.epoch, s.rank)
+            # batches come from the workers in turn; after a resume at batch `consumed` worker 0 must
+            # produce the next one, so it takes over the stream (role) of the worker that would have
+            role = (wid + s.consumed) % nworkers
+            state = (s.resume or {}).get(role)
+            source = TrainSource(s.urls, s.seed, s.rank, role, s.shuffle_buffer, counter.tar_error, state)
+            rng: random.Random | None = source.rng
+            samples: Iterable = iter(source)
         else:
+            rng = None
             shards = SplitShards(s.urls, s.rank, s.world_size)
             _, stride, offset = eval_partition(len(s.urls), s.rank, s.world_size, wid, nworkers)
-        # with a sample-level split every reader walks the same shards: one of them counts tar errors
-        on_tar_error = counter.tar_error if offset == 0 else (lambda exn: True)
-        samples: Iterable = iter_samples((x["url"] for x in shards), on_tar_error)
-        if stride > 1:
-            samples = (x for i, x in enumerate(samples) if i % stride == offset)
-        if s.train:
-            samples = shuffle(samples, s.shuffle_buffer, rng)
+            # with a sample-level split every reader walks the same shards: one of them counts tar errors
+            on_tar_error = counter.tar_error if offset == 0 else (lambda exn: True)
+            samples = iter_samples((x["url"] for x in shards), on_tar_error)
+            if stride > 1:
+                samples = (x for i, x in enumerate(samples) if i % stride == offset)
         batch: list[dict[str, Any]] = []
         reported: dict[str, int] = {}
         min_side = draft_side(s) if s.draft else 0
         for raw in samples:
             try:
-                sample = decode_sample(raw, rng if s.train else None, s.require_caption, s.max_caption_bytes, min_side)
+                sample = decode_sample(raw, rng, s.require_caption, s.max_caption_bytes, min_side)
             except Exception as e:  # noqa: BLE001 - any broken sample is skipped and counted
                 reason = e.reason if isinstance(e, SampleError) else "decode_error"
                 counter.skip(reason, f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}: {e}")
@@ -401,17 +452,20 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
             counter.decoded += 1
             image = sample.pop("image")
             w, h = image.size
-            if s.train:
+            if rng is not None:
                 box = random_resized_crop_box(rng, w, h, s.crop_scale)
             else:
                 box = center_crop_box(w, h)
             image = image.resize((s.image_size, s.image_size), Image.BICUBIC, box=box)
-            if s.train and s.hflip and rng.random() < 0.5:
+            if rng is not None and s.hflip and rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
             sample["image"] = image
             batch.append(sample)
             if len(batch) == s.batch_size:
-                yield collate(batch, wid, counter, s.image_size, s.tokenizer)
+                out = collate(batch, wid, counter, s.image_size, s.tokenizer)
+                if source is not None:  # where this reader stands once the trainer has this batch
+                    out["stream"] = {"role": role, "workers": nworkers, "state": source.state()}
+                yield out
                 batch, reported = [], dict(counter.counts)
         if not s.train and (batch or counter.counts != reported):
             # the rest, possibly no samples at all: the final skip counts must reach the consumer

@@ -47,10 +47,12 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def iter_members(stream, url: str = "?") -> Iterator[tuple[str, bytes]]:
-    """``(name, data)`` of each regular file in a tar ``stream``; raises :class:`TarError`."""
+def iter_members(stream, url: str = "?", offset: int = 0) -> Iterator[tuple[str, bytes, int]]:
+    """``(name, data, offset)`` of each regular file in a tar ``stream`` positioned at byte
+    ``offset`` (a member header, or the header of its pax/long-name prefix); ``offset`` is where
+    the member's first header starts. Raises :class:`TarError`."""
     read = stream.read
-    offset = 0
+    start = offset  # the first header of the current member (its pax/long-name header, if any)
     long_name: str | None = None
     pax: dict[str, str] = {}
     while True:
@@ -76,6 +78,7 @@ def iter_members(stream, url: str = "?") -> Iterator[tuple[str, bytes]]:
             pax = _pax_records(data)
             continue
         if kind == b"g":  # global pax header: nothing we use
+            start = offset
             continue
         if kind == b"L":  # GNU long name for the next member
             long_name = data.rstrip(b"\0").decode("utf-8")
@@ -90,8 +93,9 @@ def iter_members(stream, url: str = "?") -> Iterator[tuple[str, bytes]]:
                 prefix = header[345:500].split(b"\0", 1)[0]
                 if prefix and header[257:262] == b"ustar":
                     name = prefix.decode("utf-8") + "/" + name
-            yield name, data
+            yield name, data, start
         long_name, pax = None, {}
+        start = offset
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -103,14 +107,18 @@ def split_name(name: str) -> tuple[str, str] | None:
     return name[:dot], name[dot + 1:]
 
 
-def iter_samples(urls: Iterable[str], on_error: Callable[[Exception], bool]) -> Iterator[dict]:
+def iter_samples(urls: Iterable[str], on_error: Callable[[Exception], bool], start: int = 0) -> Iterator[dict]:
     """Samples of the shards in ``urls`` (local paths), in order; members without an extension
-    are ignored."""
+    are ignored. Each sample carries ``__offset__`` (where its first member starts) and
+    ``__next__`` (where the next sample starts, or the shard's end): enough to re-read it, or to
+    continue the shard after it, with ``start=`` (which applies to the first url only)."""
     for url in urls:
         sample: dict | None = None
         try:
             with open(url, "rb") as f:
-                for name, data in iter_members(f, url):
+                if start:
+                    f.seek(start)
+                for name, data, offset in iter_members(f, url, start):
                     parts = split_name(name)
                     if parts is None:  # e.g. webdataset's "__index__" meta members
                         continue
@@ -118,13 +126,25 @@ def iter_samples(urls: Iterable[str], on_error: Callable[[Exception], bool]) -> 
                     ext = ext.lower()
                     if sample is None or key != sample["__key__"] or ext in sample:
                         if sample is not None:
+                            sample["__next__"] = offset
                             yield sample
-                        sample = {"__key__": key, "__url__": url}
+                        sample = {"__key__": key, "__url__": url, "__offset__": offset}
                     sample[ext] = data
+                end = f.tell()
             if sample is not None:
+                sample["__next__"] = end
                 yield sample
         except (OSError, TarError, UnicodeDecodeError, ValueError) as e:
             if sample is not None:
-                yield sample  # its members were complete; the broken one was not added
+                sample["__next__"] = -1  # its members were complete; the broken one was not added
+                yield sample
             if not on_error(e if isinstance(e, TarError) else TarError(f"{url}: {e!r}")):
                 raise
+        start = 0
+
+
+def read_sample(url: str, offset: int) -> dict:
+    """The one sample whose first member starts at byte ``offset`` of shard ``url``."""
+    for sample in iter_samples([url], lambda e: False, start=offset):
+        return sample
+    raise TarError(f"{url}: no sample at byte {offset}")

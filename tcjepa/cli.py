@@ -183,12 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipelines.loader import DataError
     from tcjepa.config import ConfigError
 
+    from tcjepa.train import DivergenceError
+
     args = build_parser().parse_args(argv)
     try:
         return run(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DivergenceError as e:  # not bad input: the run itself failed
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

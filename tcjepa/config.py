@@ -119,6 +119,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16
     log_every: int = 10
     method: str = "jepa"
+    nan_guard: bool = True  # skip steps with a non-finite loss (or gradient, ZeRO 0); costs one host sync per step
+    max_bad_steps: int = 10  # that many skipped steps in a row stop the run
 
 
 @dataclass
@@ -455,7 +457,9 @@ def _validate_conditioner(cfg: Config, source: str, predictor_heads: int) -> Non
 
 def validate(cfg: Config, source: str = "<config>") -> None:
     """Reject impossible values (everything that can be checked without touching data)."""
-    from tcjepa.masks import check_feasible
+    import torch
+
+    from tcjepa.masks import check_feasible, sample_masks
     from tcjepa.models.vit import parse_encoder_name
 
     t, o, m = cfg.train, cfg.optim, cfg.model
@@ -478,6 +482,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _check(all(0 <= b < 1 for b in o.betas), source, "optim.betas", "must be in [0, 1)")
     _check(o.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables)")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), source, "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    _check(cfg.train.max_bad_steps >= 1, source, "train.max_bad_steps", "must be >= 1")
     _check(cfg.checkpoint.every >= 0, source, "checkpoint.every", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, source, "checkpoint.keep", "must be >= 1")
     _check(cfg.data.workers >= 0, source, "data.workers", "must be >= 0")
@@ -501,7 +506,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     grid = m.image_size // arch.patch_size
     try:
         check_feasible((grid, grid), **dataclasses.asdict(cfg.mask))
-    except ValueError as e:
+        # settings that pass the bounds but (almost) never give enough context fail here, not at step 1
+        sample_masks(16, (grid, grid), torch.Generator().manual_seed(0), **dataclasses.asdict(cfg.mask))
+    except (ValueError, RuntimeError) as e:
         raise ConfigError(f"{source}: mask: {e} (grid {grid}x{grid} = image_size/patch)") from e
     _validate_conditioner(cfg, source, heads)
     p = cfg.probe

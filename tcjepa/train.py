@@ -13,7 +13,11 @@ import dataclasses
 import json
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +30,10 @@ from tcjepa.config import Config, ConfigError, save_config
 from tcjepa.distributed import DistInfo, barrier, init_distributed
 from tcjepa.masks import sample_masks
 from tcjepa.methods.jepa import JEPA, param_groups
+from tcjepa.resume import (CHECKPOINTS, gather, list_checkpoints, load_latest, restore_rng_states, rng_states,
+                           save_checkpoint)
 from tcjepa.schedules import lr_at, weight_decay_at
 
-CHECKPOINTS = "checkpoints"
-TAG_PREFIX = "step_"
 _RESERVED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                      "optimizer", "scheduler", "fp16", "bf16")
 
@@ -73,13 +77,6 @@ def build_method(cfg: Config) -> JEPA:
 # ----------------------------------------------------------------------------- run directory
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    ck = run_dir / CHECKPOINTS
-    if not ck.is_dir():
-        return []
-    return sorted(p for p in ck.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
-
-
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     """Fail before training if the directory cannot be used as asked."""
     existing = list_checkpoints(run_dir)
@@ -94,6 +91,24 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"{run_dir}: not writable ({e.strerror})") from e
+
+
+def check_disk_space(run_dir: Path, method: JEPA, cfg: Config) -> None:
+    """Fail before training when the run's checkpoints cannot fit: each holds the trained weights
+    and two AdamW moments (fp32) plus the teacher, and ``checkpoint.keep + 1`` exist while a new
+    one is written; ``final/`` holds the weights once more."""
+    trained = sum(p.numel() for p in method.model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in method.model.parameters() if not p.requires_grad)
+    teacher = sum(p.numel() for p in method.teacher.parameters())
+    checkpoint = 4 * (3 * trained + frozen + teacher)
+    copies = cfg.checkpoint.keep + 1 if cfg.checkpoint.every else 1  # a stop (SIGTERM) writes one anyway
+    need = checkpoint * copies + 4 * (trained + frozen + teacher)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ConfigError(
+            f"{run_dir}: {free / 2**30:.2f} GiB free, but this run needs about {need / 2**30:.2f} GiB "
+            f"({copies} checkpoint(s) of {checkpoint / 2**30:.2f} GiB and final weights); free space, lower "
+            "checkpoint.keep or choose another --out")
 
 
 class MetricsLog:
@@ -119,23 +134,82 @@ def global_skips(tracker: SkipTracker, before: dict[str, int], info: DistInfo) -
     return {r: int(c) + int(before.get(r, 0)) for r, c in zip(SKIP_REASONS, counts.tolist())}
 
 
-def save_checkpoint(engine: Any, method: JEPA, run_dir: Path, step: int, skipped: dict[str, int], cfg: Config, info: DistInfo) -> None:
-    tag = f"{TAG_PREFIX}{step:08d}"
-    client = {"step": step, "teacher": method.teacher.state_dict(), "skipped": skipped}
-    engine.save_checkpoint(str(run_dir / CHECKPOINTS), tag=tag, client_state=client)
-    barrier()
-    if info.is_main:
-        for old in list_checkpoints(run_dir)[: -cfg.checkpoint.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
+def checkpoint_client(method: JEPA, step: int, skipped: dict[str, int], streams: dict[int, Any],
+                      workers: int, info: DistInfo) -> dict[str, Any]:
+    """What a checkpoint holds beside DeepSpeed's weights and optimiser: the step, the teacher,
+    skip counts and, per rank, the RNG states and every loader worker's stream position."""
+    per_rank = gather({"rng": rng_states(), "workers": workers, "streams": streams}, info.world_size)
+    return {"step": step, "teacher": method.teacher.state_dict(), "skipped": skipped, "ranks": per_rank}
 
 
-def load_checkpoint(engine: Any, method: JEPA, run_dir: Path) -> tuple[int, dict[str, int]]:
-    path, client = engine.load_checkpoint(str(run_dir / CHECKPOINTS))
-    if path is None or client is None:
-        raise ConfigError(f"--resume: could not load the latest checkpoint in {run_dir / CHECKPOINTS}")
+def restore_client(client: dict[str, Any], method: JEPA, info: DistInfo, workers: int) -> dict[int, Any] | None:
+    """Restore the teacher and this rank's RNGs; return its loader stream states, or None (with a
+    warning) when the data stream cannot be continued exactly (another world size or worker count)."""
     method.teacher.load_state_dict(client["teacher"])
-    return int(client["step"]), dict(client.get("skipped", {}))
+    ranks = client.get("ranks")
+    if not ranks or len(ranks) != info.world_size:
+        warnings.warn(f"--resume: the checkpoint was written by {len(ranks) if ranks else 'an older'} process(es), "
+                      f"this run has {info.world_size}: the data stream restarts (same data, another order)", stacklevel=2)
+        return None
+    mine = ranks[info.rank]
+    restore_rng_states(mine["rng"])
+    if mine["workers"] != workers:
+        warnings.warn(f"--resume: data.workers changed ({mine['workers']} -> {workers} readers): the data stream "
+                      "restarts (same data, another order)", stacklevel=2)
+        return None
+    return {int(k): v for k, v in mine["streams"].items()}
+
+
+class DivergenceError(RuntimeError):
+    """Training produced non-finite losses or gradients for too many steps in a row."""
+
+
+class StopRequest:
+    """SIGTERM / SIGINT -> finish the current step, write a checkpoint, exit 0: what schedulers
+    (Slurm preemption) expect. The handlers are removed on the first signal, so a second one
+    stops the process at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def requested(self, info: DistInfo) -> bool:
+        """True on every rank once any rank was signalled (ranks must stop at the same step)."""
+        return not all_ranks(self.signal is None, info)
+
+
+def all_ranks(ok: bool | torch.Tensor, info: DistInfo) -> bool:
+    """``ok`` on every rank (one host sync; an all-reduce when there are several ranks)."""
+    if info.world_size == 1:
+        return bool(ok)
+    flag = torch.as_tensor(ok, dtype=torch.float32, device=info.device).reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def grads_finite(model: torch.nn.Module) -> torch.Tensor:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
 
 
 def _seed_everything(seed: int) -> None:
@@ -174,6 +248,7 @@ def train(
 
     _seed_everything(cfg.train.seed)
     method = build_method(cfg)
+    check_disk_space(run_dir, method, cfg)
     model = method.model.to(info.device)
     method.to(info.device)
     o = cfg.optim
@@ -182,20 +257,27 @@ def train(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size)
     )
 
-    start, skipped_before = 0, {}
+    start, skipped_before, streams, bad_steps_before = 0, {}, None, 0
+    readers = max(cfg.data.workers, 1)  # loader streams: one per worker (the main process when 0)
     if resume:
-        start, skipped_before = load_checkpoint(engine, method, run_dir)
+        client = load_latest(engine, run_dir)
+        start, skipped_before = int(client["step"]), dict(client.get("skipped", {}))
+        bad_steps_before = int(client.get("bad_steps", 0))
+        streams = restore_client(client, method, info, readers)
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
     total = cfg.train.steps
     micro = cfg.train.batch_size // info.world_size
     loader = make_loader(LoaderSpec(
-        urls, micro, cfg.model.image_size, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
+        urls, micro, cfg.model.image_size, rank=info.rank, world_size=info.world_size,
+        # a stream that cannot be continued exactly restarts from another seed, not from the beginning
+        seed=cfg.train.seed if (streams is not None or not resume) else cfg.train.seed + 1_000_003 * start,
         workers=cfg.data.workers, train=True, shuffle_buffer=cfg.data.shuffle_buffer,
-        crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, epoch=start,
+        crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, resume=streams, consumed=start,
         require_caption=cfg.data.require_captions, max_caption_bytes=cfg.data.max_caption_bytes,
         tokenizer=method.tokenizer,  # captions are tokenized in the loader's workers
     ))
+    streams = dict(streams or {})
     log = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start)
     grid = method.model.encoder.grid
     gen = torch.Generator()
@@ -204,62 +286,103 @@ def train(
 
     bar = tqdm(total=total, initial=start, disable=not (progress and info.is_main), desc="train", unit="step")
     batches = iter(loader)
-    loss_sum, n_window, t_window = torch.zeros((), device=info.device), 0, time.perf_counter()
+    loss_sum, n_window, n_good, t_window = torch.zeros((), device=info.device), 0, 0, time.perf_counter()
     extra_sum: dict[str, torch.Tensor] = {}
     end = total if stop_at is None else min(total, stop_at)
-    for step in range(start, end):
-        batch = next(batches)
-        tracker.update(batch["skipped"])
-        tracker.check_rate(cfg.data.max_skip_rate, cfg.data.skip_rate_min_samples, f"data.train {cfg.data.train}")
-        images = normalize(batch["images"].to(info.device, non_blocking=True))
+    guard = cfg.train.nan_guard
+    check_grads = cfg.deepspeed.zero_stage == 0  # with ZeRO >= 1 the gradients live in optimizer partitions
+    bad_in_a_row, bad_steps = 0, bad_steps_before
+    sched: dict[str, float] = {}
+    with StopRequest() as stop:
+        for step in range(start, end):
+            batch = next(batches)
+            streams[batch["stream"]["role"]] = batch["stream"]["state"]  # where the loader stands after this batch
+            tracker.update(batch["skipped"])
+            tracker.check_rate(cfg.data.max_skip_rate, cfg.data.skip_rate_min_samples, f"data.train {cfg.data.train}")
+            images = normalize(batch["images"].to(info.device, non_blocking=True))
 
-        lr = lr_at(step, total, lr=o.lr, start_lr=o.start_lr, final_lr=o.final_lr, warmup=o.warmup_steps)
-        wd = weight_decay_at(step, total, start=o.weight_decay, final=o.final_weight_decay)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-            group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
+            lr = lr_at(step, total, lr=o.lr, start_lr=o.start_lr, final_lr=o.final_lr, warmup=o.warmup_steps)
+            wd = weight_decay_at(step, total, start=o.weight_decay, final=o.final_weight_decay)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+                group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
 
-        gen.manual_seed(_mask_seed(cfg.train.seed, info.rank, step))
-        masks = sample_masks(images.size(0), grid, gen, **mask_kwargs).to(info.device)
-        tokens = method.text_inputs(batch["captions"], gen, batch.get("tokens"))  # after the masks: same masks as I-JEPA
-        if tokens is not None:
-            tokens = tokens.to(info.device)
+            gen.manual_seed(_mask_seed(cfg.train.seed, info.rank, step))
+            masks = sample_masks(images.size(0), grid, gen, **mask_kwargs).to(info.device)
+            tokens = method.text_inputs(batch["captions"], gen, batch.get("tokens"))  # after the masks: same masks as I-JEPA
+            if tokens is not None:
+                tokens = tokens.to(info.device)
 
-        loss, extra = method.loss(engine, images, masks, tokens)
-        engine.backward(loss)
-        engine.step()
-        sched = method.after_step(engine, step, total)
-
-        loss_sum += loss.detach()
-        for k, v in extra.items():
-            extra_sum[k] = extra_sum.get(k, 0) + v.detach()
-        n_window += 1
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == end:
-            stats = torch.stack([loss_sum / n_window] + [v / n_window for v in extra_sum.values()]).float()
-            if info.world_size > 1:
-                torch.distributed.all_reduce(stats)
-                stats /= info.world_size
-            skipped = global_skips(tracker, skipped_before, info)
-            stats = stats.tolist()  # host syncs happen only here, once per logging window
-            elapsed = time.perf_counter() - t_window
-            record = {
-                "step": done, "loss": stats[0], "lr": lr, "wd": wd, **sched,
-                "img_per_s": n_window * cfg.train.batch_size / max(elapsed, 1e-9),
-                "skipped": sum(skipped.values()),
-                **{f"skipped_{r}": n for r, n in skipped.items() if n},
-                **{k: v for k, v in zip(extra_sum, stats[1:])},
-            }
-            if not np.isfinite(record["loss"]):
-                raise FloatingPointError(f"loss is {record['loss']} at step {done}; lower optim.lr or check the data")
-            log.write(record)
-            bar.set_postfix(loss=f"{stats[0]:.4f}", img_s=f"{record['img_per_s']:.1f}")
-            loss_sum.zero_()
-            extra_sum, n_window, t_window = {}, 0, time.perf_counter()
-        bar.update(1)
-        periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
-        if periodic or (done == end and (end < total or cfg.checkpoint.every)):  # the last step: resumable
-            save_checkpoint(engine, method, run_dir, done, global_skips(tracker, skipped_before, info), cfg, info)
+            loss, extra = method.loss(engine, images, masks, tokens)
+            ok = not guard or all_ranks(torch.isfinite(loss), info)
+            if ok:
+                engine.backward(loss)
+                if guard and check_grads:
+                    ok = all_ranks(grads_finite(engine.module), info)
+                if ok:
+                    engine.step()
+                    sched = method.after_step(engine, step, total)
+                else:
+                    engine.zero_grad()
+            done = step + 1
+            if ok:
+                bad_in_a_row = 0
+                loss_sum += loss.detach()
+                for k, v in extra.items():
+                    extra_sum[k] = extra_sum.get(k, 0) + v.detach()
+                n_good += 1
+            else:  # the step is skipped: no update, no EMA; the schedules move on
+                bad_in_a_row += 1
+                bad_steps += 1
+                if info.is_main:
+                    warnings.warn(f"step {done}: non-finite loss or gradient; step skipped ({bad_in_a_row} in a row)",
+                                  stacklevel=2)
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    last = list_checkpoints(run_dir)
+                    raise DivergenceError(
+                        f"{bad_in_a_row} steps in a row (train.max_bad_steps) had a non-finite loss or gradient, the "
+                        f"last at step {done}; the last good checkpoint is "
+                        f"{last[-1] if last else 'none (checkpoint.every)'}. Lower optim.lr, enable optim.grad_clip "
+                        "or check the data, then --resume")
+            n_window += 1
+            if done % cfg.train.log_every == 0 or done == end:
+                denom = max(n_good, 1)
+                stats = torch.stack([loss_sum / denom] + [v / denom for v in extra_sum.values()]).float()
+                if info.world_size > 1:
+                    torch.distributed.all_reduce(stats)
+                    stats /= info.world_size
+                skipped = global_skips(tracker, skipped_before, info)
+                stats = stats.tolist()  # host syncs happen only here, once per logging window
+                elapsed = time.perf_counter() - t_window
+                record = {
+                    "step": done, "loss": stats[0], "lr": lr, "wd": wd, **sched,
+                    "img_per_s": n_window * cfg.train.batch_size / max(elapsed, 1e-9),
+                    "skipped": sum(skipped.values()),
+                    **{f"skipped_{r}": n for r, n in skipped.items() if n},
+                    "bad_steps": bad_steps,
+                    **{k: v for k, v in zip(extra_sum, stats[1:])},
+                }
+                if n_good == 0:
+                    record["loss"] = None  # every step of the window was skipped
+                elif not np.isfinite(record["loss"]):  # only without train.nan_guard
+                    raise DivergenceError(f"loss is {record['loss']} at step {done}; lower optim.lr or check the data")
+                log.write(record)
+                bar.set_postfix(loss=f"{stats[0]:.4f}", img_s=f"{record['img_per_s']:.1f}")
+                loss_sum.zero_()
+                extra_sum, n_window, n_good, t_window = {}, 0, 0, time.perf_counter()
+            bar.update(1)
+            stopping = stop.requested(info)
+            periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
+            if periodic or stopping or (done == end and (end < total or cfg.checkpoint.every)):  # the last: resumable
+                client = checkpoint_client(method, done, global_skips(tracker, skipped_before, info), streams, readers, info)
+                client["bad_steps"] = bad_steps
+                save_checkpoint(engine, run_dir, done, client, cfg.checkpoint.keep, info.is_main, barrier)
+            if stopping:
+                if info.is_main:
+                    print(f"stopped by signal {stop.signal} after step {done}; checkpoint written; continue with "
+                          f"--resume", file=sys.stderr)
+                end = done
+                break
     bar.close()
 
     if end < total:

@@ -51,3 +51,12 @@ def tiny_shards(tmp_path: Path) -> Path:
     write_tar(d / "000000.tar", labelled_members(0, 12))
     write_tar(d / "000001.tar", labelled_members(12, 12))
     return d
+
+
+@pytest.fixture(scope="session")
+def shards64(tmp_path_factory) -> Path:
+    """Three shards of 40 labelled 64 px images (for short training runs)."""
+    d = tmp_path_factory.mktemp("shards64")
+    for i in range(3):
+        write_tar(d / f"{i:06d}.tar", labelled_members(i * 40, 40, size=64))
+    return d

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipelines.tarstream import TarError, iter_members, iter_samples, split_name
+from data_pipelines.tarstream import TarError, iter_members, iter_samples, read_sample, split_name
 from tests.conftest import labelled_members, write_tar
 
 
@@ -34,7 +34,7 @@ def test_same_samples_as_webdataset(tmp_path: Path):
             info.size = 2
             tar.addfile(info, io.BytesIO(b"{}"))
     urls = [str(tmp_path / n) for n in ("a.tar", "pax.tar", "gnu.tar", "ustar.tar")]
-    ours = list(iter_samples(urls, lambda e: False))
+    ours = [{k: v for k, v in x.items() if k not in ("__offset__", "__next__")} for x in iter_samples(urls, lambda e: False)]
     assert ours == wds_samples(urls)
     assert len(ours) == 8 and ours[5]["__key__"] == long_key and ours[5]["txt"] == b"caption"
     assert ours[7]["__key__"] == "deep/" * 30 + "k"
@@ -70,3 +70,22 @@ def test_members_of_an_empty_archive(tmp_path: Path):
         pass
     with open(tmp_path / "empty.tar", "rb") as f:
         assert list(iter_members(f)) == []
+
+
+def test_offsets_reread_a_sample_and_continue_a_shard(tmp_path: Path):
+    with tarfile.open(tmp_path / "a.tar", "w", format=tarfile.PAX_FORMAT) as tar:  # long names: pax headers
+        for i in range(5):
+            for ext in ("png", "txt"):
+                data = f"{i}-{ext}".encode()
+                info = tarfile.TarInfo(f"{'k' * 120}{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    url = str(tmp_path / "a.tar")
+    samples = list(iter_samples([url], lambda e: False))
+    assert [s["txt"] for s in samples] == [f"{i}-txt".encode() for i in range(5)]
+    for s in samples:
+        again = read_sample(url, s["__offset__"])
+        assert again["__key__"] == s["__key__"] and again["png"] == s["png"]
+    rest = list(iter_samples([url], lambda e: False, start=samples[1]["__next__"]))
+    assert [s["__key__"] for s in rest] == [s["__key__"] for s in samples[2:]]
+    assert list(iter_samples([url], lambda e: False, start=samples[-1]["__next__"])) == []

@@ -20,14 +20,6 @@ SMALL = ["model.encoder=vit_micro_8", "model.depth=2", "model.predictor_depth=1"
          "optim.warmup_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def shards64(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("shards64")
-    for i in range(3):
-        write_tar(d / f"{i:06d}.tar", labelled_members(i * 40, 40, size=64))
-    return d
-
-
 def records(run: Path) -> list[dict]:
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l]
 

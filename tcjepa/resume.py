@@ -1,0 +1,158 @@
+"""Resumable checkpoints: written atomically, read back with a fallback, holding everything a run
+needs to continue exactly where it stopped.
+
+Layout (``RUN_DIR/checkpoints/``): one DeepSpeed checkpoint directory per saved step
+(``step_00001000/``: weights, optimiser state, and our client state), plus ``latest`` naming the
+newest one. A checkpoint is written as ``step_X.partial/``, gets a ``manifest.json`` (every file
+and its size) once all ranks finished, is renamed to ``step_X/`` and only then does ``latest``
+move (written to a temporary file and renamed). A crash at any point leaves the previous
+checkpoint and ``latest`` intact; on resume a checkpoint whose files do not match its manifest,
+or that fails to load, is skipped with a warning for the one before it.
+
+The client state holds the step, the teacher, skip counts, and per rank the RNG states and the
+data-stream position of every loader worker (``data_pipelines.loader.TrainSource.state``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tcjepa.config import ConfigError
+
+CHECKPOINTS = "checkpoints"
+TAG_PREFIX = "step_"
+PARTIAL = ".partial"
+MANIFEST = "manifest.json"
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first (``.partial`` ones are not checkpoints)."""
+    ck = Path(run_dir) / CHECKPOINTS
+    if not ck.is_dir():
+        return []
+    return sorted(p for p in ck.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and not p.name.endswith(PARTIAL))
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's global RNGs (python, numpy, torch CPU and CUDA)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def gather(obj: Any, world_size: int) -> list[Any]:
+    """``obj`` of every rank, in rank order (the checkpoint is written by rank 0)."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def check_manifest(directory: Path) -> str | None:
+    """None if every file of the manifest is there with its size; else what is wrong."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (written by an older tcjepa, or the save did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"manifest.json is unreadable ({e})"
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, the manifest says {size} (truncated?)"
+    return None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine: Any, run_dir: Path, step: int, client: dict[str, Any], keep: int,
+                    is_main: bool, barrier: Any) -> Path:
+    """Write step ``step`` atomically (see the module docstring); keep the newest ``keep``."""
+    ck = Path(run_dir) / CHECKPOINTS
+    tag = tag_for(step)
+    partial, final = ck / (tag + PARTIAL), ck / tag
+    if is_main and partial.exists():
+        shutil.rmtree(partial)
+    barrier()
+    engine.save_checkpoint(str(ck), tag=tag + PARTIAL, client_state=client, save_latest=False)
+    barrier()
+    if is_main:
+        _write_manifest(partial)
+        if final.exists():  # the same step saved again (e.g. resumed and stopped at once)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _atomic_write(ck / "latest", tag)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_latest(engine: Any, run_dir: Path) -> dict[str, Any]:
+    """Load the newest loadable checkpoint into ``engine``; returns its client state.
+
+    Tries ``latest`` first, then older checkpoints; each one skipped is named in a warning with
+    the one used instead. No loadable checkpoint is a :class:`ConfigError`.
+    """
+    ck = Path(run_dir) / CHECKPOINTS
+    candidates = list_checkpoints(run_dir)[::-1]
+    pointer = ck / "latest"
+    if pointer.is_file():
+        named = ck / pointer.read_text().strip()
+        if named in candidates:  # the pointer first; normally it is the newest anyway
+            candidates.remove(named)
+            candidates.insert(0, named)
+    if not candidates:
+        raise ConfigError(f"--resume: no checkpoint in {ck}")
+    failures: list[str] = []
+    for directory in candidates:
+        problem = check_manifest(directory)
+        if problem is None:
+            try:
+                path, client = engine.load_checkpoint(str(ck), tag=directory.name)
+                if path is None or client is None:
+                    problem = "DeepSpeed found nothing to load"
+            except Exception as e:  # noqa: BLE001 - any failure means: use the previous checkpoint
+                problem = f"loading failed: {e!r}"[:300]
+        if problem is None:
+            if failures:
+                warnings.warn(f"--resume: skipped {'; '.join(failures)}; resuming from {directory.name} instead",
+                              stacklevel=2)
+            return client
+        failures.append(f"{directory.name} ({problem})")
+    raise ConfigError(f"--resume: no checkpoint in {ck} could be loaded: {'; '.join(failures)}")

@@ -1,0 +1,192 @@
+"""Reliability: exact resume (stopped, SIGTERM'd or SIGKILL'd runs end bitwise where the
+uninterrupted run ends, on CPU fp32 in one process), atomic checkpoints with a fallback,
+non-finite-step guards and fail-fast checks."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tcjepa.checkpoint import load_final_state
+from tcjepa.config import project_root
+from tcjepa.resume import list_checkpoints
+from tcjepa.train import DivergenceError, train
+from tests.test_train import SMALL, cfg_for, records
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in records(run)]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = load_final_state(a), load_final_state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(shards64, tmp_path_factory):
+    """The uninterrupted reference run (2 loader workers, 9 steps)."""
+    return train(cfg_for(shards64, *RESUME), tmp_path_factory.mktemp("ref") / "run", progress=False)
+
+
+RESUME = ["train.steps=9", "checkpoint.every=0", "data.workers=2", "data.shuffle_buffer=20"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stop_and_resume_is_exact(shards64, tmp_path, workers, straight):
+    over = [*RESUME[:-2], f"data.workers={workers}", "data.shuffle_buffer=20"]
+    ref = straight if workers == 2 else train(cfg_for(shards64, *over), tmp_path / "ref", progress=False)
+    cfg = cfg_for(shards64, *over)
+    run = train(cfg, tmp_path / "stopped", progress=False, stop_at=3)  # odd: the worker roles rotate
+    train(cfg, run, resume=True, progress=False)
+    assert losses(run) == losses(ref)
+    assert_same_weights(run, ref)
+
+
+def cli_train(shards: Path, out: Path, *extra: str) -> list[str]:
+    sets = [*SMALL, *RESUME, *extra]
+    return [sys.executable, "-m", "tcjepa", "train", str(project_root() / "recipes/ijepa_quickstart.yaml"),
+            "--data", str(shards), "--out", str(out), "--set", *sets]
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without the single-process rendezvous that in-process training
+    set up (a child must not reuse its port)."""
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONUNBUFFERED": "1"}
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").is_file() and len(records(run)) >= step:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {step} in {timeout} s")
+
+
+@pytest.mark.slow
+def test_kill_9_at_a_random_step_then_resume_is_exact(shards64, tmp_path, straight):
+    kill_after = random.Random().randint(2, 7)
+    run = tmp_path / "killed"
+    env = clean_env()
+    proc = subprocess.Popen(cli_train(shards64, run, "checkpoint.every=2"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists()
+    if not list_checkpoints(run):  # killed before the first checkpoint finished: nothing to resume
+        pytest.skip(f"killed at step {kill_after} before any checkpoint was complete")
+    done = subprocess.run(cli_train(shards64, run, "checkpoint.every=2") + ["--resume"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert losses(run) == losses(straight), f"killed after step {kill_after}"
+    assert_same_weights(run, straight)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_0(shards64, tmp_path, straight):
+    run = tmp_path / "preempted"
+    env = clean_env()
+    proc = subprocess.Popen(cli_train(shards64, run), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by signal 15 after step" in err
+    stopped = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 3 <= stopped < 9 and not (run / "final").exists()  # checkpoint.every=0: written for the stop
+    done = subprocess.run(cli_train(shards64, run) + ["--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert losses(run) == losses(straight)
+    assert_same_weights(run, straight)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(shards64, tmp_path, straight):
+    cfg = cfg_for(shards64, *RESUME[:1], "checkpoint.every=2", "checkpoint.keep=3", *RESUME[2:])
+    run = train(cfg, tmp_path / "run", progress=False, stop_at=6)
+    tags = [p.name for p in list_checkpoints(run)]
+    assert tags == ["step_00000002", "step_00000004", "step_00000006"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    states = next((run / "checkpoints" / "step_00000006").glob("*model_states.pt"))
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])  # truncated
+    (run / "checkpoints" / "step_00000008.partial").mkdir()  # a save that never finished
+    with pytest.warns(UserWarning, match=r"skipped step_00000006 \(.*truncated.*resuming from step_00000004"):
+        train(cfg, run, resume=True, progress=False)
+    assert losses(run) == losses(straight)  # from step 4 on, exactly the uninterrupted run
+    assert_same_weights(run, straight)
+
+
+def test_non_finite_losses_are_skipped_counted_then_stop(shards64, tmp_path, monkeypatch):
+    from tcjepa.methods.jepa import JEPA
+
+    real, calls = JEPA.loss, {"n": 0}
+    bad_steps = {2, 3}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        loss, extra = real(self, *args, **kwargs)
+        return (loss * float("nan") if calls["n"] in bad_steps else loss), extra
+
+    monkeypatch.setattr(JEPA, "loss", poisoned)
+    run = train(cfg_for(shards64, "train.steps=6", "train.log_every=1", "checkpoint.every=0"), tmp_path / "a",
+                progress=False)
+    recs = records(run)
+    assert [r["bad_steps"] for r in recs] == [0, 1, 2, 2, 2, 2]
+    assert recs[1]["loss"] is None and all(r["loss"] is not None for r in recs[3:])
+    assert all(torch.isfinite(t).all() for t in load_final_state(run).values())
+
+    bad_steps.clear()
+    bad_steps.update(range(5, 100))  # diverged from step 5 on
+    calls["n"] = 0
+    cfg = cfg_for(shards64, "train.steps=20", "checkpoint.every=2", "train.max_bad_steps=3")
+    with pytest.raises(DivergenceError, match=r"3 steps in a row .* last at step 7; the last good checkpoint is .*step_00000006"):
+        train(cfg, tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+
+def test_fail_fast_before_training(shards64, tmp_path, monkeypatch, capsys):
+    from tcjepa import train as train_module
+    from tcjepa.cli import main
+
+    args = ["train", str(project_root() / "recipes/ijepa_quickstart.yaml"), "--data", str(shards64), "--set", *SMALL]
+    # target blocks that cannot fit the grid
+    assert main([*args, "mask.target_scale=[0.95,1.0]", "--out", str(tmp_path / "a")]) == 2
+    assert "error: " in (err := capsys.readouterr().err) and "mask: " in err and "min_context" in err
+    # an output directory that is not writable
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.geteuid() != 0:  # root writes anyway
+        assert main([*args, "--out", str(ro / "run")]) == 2
+    # a nearly full disk
+    import shutil
+
+    full = shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000)
+    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda p: full)
+    assert main([*args, "--out", str(tmp_path / "full")]) == 2
+    assert "GiB free, but this run needs about" in capsys.readouterr().err
+    monkeypatch.undo()
+    # a batch that does not split over the ranks
+    from tcjepa.distributed import DistInfo
+
+    monkeypatch.setattr(train_module, "init_distributed", lambda: DistInfo(0, 3, 0, torch.device("cpu")))
+    assert main([*args, "--out", str(tmp_path / "b")]) == 2
+    assert "not divisible by the world size 3" in capsys.readouterr().err
+    monkeypatch.undo()
+    # a missing text encoder
+    assert main([*args, "conditioner.enabled=true", "conditioner.text_encoder=hf",
+                 f"conditioner.text_path={tmp_path / 'no_such_model'}", "--out", str(tmp_path / "c")]) == 2
+    assert "no_such_model" in capsys.readouterr().err
+    assert not any((tmp_path / n / "metrics.jsonl").exists() for n in "abc")
