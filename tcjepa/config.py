@@ -121,6 +121,8 @@ class TrainConfig:
     method: str = "jepa"
     nan_guard: bool = True  # skip steps with a non-finite loss (or gradient, ZeRO 0); costs one host sync per step
     max_bad_steps: int = 10  # that many skipped steps in a row stop the run
+    collapse_rankme: float = 2.0  # warn when the effective rank of the targets falls below this ...
+    collapse_std: float = 0.01  # ... or their per-channel std across tokens does
 
 
 @dataclass

@@ -212,6 +212,18 @@ def grads_finite(model: torch.nn.Module) -> torch.Tensor:
     return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
 
 
+def warn_collapse(record: dict[str, Any], cfg: Config, step: int) -> None:
+    """Warn when the targets look collapsed: effective rank or per-channel spread below thresholds."""
+    rank, std = record.get("target_rankme"), record.get("target_std")
+    low = []
+    if rank is not None and rank < cfg.train.collapse_rankme:
+        low.append(f"target RankMe {rank:.2f} < train.collapse_rankme {cfg.train.collapse_rankme}")
+    if std is not None and std < cfg.train.collapse_std:
+        low.append(f"target std {std:.4f} < train.collapse_std {cfg.train.collapse_std}")
+    if low:
+        warnings.warn(f"step {step}: representation collapse? {'; '.join(low)}", stacklevel=2)
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -313,7 +325,8 @@ def train(
             if tokens is not None:
                 tokens = tokens.to(info.device)
 
-            loss, extra = method.loss(engine, images, masks, tokens)
+            log_step = (step + 1) % cfg.train.log_every == 0 or step + 1 == end
+            loss, extra = method.loss(engine, images, masks, tokens, health=log_step and info.is_main)
             ok = not guard or all_ranks(torch.isfinite(loss), info)
             if ok:
                 engine.backward(loss)
@@ -362,6 +375,9 @@ def train(
                     "bad_steps": bad_steps,
                     **{k: v for k, v in zip(extra_sum, stats[1:])},
                 }
+                if info.is_main and method.last_health:
+                    record.update(method.last_health)
+                    warn_collapse(record, cfg, done)
                 if n_good == 0:
                     record["loss"] = None  # every step of the window was skipped
                 elif not np.isfinite(record["loss"]):  # only without train.nan_guard

@@ -64,6 +64,19 @@ def clean_env() -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONUNBUFFERED": "1"}
 
 
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
 def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -79,10 +92,10 @@ def test_kill_9_at_a_random_step_then_resume_is_exact(shards64, tmp_path, straig
     kill_after = random.Random().randint(2, 7)
     run = tmp_path / "killed"
     env = clean_env()
-    proc = subprocess.Popen(cli_train(shards64, run, "checkpoint.every=2"), env=env,
+    proc = subprocess.Popen(cli_train(shards64, run, "checkpoint.every=2"), env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(run, kill_after, proc)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader workers, as when a node dies
     proc.wait()
     assert not (run / "final").exists()
     if not list_checkpoints(run):  # killed before the first checkpoint finished: nothing to resume
@@ -190,3 +203,52 @@ def test_fail_fast_before_training(shards64, tmp_path, monkeypatch, capsys):
                  f"conditioner.text_path={tmp_path / 'no_such_model'}", "--out", str(tmp_path / "c")]) == 2
     assert "no_such_model" in capsys.readouterr().err
     assert not any((tmp_path / n / "metrics.jsonl").exists() for n in "abc")
+
+
+def test_collapse_is_logged_and_warned(shards64, tmp_path, monkeypatch):
+    from tcjepa.methods.jepa import JEPA
+
+    run = train(cfg_for(shards64, "train.steps=2", "train.log_every=1", "checkpoint.every=0"), tmp_path / "ok",
+                progress=False)
+    assert all(r["target_rankme"] > 5 for r in records(run))  # a random-init teacher spreads its features
+
+    real = JEPA.targets
+
+    def collapsed(self, images, masks):
+        t = real(self, images, masks)
+        return torch.ones_like(t) * torch.linspace(-1, 1, t.shape[-1])  # every token the same vector
+
+    monkeypatch.setattr(JEPA, "targets", collapsed)
+    with pytest.warns(UserWarning, match=r"representation collapse\? target RankMe 1\.00 < train.collapse_rankme 2.0; "
+                                         r"target std 0\.0000 < train.collapse_std"):
+        run = train(cfg_for(shards64, "train.steps=2", "train.log_every=1", "checkpoint.every=0"), tmp_path / "bad",
+                    progress=False)
+    assert [round(r["target_rankme"], 2) for r in records(run)] == [1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_two_process_sigterm_then_resume_matches_the_uninterrupted_run(shards64, tmp_path):
+    """SIGTERM to both ranks (as a scheduler signals every task): they agree on the step,
+    checkpoint and exit 0; the resumed 2-process run then matches an uninterrupted one. (Signalling
+    torchrun's agent instead makes it exit 1 after forwarding the signal, whatever the ranks do.)"""
+    def torchrun(out: Path, port: int, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                *cli_train(shards64, out)[1:], "deepspeed.zero_stage=1", *extra]
+
+    env = {**clean_env(), "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(torchrun(tmp_path / "ref", 29631), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "pre"
+    proc = subprocess.Popen(torchrun(run, 29632), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, 3, proc, timeout=300)
+    for pid in children(proc.pid):
+        os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("stopped by signal 15 after step") == 1  # rank 0 reports
+    resumed = subprocess.run(torchrun(run, 29633) + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for (sa, la), (sb, lb) in zip(losses(run), losses(tmp_path / "ref"), strict=True):
+        assert sa == sb and la == pytest.approx(lb, rel=1e-5)
+    a, b = load_final_state(run), load_final_state(tmp_path / "ref")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)

@@ -37,6 +37,9 @@ def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tens
     return (per_token * valid).sum() / valid.sum().clamp_min(1.0)
 
 
+HEALTH_TOKENS = 4096  # target tokens in the RankMe estimate: enough to reach full rank at ViT-H width
+
+
 class JEPAStudent(nn.Module):
     """Context encoder + predictor (+ text tower for TC-JEPA): what the optimiser trains."""
 
@@ -140,6 +143,7 @@ class JEPA:
         self.cfg = cfg
         self.tokenizer = build_tokenizer_for(cfg) if cfg.conditioner.enabled else None
         self._empty: Tokens | None = None  # the tokenization of "", for dropped captions
+        self.last_health: dict[str, float] = {}
         self.model = build_student(cfg, self.tokenizer)
         if teacher is None:
             teacher = copy.deepcopy(self.model.encoder)
@@ -178,13 +182,21 @@ class JEPA:
         return tokens
 
     def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch,
-             tokens: Tokens | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             tokens: Tokens | None = None, health: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's loss and metrics to average over the logging window. With ``health`` also
+        ``self.last_health``: the effective rank (RankMe) of this step's target tokens, a host
+        computation meant for logging steps only."""
         targets = self.targets(images, masks)
         with self._autocast(images.device):
             loss = engine(images, masks, targets, tokens)
         metrics = {"target_std": targets.std(dim=(0, 1, 2)).mean()}
         if tokens is not None:
             metrics.update(engine.module.last_stats if hasattr(engine, "module") else engine.last_stats)
+        if health:
+            from tcjepa.eval.health import rankme
+
+            real = targets.detach()[masks.target_valid][:HEALTH_TOKENS]  # [<= HEALTH_TOKENS, D]
+            self.last_health = {"target_rankme": rankme(real)}
         return loss, metrics
 
     def after_step(self, engine: Any, step: int, total: int) -> dict[str, float]:
