@@ -84,13 +84,13 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         raise ConfigError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS}")
     if not resume and (existing or (run_dir / "final").exists()):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
     probe = run_dir / ".write_test"
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"{run_dir}: not writable ({e.strerror})") from e
+        raise ConfigError(f"{run_dir}: not writable ({e.strerror or e})") from e
 
 
 def check_disk_space(run_dir: Path, method: JEPA, cfg: Config) -> None:

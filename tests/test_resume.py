@@ -177,12 +177,21 @@ def test_fail_fast_before_training(shards64, tmp_path, monkeypatch, capsys):
     # target blocks that cannot fit the grid
     assert main([*args, "mask.target_scale=[0.95,1.0]", "--out", str(tmp_path / "a")]) == 2
     assert "error: " in (err := capsys.readouterr().err) and "mask: " in err and "min_context" in err
-    # an output directory that is not writable
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    if os.geteuid() != 0:  # root writes anyway
-        assert main([*args, "--out", str(ro / "run")]) == 2
+    # an output directory that cannot be written: below a regular file, or refused by the OS
+    (tmp_path / "file").write_text("not a directory")
+    assert main([*args, "--out", str(tmp_path / "file" / "run")]) == 2
+    assert "file/run: not writable" in capsys.readouterr().err
+    real_write = Path.write_text
+
+    def refuse(self, *a, **k):
+        if self.name == ".write_test":
+            raise PermissionError(13, "Permission denied")
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    assert main([*args, "--out", str(tmp_path / "ro")]) == 2
+    assert "ro: not writable (Permission denied)" in capsys.readouterr().err
+    monkeypatch.undo()
     # a nearly full disk
     import shutil
 
