@@ -1,7 +1,7 @@
 """tcjepa: vision-language pretraining by feature prediction (I-JEPA, TC-JEPA and baselines).
 
 Public API (imported lazily, so ``import tcjepa`` does no work):
-``load_config``, ``train``, ``load_encoder``, ``run_probe``, ``quickstart``.
+``load_config``, ``train``, ``load_encoder``, ``run_probe``, ``run_eval``, ``quickstart``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ _API = {
     "train": "tcjepa.train",
     "load_encoder": "tcjepa.checkpoint",
     "run_probe": "tcjepa.eval.probe",
+    "run_eval": "tcjepa.eval.tasks",
     "quickstart": "tcjepa.quickstart",
 }
 

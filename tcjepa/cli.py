@@ -35,13 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_set(p)
 
-    p = sub.add_parser("eval", help="evaluate a finished run")
-    p.add_argument("task", choices=["probe"])
+    p = sub.add_parser("eval", help="evaluate a finished run",
+                       description="Evaluate a finished run; the result goes to RUN_DIR/eval/TASK.json. "
+                                   "probe: linear/attentive probes (train on --data, report on --val-data); "
+                                   "zeroshot, retrieval: TC-JEPA runs, scored on --val-data (else --data); "
+                                   "vqa: a VQA head on the frozen encoder (train on --data, test on --val-data). "
+                                   "Task settings: --set probe.* | zeroshot.* | retrieval.* | vqa.*")
+    p.add_argument("task", choices=["probe", "zeroshot", "retrieval", "vqa"])
     p.add_argument("--checkpoint", required=True, help="RUN_DIR")
-    p.add_argument("--data", required=True, help="train SHARDS")
-    p.add_argument("--val-data", default="", help="validation SHARDS")
+    p.add_argument("--data", required=True, help="train SHARDS (zeroshot/retrieval: evaluated when no --val-data)")
+    p.add_argument("--val-data", default="", help="validation / test SHARDS")
     p.add_argument("--json", help="also write the result here")
     _add_set(p)
+
+    p = sub.add_parser("report", help="compare runs across their evaluations: a markdown table and PNG plots")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="write FILE.md and its plots (FILE_loss.png, ...) here; default: print the table")
 
     p = sub.add_parser("viz", help="visualisations of a finished run")
     vsub = p.add_subparsers(dest="viz_command", required=True)
@@ -91,16 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _probe_config(run_dir: str, overrides: list[str]):
-    from tcjepa.checkpoint import load_run_config
-    from tcjepa.config import ConfigError, apply_overrides, parse_overrides
-
-    bad = [k for k in parse_overrides(overrides) if k != "probe"]
-    if bad:
-        raise ConfigError(f"--set {bad[0]}.*: only probe.* keys can be set for eval probe")
-    return apply_overrides(load_run_config(run_dir), overrides).probe
-
-
 def run(args: argparse.Namespace) -> int:
     if args.command == "quickstart":
         from tcjepa.quickstart import quickstart
@@ -121,13 +120,16 @@ def run(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"finished: {out}")
     elif args.command == "eval":
-        import json
+        from tcjepa.eval.tasks import format_result, run_eval
 
-        from tcjepa.eval.probe import run_probe
+        result = run_eval(args.task, args.checkpoint, args.data, args.val_data, args.set, args.json)
+        print(format_result(result))
+        print(f"wrote {Path(args.checkpoint) / 'eval' / (args.task + '.json')}" + (f" and {args.json}" if args.json else ""))
+    elif args.command == "report":
+        from tcjepa.eval.report import write_report
 
-        result = run_probe(args.checkpoint, args.data, args.val_data, _probe_config(args.checkpoint, args.set), args.json)
-        m = result["metrics"]
-        print(json.dumps({"task": result["task"], **{k: v["top1"] for k, v in m["per_label"].items()}}))
+        text = write_report(args.runs, args.out)
+        print(f"wrote {args.out} and its plots" if args.out else text.rstrip("\n"))
     elif args.command == "viz":
         from tcjepa.viz import visualize_attention
 

@@ -139,7 +139,8 @@ class DeepSpeedConfig:
 
 @dataclass
 class ProbeConfig:
-    """Linear probe on frozen, mean-pooled encoder features (used by quickstart and eval)."""
+    """Probes on frozen encoder features (used by quickstart and eval): linear on mean-pooled
+    features, attentive (cross-attention pooling) on patch features; see ``tcjepa.eval.probe``."""
 
     labels: tuple[str, ...] = ("label",)  # json keys (dotted paths) to probe; the first is the headline
     epochs: int = 100
@@ -148,6 +149,11 @@ class ProbeConfig:
     holdout: float = 0.1  # fraction of train features used to choose the learning rate
     batch_size: int = 256
     encoder: str = "auto"  # auto | teacher | student
+    kind: str = "linear"  # linear | attentive | both (the headline top1 is linear's when it runs)
+    attentive_epochs: int = 20
+    attentive_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    attentive_heads: int = 0  # 0: one head per 64 channels
+    attentive_weight_decay: float = 0.01
 
 
 @dataclass
@@ -515,6 +521,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _validate_conditioner(cfg, source, heads)
     p = cfg.probe
     _check(p.encoder in ("auto", "teacher", "student"), source, "probe.encoder", "must be auto, teacher or student")
+    _check(p.kind in ("linear", "attentive", "both"), source, "probe.kind", "must be linear, attentive or both")
+    _check(p.attentive_epochs >= 1 and len(p.attentive_lrs) > 0, source, "probe.attentive_epochs",
+           "must be >= 1 and probe.attentive_lrs non-empty")
+    _check(p.attentive_heads >= 0, source, "probe.attentive_heads", "must be >= 0 (0: one head per 64 channels)")
     _check(p.epochs > 0 and len(p.lrs) > 0, source, "probe.epochs", "and probe.lrs must be non-empty")
     _check(len(p.labels) > 0, source, "probe.labels", "must name at least one json key, e.g. [label]")
     _check(0 < p.holdout < 1, source, "probe.holdout", "must be in (0, 1)")

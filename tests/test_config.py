@@ -114,3 +114,10 @@ def test_mask_config_fields_are_sampler_keywords():
     fields = {f.name for f in dataclasses.fields(MaskConfig)}
     assert fields <= set(inspect.signature(sample_masks).parameters)
     assert fields <= set(inspect.signature(check_feasible).parameters)
+
+
+@pytest.mark.parametrize("override,key", [("probe.kind=mlp", "probe.kind"), ("probe.attentive_heads=-1", "probe.attentive_heads"),
+                                          ("train.max_bad_steps=0", "train.max_bad_steps")])
+def test_eval_and_guard_keys_are_validated_at_load(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(project_root() / "recipes/ijepa_quickstart.yaml", [override])

@@ -1,15 +1,20 @@
-"""Linear probe on frozen, mean-pooled encoder features.
+"""Probes on frozen encoder features: a linear probe on mean-pooled features and an attentive
+probe (``tcjepa.eval.attentive``) on the patch features.
 
-One pass extracts features; then several linear heads, one per learning rate, train at once on
-the same features (DINOv2's sweep-for-the-price-of-one). The learning rate is chosen on a
-held-out slice of the *train* split and the chosen head is reported on the val split, so the
-reported number never saw the val labels.
+One pass extracts features; then several heads, one per learning rate, train at once on the
+same features (DINOv2's sweep-for-the-price-of-one). The learning rate is chosen on a held-out
+slice of the *train* split and the chosen head is reported on the val split, so the reported
+number never saw the val labels. ``probe.kind`` picks ``linear`` (the default, cheapest),
+``attentive`` or ``both``; the headline ``top1`` is the linear probe's whenever it ran.
+
+Besides top-1, each probe reports per-class accuracy and a confusion matrix (drawn as
+``probe_confusion_LABEL_KIND.png`` beside the result JSON).
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +22,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.loader import DataError, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
-from tcjepa.config import ProbeConfig
+from data_pipelines.loader import DataError, SkipTracker, normalize
+from tcjepa.config import ConfigError, ProbeConfig, to_dict
+from tcjepa.eval.common import default_device, is_label, iter_eval_batches, lookup, plot_dir, result_dict, write_result
+
+KINDS = ("linear", "attentive", "both")
+MAX_CONFUSION_IN_JSON = 100  # classes; larger matrices are only drawn
 
 
-def lookup(meta: dict[str, Any], key: str) -> Any:
-    """``lookup(meta, "labels.color")`` -> ``meta["labels"]["color"]`` (None if absent)."""
-    node: Any = meta
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+@dataclass
+class Features:
+    pooled: torch.Tensor  # [N, D] fp32
+    patches: torch.Tensor | None  # [N, P, D] fp16
+    metas: list[dict[str, Any]]
+    keys: list[str]
+    skipped: dict[str, int]
 
 
 @torch.no_grad()
-def extract_features(
+def extract(
     encoder: nn.Module,
     shards: str,
     image_size: int,
@@ -42,34 +50,82 @@ def extract_features(
     data_key: str = "--data",
     progress: bool = False,
     max_skip_rate: float = 0.05,
-) -> tuple[torch.Tensor, list[dict[str, Any]], dict[str, int]]:
-    """Mean-pooled patch features [N, D], each sample's json metadata, and skip counts by reason.
+    patches: bool = False,
+    max_samples: int = 0,
+) -> Features:
+    """Mean-pooled features [N, D] (fp32), patch features [N, P, D] (fp16, only if ``patches``),
+    each sample's json metadata and key, and skip counts by reason.
 
     Every sample is read exactly once; more than ``max_skip_rate`` of them skipped is an error
-    (an evaluation on what is left of a broken data set would not be comparable)."""
+    (an evaluation on what is left of a broken data set would not be comparable); ``max_samples``
+    (0: all) stops after the first that many samples. Patch features
+    are kept in half precision: they are LayerNorm outputs (O(1) values) and this halves the
+    memory of the attentive probe's feature bank."""
     from tqdm.auto import tqdm
 
-    urls = resolve_shards(shards, data_key)
-    loader = make_loader(LoaderSpec(urls, batch_size, image_size, workers=workers, train=False))
-    feats, metas, tracker = [], [], SkipTracker()
+    pooled, tokens, metas, keys, tracker = [], [], [], [], SkipTracker()
     encoder = encoder.to(device).eval()
-    for batch in tqdm(loader, desc=f"features {Path(shards).name}", unit="batch", disable=not progress):
-        tracker.update(batch["skipped"])
-        if not batch["keys"]:
-            continue
-        feats.append(encoder(normalize(batch["images"].to(device))).mean(dim=1).float().cpu())
+    batches = iter_eval_batches(shards, image_size, batch_size, data_key, tracker, workers)
+    for batch in tqdm(batches, desc=f"features {Path(shards).name}", unit="batch", disable=not progress):
+        h = encoder(normalize(batch["images"].to(device))).float()
+        pooled.append(h.mean(dim=1).cpu())
+        if patches:
+            tokens.append(h.half().cpu())
         metas += batch["meta"]
-    if not feats:
+        keys += batch["keys"]
+        if max_samples and len(keys) >= max_samples:
+            break
+    if not pooled:
         raise DataError(f"{data_key}: no readable sample in {shards}")
     tracker.check_rate(max_skip_rate, 1, f"{data_key} {shards}")
-    return torch.cat(feats), metas, tracker.counts
+    n = max_samples or len(keys)
+    return Features(torch.cat(pooled)[:n], torch.cat(tokens)[:n] if patches else None, metas[:n], keys[:n],
+                    tracker.counts)
+
+
+def extract_features(encoder: nn.Module, shards: str, image_size: int, batch_size: int = 128,
+                     device: torch.device | str = "cpu", workers: int = 0, data_key: str = "--data",
+                     progress: bool = False, max_skip_rate: float = 0.05
+                     ) -> tuple[torch.Tensor, list[dict[str, Any]], dict[str, int]]:
+    """Mean-pooled patch features [N, D], each sample's json metadata, and skip counts by reason."""
+    f = extract(encoder, shards, image_size, batch_size, device, workers, data_key, progress, max_skip_rate)
+    return f.pooled, f.metas, f.skipped
 
 
 def select_labels(metas: list[dict[str, Any]], key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the samples whose json has an integer at ``key`` (dotted path), and those labels."""
     found = [lookup(m, key) for m in metas]
-    keep = [i for i, v in enumerate(found) if isinstance(v, int) and not isinstance(v, bool)]
+    keep = [i for i, v in enumerate(found) if is_label(v)]
     return torch.tensor(keep, dtype=torch.long), torch.tensor([found[i] for i in keep], dtype=torch.long)
+
+
+def class_names(metas: list[dict[str, Any]], key: str, num_classes: int) -> list[str]:
+    """Display names of classes ``0..num_classes-1``: the json's ``KEY_name`` next to ``KEY``
+    (``label`` -> ``label_name``, as img2dataset-style metadata has it), else the index."""
+    name_key = key + "_name"
+    names: dict[int, str] = {}
+    for m in metas:
+        label, name = lookup(m, key), lookup(m, name_key)
+        if is_label(label) and isinstance(name, str) and label not in names:
+            names[label] = name
+    return [names.get(c, str(c)) for c in range(num_classes)]
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """``(holdout indices, fit indices, generator)``: the same split for every probe kind."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    n_hold = max(1, int(n * fraction))
+    return perm[:n_hold], perm[n_hold:], g
+
+
+def classification_metrics(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """top-1, per-class accuracy (classes present in ``y``) and the confusion matrix
+    (rows: true class, columns: predicted)."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((y, pred.clamp(0, num_classes - 1)), torch.ones_like(y), accumulate=True)
+    per_class = {str(c): (pred[y == c] == c).float().mean().item() for c in range(num_classes) if (y == c).any()}
+    return {"top1": (pred == y).float().mean().item(), "per_class": per_class, "confusion": confusion.tolist()}
 
 
 def train_linear_probes(
@@ -82,10 +138,7 @@ def train_linear_probes(
 ) -> dict[str, Any]:
     """Train one linear head per learning rate; pick by holdout accuracy; report val metrics."""
     num_classes = int(max(train_y.max(), val_y.max())) + 1
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(train_x), generator=g)
-    n_hold = max(1, int(len(train_x) * cfg.holdout))
-    hold_idx, fit_idx = perm[:n_hold], perm[n_hold:]
+    hold_idx, fit_idx, g = holdout_split(len(train_x), cfg.holdout, seed)
 
     mean, std = train_x[fit_idx].mean(0), train_x[fit_idx].std(0).clamp_min(1e-6)
     norm = lambda x: (x - mean) / std  # noqa: E731
@@ -112,24 +165,57 @@ def train_linear_probes(
     with torch.no_grad():
         hold_acc = [(h(hx).argmax(1) == hy).float().mean().item() for h in heads]
         best = max(range(len(heads)), key=lambda i: hold_acc[i])
-        logits = heads[best](vx)
-        pred = logits.argmax(1)
-    top1 = (pred == val_y).float().mean().item()
-    per_class = {}
-    for c in range(num_classes):
-        sel = val_y == c
-        if sel.any():
-            per_class[str(c)] = (pred[sel] == c).float().mean().item()
+        pred = heads[best](vx).argmax(1)
     return {
-        "top1": top1,
-        "per_class": per_class,
+        **classification_metrics(pred, val_y, num_classes),
         "best_lr": cfg.lrs[best],
         "holdout_top1": hold_acc[best],
+        "lr_sweep": {str(lr): acc for lr, acc in zip(cfg.lrs, hold_acc)},
         "num_train": len(train_x),
         "num_val": len(val_x),
         "num_classes": num_classes,
         "majority_class": max(Counter(val_y.tolist()).values()) / len(val_y),
     }
+
+
+def check_probe_config(cfg: ProbeConfig) -> None:
+    """What ``tcjepa.config.validate`` does not check about the probe's newer keys."""
+    if cfg.kind not in KINDS:
+        raise ConfigError(f"probe.kind must be one of {', '.join(KINDS)}, got {cfg.kind!r}")
+    if cfg.kind != "linear" and (cfg.attentive_epochs < 1 or not cfg.attentive_lrs):
+        raise ConfigError("probe.attentive_epochs must be >= 1 and probe.attentive_lrs non-empty")
+    if cfg.attentive_heads < 0:
+        raise ConfigError(f"probe.attentive_heads must be >= 0 (0: automatic), got {cfg.attentive_heads}")
+
+
+def _probe_one_label(key: str, cfg: ProbeConfig, seed: int, train: Features, val: Features,
+                     progress: bool = False) -> dict[str, Any]:
+    """All requested probe kinds for one label key; the headline fields are the first kind's."""
+    from tcjepa.eval.attentive import train_attentive_probes
+
+    tx, tp, tmeta = train.pooled, train.patches, train.metas
+    vx, vp, vmeta = val.pooled, val.patches, val.metas
+    ti, ty = select_labels(tmeta, key)
+    vi, vy = select_labels(vmeta, key)
+    if len(ti) == 0 or len(vi) == 0:
+        where = "--data" if len(ti) == 0 else "--val-data"
+        raise DataError(f"{where}: no sample has an integer {key!r} in its json (probe.labels)")
+    kinds = ["linear", "attentive"] if cfg.kind == "both" else [cfg.kind]
+    per_kind: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        if kind == "linear":
+            per_kind[kind] = train_linear_probes(tx[ti], ty, vx[vi], vy, cfg, seed=seed)
+        else:
+            per_kind[kind] = train_attentive_probes(tp[ti], ty, vp[vi], vy, cfg, seed=seed, progress=progress)
+    head = per_kind[kinds[0]]
+    out = {k: head[k] for k in ("top1", "per_class", "best_lr", "holdout_top1", "num_train", "num_val",
+                                "num_classes", "majority_class")}
+    out["kind"] = kinds[0]
+    out["class_names"] = class_names(tmeta + vmeta, key, head["num_classes"])
+    out["unlabelled"] = {"train": len(tx) - len(ti), "val": len(vx) - len(vi)}
+    for kind, m in per_kind.items():
+        out[kind] = {k: v for k, v in m.items() if k not in ("num_train", "num_val", "num_classes", "majority_class")}
+    return out
 
 
 def run_probe(
@@ -141,38 +227,48 @@ def run_probe(
     encoder: nn.Module | None = None,
     progress: bool = True,
     save_to_run: bool = True,
+    name: str = "probe",
 ) -> dict[str, Any]:
-    """``tcjepa eval probe``: features of the run's encoder on train/val shards -> linear probes,
-    one per entry of ``probe.labels`` (the first one gives the headline ``top1``).
+    """``tcjepa eval probe``: features of the run's encoder on train/val shards -> probes, one set
+    per entry of ``probe.labels`` (the first one gives the headline ``top1``).
 
-    Writes ``RUN_DIR/eval/probe.json`` (unless ``save_to_run`` is False; e.g. when probing another
-    ``encoder`` with this run's settings) and ``json_out`` if given; returns the result dict."""
+    Writes ``RUN_DIR/eval/NAME.json`` (unless ``save_to_run`` is False; e.g. when probing another
+    ``encoder`` with this run's settings), ``json_out`` if given, and a confusion-matrix PNG per
+    label and probe kind beside them; returns the result dict."""
     from tcjepa.checkpoint import load_encoder, load_run_config
+    from tcjepa.eval.plots import confusion_plot
 
     run_cfg = load_run_config(checkpoint)
     cfg = cfg or run_cfg.probe
+    check_probe_config(cfg)
     if not val_data:
         raise DataError("--val-data: the probe needs a validation split (SHARDS)")
     if encoder is None:
         encoder = load_encoder(checkpoint, cfg.encoder)
-    size = run_cfg.model.image_size
-    tx, tmeta, tskip = extract_features(encoder, data, size, cfg.batch_size, data_key="--data", progress=progress)
-    vx, vmeta, vskip = extract_features(encoder, val_data, size, cfg.batch_size, data_key="--val-data", progress=progress)
-    per_label = {}
-    for key in cfg.labels:
-        ti, ty = select_labels(tmeta, key)
-        vi, vy = select_labels(vmeta, key)
-        if len(ti) == 0 or len(vi) == 0:
-            where = "--data" if len(ti) == 0 else "--val-data"
-            raise DataError(f"{where}: no sample has an integer {key!r} in its json (probe.labels)")
-        m = train_linear_probes(tx[ti], ty, vx[vi], vy, cfg, seed=run_cfg.train.seed)
-        m["unlabelled"] = {"train": len(tx) - len(ti), "val": len(vx) - len(vi)}
-        per_label[key] = m
-    metrics = {**per_label[cfg.labels[0]], "label": cfg.labels[0], "per_label": per_label,
-               "skipped": {"train": tskip, "val": vskip}}
-    result = {"task": "probe", "checkpoint": str(checkpoint), "data": data, "val_data": val_data, "metrics": metrics}
-    outs = ([Path(checkpoint) / "eval" / "probe.json"] if save_to_run else []) + ([Path(json_out)] if json_out else [])
-    for out in outs:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    size, device = run_cfg.model.image_size, default_device()
+    patches = cfg.kind != "linear"
+    tr = extract(encoder, data, size, cfg.batch_size, device, data_key="--data", progress=progress, patches=patches,
+                 max_skip_rate=run_cfg.data.max_skip_rate)
+    va = extract(encoder, val_data, size, cfg.batch_size, device, data_key="--val-data", progress=progress,
+                 patches=patches, max_skip_rate=run_cfg.data.max_skip_rate)
+    per_label = {key: _probe_one_label(key, cfg, run_cfg.train.seed, tr, va, progress) for key in cfg.labels}
+
+    plots, where = [], plot_dir(checkpoint if save_to_run else None, json_out)
+    for key, m in per_label.items():
+        for kind in ("linear", "attentive"):
+            if kind not in m:
+                continue
+            confusion = m[kind]["confusion"]
+            if where is not None:
+                path = where / f"{name}_confusion_{key.replace('.', '_')}_{kind}.png"
+                title = f"{kind} probe, {key}: top-1 {m[kind]['top1']:.3f}"
+                plots.append(str(confusion_plot(confusion, m["class_names"], path, title)))
+            if len(confusion) > MAX_CONFUSION_IN_JSON:
+                del m[kind]["confusion"]
+    first = per_label[cfg.labels[0]]
+    headline = {k: v for k, v in first.items() if k not in KINDS}
+    headline.update({f"{kind}_top1": first[kind]["top1"] for kind in ("linear", "attentive") if kind in first})
+    metrics = {**headline, "label": cfg.labels[0], "per_label": per_label, "skipped": {"train": tr.skipped, "val": va.skipped}}
+    result = result_dict("probe", checkpoint, data, metrics, val_data=val_data, config=to_dict(cfg), plots=plots)
+    write_result(result, checkpoint if save_to_run else None, json_out, name=name)
     return result

@@ -1,0 +1,118 @@
+"""What every evaluation shares: reading an evaluation split, tie-aware top-k hits, and writing
+the result JSON in the shape DESIGN.md fixes (``{"task", "checkpoint", "data", "metrics"}``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from data_pipelines.loader import DataError, LoaderSpec, SkipTracker, make_loader, resolve_shards
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def lookup(meta: dict[str, Any], key: str) -> Any:
+    """``lookup(meta, "labels.color")`` -> ``meta["labels"]["color"]`` (None if absent)."""
+    node: Any = meta
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def is_label(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def iter_eval_batches(shards: str, image_size: int, batch_size: int, data_key: str, tracker: SkipTracker,
+                      workers: int = 0) -> Iterator[dict[str, Any]]:
+    """Centre-cropped batches of ``shards``, each sample exactly once; batches without samples are
+    not yielded, but their skip counts reach ``tracker`` (check its rate when done)."""
+    urls = resolve_shards(shards, data_key)
+    for batch in make_loader(LoaderSpec(urls, batch_size, image_size, workers=workers, train=False)):
+        tracker.update(batch["skipped"])
+        if batch["keys"]:
+            yield batch
+
+
+@dataclass
+class Split:
+    """A whole evaluation split in memory: uint8 images [N, 3, H, W] and per-sample data."""
+
+    images: torch.Tensor
+    captions: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    metas: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def read_split(shards: str, image_size: int, data_key: str, max_samples: int = 0, max_skip_rate: float = 0.05,
+               batch_size: int = 64) -> Split:
+    """The first ``max_samples`` samples of ``shards`` (0: all), in shard order. More than
+    ``max_skip_rate`` of the samples read skipped as broken is an error: an evaluation on what is
+    left of a broken data set would not compare with others."""
+    tracker = SkipTracker()
+    images, split = [], Split(torch.empty(0, 3, image_size, image_size, dtype=torch.uint8))
+    for batch in iter_eval_batches(shards, image_size, batch_size, data_key, tracker):
+        images.append(batch["images"].contiguous())
+        split.captions += batch["captions"]
+        split.keys += batch["keys"]
+        split.metas += batch["meta"]
+        if max_samples and len(split.keys) >= max_samples:
+            break
+    if not split.keys:
+        raise DataError(f"{data_key}: no readable sample in {shards}")
+    tracker.check_rate(max_skip_rate, 1, f"{data_key} {shards}")
+    n = max_samples or len(split.keys)
+    split.images = torch.cat(images)[:n]
+    split.captions, split.keys, split.metas = split.captions[:n], split.keys[:n], split.metas[:n]
+    split.skipped = tracker.counts
+    return split
+
+
+def topk_hits(scores: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of ``scores`` [N, K] (higher = better), the probability that ``target`` [N] is
+    among the top ``k`` when ties are broken uniformly at random: a constant scorer gets exactly
+    chance (k / K), never a perfect score by tie order."""
+    true = scores.gather(1, target.view(-1, 1))
+    above = (scores > true).sum(1).float()
+    ties = (scores == true).sum(1).float() - 1  # other candidates with the same score
+    return ((k - above) / (ties + 1)).clamp(0, 1)
+
+
+def result_dict(task: str, checkpoint: str | Path, data: str, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The evaluation JSON: DESIGN.md's four keys first, then ``extra`` (val_data, config, plots)."""
+    return {"task": task, "checkpoint": str(checkpoint), "data": data, "metrics": metrics, **extra}
+
+
+def write_result(result: dict[str, Any], run_dir: str | Path | None, json_out: str | Path | None,
+                 name: str | None = None) -> list[Path]:
+    """Write ``result`` to ``RUN_DIR/eval/NAME.json`` (NAME defaults to the task; ``run_dir``
+    None skips it) and to ``json_out`` if given; returns the paths written."""
+    outs = ([Path(run_dir) / "eval" / f"{name or result['task']}.json"] if run_dir is not None else [])
+    outs += [Path(json_out)] if json_out else []
+    text = json.dumps(result, indent=2) + "\n"
+    for out in outs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    return outs
+
+
+def plot_dir(run_dir: str | Path | None, json_out: str | Path | None) -> Path | None:
+    """Where an evaluation's PNGs go: beside its run-dir JSON, else beside ``json_out``."""
+    if run_dir is not None:
+        return Path(run_dir) / "eval"
+    return Path(json_out).parent if json_out else None

@@ -1,0 +1,108 @@
+"""Probes: the attentive probe on its own, then linear + attentive probes end to end on a tiny run
+(near-perfect on a trivially separable label, chance on shuffled labels), with the confusion PNG."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tcjepa.config import ConfigError, ProbeConfig
+from tcjepa.eval.attentive import AttentivePooler, auto_heads, train_attentive_probes
+from tcjepa.eval.probe import classification_metrics, run_probe
+from tests.eval_runs import train_tiny, write_colour_shards
+
+FAST = ProbeConfig(epochs=30, attentive_epochs=15, batch_size=64, kind="both")
+
+
+def patch_data(n: int, seed: int, classes: int = 4):
+    """16 noise patches per sample; the class shows in one patch at a random position."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, 16, 32, generator=g)
+    centers = torch.randn(classes, 32, generator=torch.Generator().manual_seed(0)) * 3
+    x[torch.arange(n), torch.randint(0, 16, (n,), generator=g)] += centers[y]
+    return x, y
+
+
+def test_attentive_pooler_shapes_and_heads():
+    pool = AttentivePooler(48, num_heads=3)
+    assert pool(torch.randn(5, 7, 48)).shape == (5, 48)
+    assert auto_heads(192) == 3 and auto_heads(96) == 1 and auto_heads(1280) == 20
+    with pytest.raises(ValueError, match="must divide"):
+        AttentivePooler(50, num_heads=3)
+
+
+def test_attentive_probe_finds_the_informative_patch_and_not_shuffled_labels():
+    tx, ty = patch_data(400, 1)
+    vx, vy = patch_data(200, 2)
+    m = train_attentive_probes(tx, ty, vx, vy, FAST, device="cpu")
+    assert m["top1"] > 0.9 and set(m["lr_sweep"]) == {str(lr) for lr in FAST.attentive_lrs}
+    assert len(m["confusion"]) == 4 and sum(map(sum, m["confusion"])) == 200
+    g = torch.Generator().manual_seed(3)
+    shuffled = train_attentive_probes(tx, torch.randint(0, 4, (400,), generator=g), vx,
+                                      torch.randint(0, 4, (200,), generator=g), FAST, device="cpu")
+    assert shuffled["top1"] < 0.4  # chance is 0.25
+
+
+def test_classification_metrics_confusion():
+    m = classification_metrics(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)
+    assert m["top1"] == 0.75 and m["per_class"] == {"0": 1.0, "1": 1.0, "2": 0.5}
+    assert m["confusion"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+@pytest.fixture(scope="module")
+def probe_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("probe")
+    data = {
+        "train": write_colour_shards(root / "train", 90),
+        "val": write_colour_shards(root / "val", 45, start=1000),
+        "train_shuffled": write_colour_shards(root / "train_shuffled", 90, shuffle_labels_seed=1),
+        "val_shuffled": write_colour_shards(root / "val_shuffled", 45, start=1000, shuffle_labels_seed=2),
+    }
+    data["run"] = train_tiny(data["train"], root / "run")
+    return data
+
+
+@pytest.mark.slow
+def test_probe_both_kinds_near_perfect_on_a_separable_label(probe_data, tmp_path):
+    run = probe_data["run"]
+    out = tmp_path / "probe.json"
+    result = run_probe(run, str(probe_data["train"]), str(probe_data["val"]), FAST, json_out=out, progress=False)
+    saved = json.loads((run / "eval" / "probe.json").read_text())
+    assert saved == json.loads(out.read_text()) and saved["task"] == "probe" and saved["checkpoint"] == str(run)
+    m = saved["metrics"]
+    assert m["top1"] == m["linear_top1"] and m["kind"] == "linear"  # the headline is the linear probe's
+    assert m["linear_top1"] > 0.95 and m["attentive_top1"] > 0.9
+    label = m["per_label"]["label"]
+    assert label["class_names"] == ["red", "green", "blue"] and set(label["per_class"]) == {"0", "1", "2"}
+    assert label["linear"]["best_lr"] in FAST.lrs and label["attentive"]["best_lr"] in FAST.attentive_lrs
+    pngs = sorted(Path(p).name for p in result["plots"])
+    assert pngs == ["probe_confusion_label_attentive.png", "probe_confusion_label_linear.png"]
+    with Image.open(run / "eval" / pngs[0]) as im:
+        assert im.width > 100 and im.height > 100
+
+
+@pytest.mark.slow
+def test_probe_is_at_chance_on_shuffled_labels(probe_data, tmp_path):
+    result = run_probe(probe_data["run"], str(probe_data["train_shuffled"]), str(probe_data["val_shuffled"]), FAST,
+                       json_out=tmp_path / "p.json", progress=False, save_to_run=False)
+    m = result["metrics"]
+    assert m["linear_top1"] < 0.6 and m["attentive_top1"] < 0.6  # chance is 1/3 on 45 samples
+
+
+@pytest.mark.slow
+def test_probe_cli_rejects_a_bad_kind_and_other_sections(probe_data, capsys):
+    from tcjepa.cli import main
+
+    argv = ["eval", "probe", "--checkpoint", str(probe_data["run"]), "--data", str(probe_data["train"]),
+            "--val-data", str(probe_data["val"])]
+    assert main(argv + ["--set", "probe.kind=mlp"]) == 2
+    assert "probe.kind must be one of linear, attentive, both" in capsys.readouterr().err
+    assert main(argv + ["--set", "vqa.epochs=1"]) == 2
+    assert "only probe.* keys" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown key probe.knd"):
+        from tcjepa.eval.tasks import task_config
+
+        task_config("probe", probe_data["run"], ["probe.knd=linear"])

@@ -1,0 +1,78 @@
+"""``tcjepa report``: runs compared in a markdown table, with PIL-drawn plots."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from tcjepa.cli import main
+from tcjepa.config import ConfigError
+from tcjepa.eval.plots import confusion_plot, log_ticks, nice_ticks
+from tcjepa.eval.report import read_run, unique_names, write_report
+
+
+def fake_run(root: Path, conditioner: bool, probe: float, rankme: bool = False) -> Path:
+    (root / "final").mkdir(parents=True)
+    (root / "eval").mkdir()
+    cfg = {"model": {"encoder": "vit_tiny_8", "image_size": 64}, "conditioner": {"enabled": conditioner},
+           "teacher": {"update": "ema"}, "train": {"method": "jepa", "steps": 20}}
+    (root / "final" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lines = [json.dumps({"step": s, "loss": 0.5 / s, "img_per_s": 50.0, **({"target_rankme": 10.0 + s} if rankme else {})})
+             for s in range(1, 21)]
+    (root / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 21, \"lo")  # a partial last line
+    res = {"task": "probe", "checkpoint": str(root), "data": "d", "val_data": "v",
+           "metrics": {"top1": probe, "per_label": {"label": {"top1": probe, "majority_class": 0.2,
+                                                              "linear": {"top1": probe}}}}}
+    (root / "eval" / "probe.json").write_text(json.dumps(res))
+    if conditioner:
+        zs = {"task": "zeroshot", "checkpoint": str(root), "data": "v",
+              "metrics": {"top1": 0.4, "top5": 0.9, "chance_top1": 0.2, "chance_top5": 1.0, "label": "label"}}
+        (root / "eval" / "zeroshot.json").write_text(json.dumps(zs))
+        vqa = {"task": "vqa", "checkpoint": str(root), "data": "d",
+               "metrics": {"accuracy": 0.5, "majority_baseline": 0.18, "per_type": {"color": 0.6},
+                           "per_type_majority": {"color": 0.15}}}
+        (root / "eval" / "vqa.json").write_text(json.dumps(vqa))
+    return root
+
+
+def test_report_table_and_plots(tmp_path, capsys):
+    a = fake_run(tmp_path / "a" / "run", True, 0.61, rankme=True)
+    b = fake_run(tmp_path / "b" / "run", False, 0.55)
+    assert unique_names([a, b]) == ["a/run", "b/run"]
+    assert len(read_run(a).records) == 20  # the partial last line of a killed run is ignored
+    out = tmp_path / "rep" / "report.md"
+    text = write_report([a, b], out)
+    assert out.read_text() == text
+    assert "| a/run | TC-JEPA | vit_tiny_8 @ 64 px | 20 | 0.0250 | 50 | 30.0 |" in text
+    assert "| b/run | I-JEPA |" in text
+    assert "| probe label top-1 (linear) | 0.610 | 0.550 | 0.200 |" in text
+    assert "| zeroshot label top-1 | 0.400 |  | 0.200 |" in text
+    assert "| vqa color | 0.600 |  | 0.150 |" in text
+    for name in ("report_loss.png", "report_rankme.png", "report_accuracy.png"):
+        assert f"]({name})" in text
+        with Image.open(out.parent / name) as im:
+            assert im.size[0] >= 700 and im.getextrema() != ((255, 255),) * 3  # something was drawn
+
+    assert main(["report", str(a), str(b)]) == 0
+    printed = capsys.readouterr().out
+    assert "| probe label top-1 (linear) |" in printed and ".png" not in printed  # no --out: no plots
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_report_rejects_broken_eval_json(tmp_path):
+    run = fake_run(tmp_path / "run", False, 0.5)
+    (run / "eval" / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="bad.json: not JSON"):
+        read_run(run)
+
+
+def test_ticks_and_confusion_plot(tmp_path):
+    assert nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert log_ticks(0.03, 0.4) == pytest.approx([0.05, 0.1, 0.2])
+    assert log_ticks(0.001, 10) == pytest.approx([0.001, 0.01, 0.1, 1.0, 10.0])
+    path = confusion_plot([[5, 1], [0, 4]], ["cat", "dog"], tmp_path / "c.png", "probe")
+    with Image.open(path) as im:
+        assert im.width > 80
