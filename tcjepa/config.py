@@ -123,6 +123,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # that many skipped steps in a row stop the run
     collapse_rankme: float = 2.0  # warn when the effective rank of the targets falls below this ...
     collapse_std: float = 0.01  # ... or their per-channel std across tokens does
+    eval_every: int = 0  # every N steps a linear probe on data.val (labels: probe.labels[0]) -> probe_top1; 0: off
 
 
 @dataclass
@@ -491,6 +492,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _check(o.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables)")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), source, "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     _check(cfg.train.max_bad_steps >= 1, source, "train.max_bad_steps", "must be >= 1")
+    _check(cfg.train.eval_every >= 0, source, "train.eval_every", "must be >= 0")
+    _check(not cfg.train.eval_every or bool(cfg.data.val), source, "train.eval_every",
+           "needs data.val (held-out SHARDS with labels) for its probe")
     _check(cfg.checkpoint.every >= 0, source, "checkpoint.every", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, source, "checkpoint.keep", "must be >= 1")
     _check(cfg.data.workers >= 0, source, "data.workers", "must be >= 0")

@@ -212,6 +212,19 @@ def grads_finite(model: torch.nn.Module) -> torch.Tensor:
     return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
 
 
+def run_periodic_probe(method: JEPA, engine: Any, cfg: Config, info: DistInfo) -> dict[str, float]:
+    """``train.eval_every``: a linear probe on ``data.val`` with the encoder a finished run would
+    be evaluated with (the EMA teacher, or the student when the teacher is frozen)."""
+    from tcjepa.eval.probe import periodic_probe
+
+    encoder = method.teacher if cfg.teacher.update == "ema" else engine.module.encoder
+    was_training = encoder.training
+    try:
+        return periodic_probe(encoder, cfg.data.val, cfg.model.image_size, cfg.probe, cfg.train.seed, info.device)
+    finally:
+        encoder.train(was_training)
+
+
 def warn_collapse(record: dict[str, Any], cfg: Config, step: int) -> None:
     """Warn when the targets look collapsed: effective rank or per-channel spread below thresholds."""
     rank, std = record.get("target_rankme"), record.get("target_std")
@@ -305,6 +318,7 @@ def train(
     check_grads = cfg.deepspeed.zero_stage == 0  # with ZeRO >= 1 the gradients live in optimizer partitions
     bad_in_a_row, bad_steps = 0, bad_steps_before
     sched: dict[str, float] = {}
+    pending_eval: dict[str, float] = {}
     with StopRequest() as stop:
         for step in range(start, end):
             batch = next(batches)
@@ -358,6 +372,10 @@ def train(
                         f"{last[-1] if last else 'none (checkpoint.every)'}. Lower optim.lr, enable optim.grad_clip "
                         "or check the data, then --resume")
             n_window += 1
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and info.is_main:
+                t_eval = time.perf_counter()
+                pending_eval = run_periodic_probe(method, engine, cfg, info)  # logged with this or the next record
+                t_window += time.perf_counter() - t_eval  # img_per_s counts training only
             if done % cfg.train.log_every == 0 or done == end:
                 denom = max(n_good, 1)
                 stats = torch.stack([loss_sum / denom] + [v / denom for v in extra_sum.values()]).float()
@@ -378,6 +396,8 @@ def train(
                 if info.is_main and method.last_health:
                     record.update(method.last_health)
                     warn_collapse(record, cfg, done)
+                record.update(pending_eval)
+                pending_eval = {}
                 if n_good == 0:
                     record["loss"] = None  # every step of the window was skipped
                 elif not np.isfinite(record["loss"]):  # only without train.nan_guard

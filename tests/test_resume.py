@@ -261,3 +261,20 @@ def test_two_process_sigterm_then_resume_matches_the_uninterrupted_run(shards64,
         assert sa == sb and la == pytest.approx(lb, rel=1e-5)
     a, b = load_final_state(run), load_final_state(tmp_path / "ref")
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_periodic_probe_is_logged(shards64, tmp_path):
+    from tcjepa.config import ConfigError
+
+    val = tmp_path / "val"
+    val.mkdir()
+    from tests.conftest import labelled_members, write_tar
+
+    write_tar(val / "000000.tar", labelled_members(500, 40, size=64))
+    run = train(cfg_for(shards64, "train.steps=4", "train.log_every=1", "checkpoint.every=0", "train.eval_every=2",
+                        f"data.val={val}", "probe.epochs=20"), tmp_path / "run", progress=False)
+    recs = records(run)
+    assert [r["step"] for r in recs if "probe_top1" in r] == [2, 4]
+    assert all(0.5 < r["probe_top1"] <= 1 for r in recs if "probe_top1" in r)  # 3 colour-separable classes
+    with pytest.raises(ConfigError, match="train.eval_every.*needs data.val"):
+        cfg_for(shards64, "train.eval_every=2")

@@ -272,3 +272,17 @@ def run_probe(
     result = result_dict("probe", checkpoint, data, metrics, val_data=val_data, config=to_dict(cfg), plots=plots)
     write_result(result, checkpoint if save_to_run else None, json_out, name=name)
     return result
+
+
+def periodic_probe(encoder: nn.Module, shards: str, image_size: int, cfg: ProbeConfig, seed: int,
+                   device: torch.device | str = "cpu") -> dict[str, float]:
+    """A linear probe during training, on one held-out shard set: its labelled samples are split
+    in half (even positions fit the heads, odd ones score them), so no second split is needed.
+    Returns ``{"probe_top1": ...}`` for the first of ``probe.labels``."""
+    feats, metas, _ = extract_features(encoder, shards, image_size, cfg.batch_size, device, data_key="data.val")
+    idx, y = select_labels(metas, cfg.labels[0])
+    if len(idx) < 4:
+        raise DataError(f"data.val {shards}: fewer than 4 samples with an integer {cfg.labels[0]!r} (probe.labels)")
+    x = feats[idx]
+    m = train_linear_probes(x[0::2], y[0::2], x[1::2], y[1::2], cfg, seed=seed)
+    return {"probe_top1": float(m["top1"])}
