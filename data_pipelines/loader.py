@@ -182,21 +182,6 @@ def eval_partition(n_shards: int, rank: int, world_size: int, worker: int, worke
     return slice(None), readers, me
 
 
-@dataclass
-class SplitShards(torch.utils.data.IterableDataset):
-    """Each shard once, split over ranks then workers (evaluation); see :func:`eval_partition`."""
-
-    urls: list[str]
-    rank: int = 0
-    world_size: int = 1
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        wid, nworkers = _worker()
-        shards, _, _ = eval_partition(len(self.urls), self.rank, self.world_size, wid, nworkers)
-        for url in self.urls[shards]:
-            yield {"url": url}
-
-
 class TrainSource:
     """The raw samples one training reader (rank, role) sees: shards drawn with replacement from a
     seeded RNG, each read in order, through a reservoir shuffle buffer.
@@ -247,29 +232,21 @@ class TrainSource:
 
     def state(self) -> dict[str, Any]:
         return {
-            "shard_rng": _rng_state(self.shard_rng), "rng": _rng_state(self.rng),
+            "shard_rng": self.shard_rng.getstate(), "rng": self.rng.getstate(),
             "current": list(self.current) if self.current is not None else None,
             "buffer": [[b["__url__"], b["__offset__"]] for b in self.buffer],
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.shard_rng.setstate(_rng_from(state["shard_rng"]))
-        self.rng.setstate(_rng_from(state["rng"]))
+        for rng, saved in ((self.shard_rng, state["shard_rng"]), (self.rng, state["rng"])):
+            version, internal, gauss = saved  # a checkpoint round trip may turn the tuple into a list
+            rng.setstate((version, tuple(internal), gauss))
         self.current = tuple(state["current"]) if state["current"] is not None else None
         try:
             self.buffer = [read_sample(url, offset) for url, offset in state["buffer"]]
         except (OSError, ValueError) as e:
             raise DataError(f"resuming the data stream: a buffered sample cannot be read again ({e}); "
                             "were the shards changed since the checkpoint?") from e
-
-
-def _rng_state(rng: random.Random) -> list[Any]:
-    version, internal, gauss = rng.getstate()
-    return [version, list(internal), gauss]
-
-
-def _rng_from(state: list[Any]) -> tuple[Any, ...]:
-    return (state[0], tuple(state[1]), state[2])
 
 
 def _caption(raw: dict[str, Any], meta: dict[str, Any], rng: random.Random | None, max_bytes: int) -> str:
@@ -427,11 +404,10 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
             samples: Iterable = iter(source)
         else:
             rng = None
-            shards = SplitShards(s.urls, s.rank, s.world_size)
-            _, stride, offset = eval_partition(len(s.urls), s.rank, s.world_size, wid, nworkers)
+            shards, stride, offset = eval_partition(len(s.urls), s.rank, s.world_size, wid, nworkers)
             # with a sample-level split every reader walks the same shards: one of them counts tar errors
             on_tar_error = counter.tar_error if offset == 0 else (lambda exn: True)
-            samples = iter_samples((x["url"] for x in shards), on_tar_error)
+            samples = iter_samples(s.urls[shards], on_tar_error)
             if stride > 1:
                 samples = (x for i, x in enumerate(samples) if i % stride == offset)
         batch: list[dict[str, Any]] = []

@@ -7,11 +7,13 @@ it is complete, so a crashed writer never leaves a truncated ``.tar`` that a loa
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import BinaryIO, Iterable, Mapping
 
 SHARD_NAME = "{prefix}{index:06d}.tar"
 
@@ -55,14 +57,40 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+@dataclass(frozen=True)
+class Shard:
+    """A written shard: where it is, how many samples, its size and checksum (computed while
+    writing, so nobody needs to read the file back)."""
+
+    path: Path
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class _HashingFile:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
 def write_shards(
     samples: Iterable[Mapping[str, bytes | str]],
     out_dir: str | Path,
     shard_size: int = 1000,
     prefix: str = "",
     max_bytes: int = 0,
-) -> list[Path]:
-    """Write ``samples`` into tar shards of ``shard_size`` samples each; return the shard paths.
+) -> list[Shard]:
+    """Write ``samples`` into tar shards of ``shard_size`` samples each; return the shards.
 
     Each sample maps ``"__key__"`` (no dots or slashes) and extensions (``"png"``, ``"txt"``,
     ``"json"``, ...) to bytes or str (stored as UTF-8); members are named ``KEY.ext``. Shards are
@@ -79,11 +107,22 @@ def write_shards(
         raise ValueError(f"prefix {prefix!r} must not contain a path separator; put directories in out_dir")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    written: list[Shard] = []
     seen: set[str] = set()
     tar: tarfile.TarFile | None = None
+    raw: BinaryIO | None = None
+    sink: _HashingFile | None = None
     tmp = final = None
     count = 0
+
+    def finish() -> None:
+        nonlocal tar, raw
+        tar.close()  # writes the end-of-archive blocks through the hashing file
+        raw.close()
+        tar = raw = None
+        os.replace(tmp, final)
+        written.append(Shard(final, count, sink.size, sink.hash.hexdigest()))
+
     try:
         for sample in samples:
             members = _sample_members(sample)
@@ -94,24 +133,22 @@ def write_shards(
             if tar is None:
                 final = out / SHARD_NAME.format(prefix=prefix, index=len(written))
                 tmp = final.with_name(final.name + ".tmp")
-                tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)
+                raw = open(tmp, "wb")
+                sink = _HashingFile(raw)
+                tar = tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT)
                 count = 0
             for name, data in members:
                 _add_member(tar, name, data)
             count += 1
             if count == shard_size or (max_bytes and tar.offset >= max_bytes):
-                tar.close()
-                tar = None
-                os.replace(tmp, final)
-                written.append(final)
+                finish()
         if tar is not None:
-            tar.close()
-            tar = None
-            os.replace(tmp, final)
-            written.append(final)
+            finish()
     except BaseException:
         if tar is not None:
             tar.close()
+        if raw is not None:
+            raw.close()
         if tmp is not None and tmp.exists():
             tmp.unlink()
         raise

@@ -444,10 +444,10 @@ def write_synthetic_shards(
 
     stream = tqdm(iter_synthetic_samples(samples, seed, image_size), total=samples, desc=f"scenes -> {out_dir}",
                   unit="img", disable=not progress)
-    paths = write_shards(stream, out_dir, shard_size=shard_size)
+    shards = write_shards(stream, out_dir, shard_size=shard_size)
     return {
         "samples": samples,
-        "shards": [str(p) for p in paths],
+        "shards": [str(sh.path) for sh in shards],
         "label_names": list(LABEL_NAMES),
         "attributes": {k: list(v) for k, v in ATTRIBUTE_NAMES.items()},
     }

@@ -15,12 +15,10 @@ function of the input and the options: the worker count changes the speed, not t
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
 import re
-import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -348,19 +346,6 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _samples_in(path: Path) -> int:
-    with tarfile.open(path) as tar:
-        return len({name.split(".", 1)[0] for name in tar.getnames()})
-
-
 def write_dataset(input: str | Path, out: str | Path, opts: WriteOptions = WriteOptions(),
                   progress: bool = True) -> dict[str, Any]:
     """Convert ``input`` (folder or manifest) into shards in ``out``; returns what ``stats.json`` holds."""
@@ -420,8 +405,7 @@ def write_rows(rows: Iterable[Row], root: Path, out: str | Path, opts: WriteOpti
 
         shards = write_shards(samples(), out, shard_size=opts.shard_size, max_bytes=opts.shard_bytes)
 
-    shard_stats = [{"file": p.name, "samples": _samples_in(p), "bytes": p.stat().st_size, "sha256": _sha256(p)}
-                   for p in shards]
+    shard_stats = [{"file": sh.path.name, "samples": sh.samples, "bytes": sh.bytes, "sha256": sh.sha256} for sh in shards]
     written = sum(s["samples"] for s in shard_stats)
     seconds = time.perf_counter() - start
     stats = {

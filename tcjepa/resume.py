@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tcjepa.config import ConfigError
+from tcjepa.distributed import barrier
 
 CHECKPOINTS = "checkpoints"
 TAG_PREFIX = "step_"
@@ -100,8 +101,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine: Any, run_dir: Path, step: int, client: dict[str, Any], keep: int,
-                    is_main: bool, barrier: Any) -> Path:
+def save_checkpoint(engine: Any, run_dir: Path, step: int, client: dict[str, Any], keep: int, is_main: bool) -> Path:
     """Write step ``step`` atomically (see the module docstring); keep the newest ``keep``."""
     ck = Path(run_dir) / CHECKPOINTS
     tag = tag_for(step)

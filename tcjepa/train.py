@@ -134,12 +134,13 @@ def global_skips(tracker: SkipTracker, before: dict[str, int], info: DistInfo) -
     return {r: int(c) + int(before.get(r, 0)) for r, c in zip(SKIP_REASONS, counts.tolist())}
 
 
-def checkpoint_client(method: JEPA, step: int, skipped: dict[str, int], streams: dict[int, Any],
+def checkpoint_client(method: JEPA, step: int, skipped: dict[str, int], bad_steps: int, streams: dict[int, Any],
                       workers: int, info: DistInfo) -> dict[str, Any]:
     """What a checkpoint holds beside DeepSpeed's weights and optimiser: the step, the teacher,
-    skip counts and, per rank, the RNG states and every loader worker's stream position."""
+    skip and bad-step counts and, per rank, the RNG states and every loader worker's stream position."""
     per_rank = gather({"rng": rng_states(), "workers": workers, "streams": streams}, info.world_size)
-    return {"step": step, "teacher": method.teacher.state_dict(), "skipped": skipped, "ranks": per_rank}
+    return {"step": step, "teacher": method.teacher.state_dict(), "skipped": skipped, "bad_steps": bad_steps,
+            "ranks": per_rank}
 
 
 def restore_client(client: dict[str, Any], method: JEPA, info: DistInfo, workers: int) -> dict[int, Any] | None:
@@ -191,18 +192,15 @@ class StopRequest:
     def __exit__(self, *exc: Any) -> None:
         self._restore()
 
-    def requested(self, info: DistInfo) -> bool:
-        """True on every rank once any rank was signalled (ranks must stop at the same step)."""
-        return not all_ranks(self.signal is None, info)
 
-
-def all_ranks(ok: bool | torch.Tensor, info: DistInfo) -> bool:
-    """``ok`` on every rank (one host sync; an all-reduce when there are several ranks)."""
+def all_ranks(info: DistInfo, *flags: bool | torch.Tensor) -> list[bool]:
+    """Each flag ANDed over the ranks, all in one all-reduce (a host sync only for tensor flags in
+    one process): ranks must agree, e.g. to skip a step or to stop at the same one."""
     if info.world_size == 1:
-        return bool(ok)
-    flag = torch.as_tensor(ok, dtype=torch.float32, device=info.device).reshape(1)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+        return [bool(f) for f in flags]
+    t = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=info.device).reshape(()) for f in flags])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return [bool(v) for v in t.tolist()]
 
 
 def grads_finite(model: torch.nn.Module) -> torch.Tensor:
@@ -341,11 +339,12 @@ def train(
 
             log_step = (step + 1) % cfg.train.log_every == 0 or step + 1 == end
             loss, extra = method.loss(engine, images, masks, tokens, health=log_step and info.is_main)
-            ok = not guard or all_ranks(torch.isfinite(loss), info)
+            # one agreement per step: was the loss finite everywhere, and did any rank get a stop signal
+            ok, running = all_ranks(info, torch.isfinite(loss) if guard else True, stop.signal is None)
             if ok:
                 engine.backward(loss)
                 if guard and check_grads:
-                    ok = all_ranks(grads_finite(engine.module), info)
+                    (ok,) = all_ranks(info, grads_finite(engine.module))
                 if ok:
                     engine.step()
                     sched = method.after_step(engine, step, total)
@@ -376,7 +375,7 @@ def train(
                 t_eval = time.perf_counter()
                 pending_eval = run_periodic_probe(method, engine, cfg, info)  # logged with this or the next record
                 t_window += time.perf_counter() - t_eval  # img_per_s counts training only
-            if done % cfg.train.log_every == 0 or done == end:
+            if log_step:
                 denom = max(n_good, 1)
                 stats = torch.stack([loss_sum / denom] + [v / denom for v in extra_sum.values()]).float()
                 if info.world_size > 1:
@@ -407,12 +406,12 @@ def train(
                 loss_sum.zero_()
                 extra_sum, n_window, n_good, t_window = {}, 0, 0, time.perf_counter()
             bar.update(1)
-            stopping = stop.requested(info)
+            stopping = not running
             periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
             if periodic or stopping or (done == end and (end < total or cfg.checkpoint.every)):  # the last: resumable
-                client = checkpoint_client(method, done, global_skips(tracker, skipped_before, info), streams, readers, info)
-                client["bad_steps"] = bad_steps
-                save_checkpoint(engine, run_dir, done, client, cfg.checkpoint.keep, info.is_main, barrier)
+                client = checkpoint_client(method, done, global_skips(tracker, skipped_before, info), bad_steps,
+                                           streams, readers, info)
+                save_checkpoint(engine, run_dir, done, client, cfg.checkpoint.keep, info.is_main)
             if stopping:
                 if info.is_main:
                     print(f"stopped by signal {stop.signal} after step {done}; checkpoint written; continue with "

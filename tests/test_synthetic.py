@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import hashlib
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -96,15 +97,19 @@ def test_images_decode_rgb_at_requested_size(tmp_path, size):
 
 def test_write_shards_contract(tmp_path):
     samples = [{"__key__": f"k{i}", "txt": f"caption {i}", "json": b"{}", "cls": "3"} for i in range(5)]
-    paths = write_shards(samples, tmp_path / "out", shard_size=2, prefix="train-")
+    shards = write_shards(samples, tmp_path / "out", shard_size=2, prefix="train-")
+    paths = [sh.path for sh in shards]
     assert [p.name for p in paths] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert [sh.samples for sh in shards] == [2, 2, 1]
+    assert all(sh.bytes == sh.path.stat().st_size and sh.sha256 == hashlib.sha256(sh.path.read_bytes()).hexdigest()
+               for sh in shards)
     with tarfile.open(paths[0]) as tar:
         members = tar.getmembers()
         assert [m.name for m in members] == ["k0.cls", "k0.json", "k0.txt", "k1.cls", "k1.json", "k1.txt"]
         assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" and m.mode == 0o444 for m in members)
         assert tar.extractfile("k1.txt").read() == b"caption 1"
     again = write_shards(samples, tmp_path / "again", shard_size=2, prefix="train-")
-    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+    assert [p.read_bytes() for p in paths] == [sh.path.read_bytes() for sh in again]
     assert write_shards([], tmp_path / "empty") == []
 
 

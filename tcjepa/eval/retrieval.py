@@ -23,7 +23,7 @@ import torch
 
 from data_pipelines.loader import DataError, normalize
 from tcjepa.config import ConfigError, to_dict
-from tcjepa.eval.common import default_device, read_split, result_dict, topk_hits, write_result
+from tcjepa.eval.common import result_dict, topk_hits, write_result
 
 KS = (1, 5, 10)
 
@@ -76,15 +76,12 @@ def run_retrieval(checkpoint: str | Path, data: str, val_data: str = "", cfg: Re
     ``RUN_DIR/eval/retrieval.json`` and ``json_out``."""
     from tqdm.auto import tqdm
 
-    from tcjepa.checkpoint import load_run_config
-    from tcjepa.eval.scoring import build_scorer
+    from tcjepa.eval.scoring import scored_split
 
     cfg = cfg or RetrievalConfig()
     check_config(cfg)
-    run_cfg = load_run_config(checkpoint)
-    scorer = build_scorer(checkpoint, "retrieval", cfg.num_masks, cfg.seed, default_device())
-    shards, data_key = (val_data, "--val-data") if val_data else (data, "--data")
-    split = read_split(shards, run_cfg.model.image_size, data_key, cfg.max_samples, run_cfg.data.max_skip_rate)
+    scorer, split, shards, data_key = scored_split("retrieval", checkpoint, data, val_data, cfg.num_masks, cfg.seed,
+                                                   cfg.max_samples)
     keep, empty, dup = unique_captioned(split.captions)
     if len(keep) < 2:
         raise DataError(f"{data_key}: retrieval needs at least 2 samples with distinct captions, found {len(keep)} "

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcjepa.config import Config, ConfigError
+from tcjepa.eval.common import Split, default_device, read_split
 from tcjepa.models.text import TextFeatures
 
 
@@ -154,3 +155,16 @@ def build_scorer(checkpoint: str | Path, task: str, num_masks: int = 2, seed: in
         "(conditioner.enabled is false: an image-only JEPA). Evaluate a TC-JEPA run (conditioner.enabled: true), "
         "or use eval probe / eval vqa, which work on any image encoder"
     )
+
+
+def scored_split(task: str, checkpoint: str | Path, data: str, val_data: str, num_masks: int, seed: int,
+                 max_samples: int) -> tuple[ImageTextScorer, Split, str, str]:
+    """What zero-shot and retrieval both start from: the run's scorer and the split it is scored
+    on (``val_data``, else ``data``: nothing is trained), with that split's SHARDS and CLI key."""
+    from tcjepa.checkpoint import load_run_config
+
+    run_cfg = load_run_config(checkpoint)
+    scorer = build_scorer(checkpoint, task, num_masks, seed, default_device())
+    shards, data_key = (val_data, "--val-data") if val_data else (data, "--data")
+    split = read_split(shards, run_cfg.model.image_size, data_key, max_samples, run_cfg.data.max_skip_rate)
+    return scorer, split, shards, data_key

@@ -28,7 +28,7 @@ import torch
 
 from data_pipelines.loader import DataError, normalize
 from tcjepa.config import ConfigError, to_dict
-from tcjepa.eval.common import default_device, is_label, lookup, read_split, result_dict, topk_hits, write_result
+from tcjepa.eval.common import is_label, lookup, result_dict, topk_hits, write_result
 
 
 @dataclass
@@ -89,15 +89,12 @@ def run_zeroshot(checkpoint: str | Path, data: str, val_data: str = "", cfg: Zer
     nothing is trained, so any split works). Writes ``RUN_DIR/eval/zeroshot.json`` and ``json_out``."""
     from tqdm.auto import tqdm
 
-    from tcjepa.checkpoint import load_run_config
-    from tcjepa.eval.scoring import PredictorScorer, build_scorer
+    from tcjepa.eval.scoring import PredictorScorer, scored_split
 
     cfg = cfg or ZeroShotConfig()
     check_config(cfg)
-    run_cfg = load_run_config(checkpoint)
-    scorer = build_scorer(checkpoint, "zeroshot", cfg.num_masks, cfg.seed, default_device())
-    shards, data_key = (val_data, "--val-data") if val_data else (data, "--data")
-    split = read_split(shards, run_cfg.model.image_size, data_key, cfg.max_samples, run_cfg.data.max_skip_rate)
+    scorer, split, shards, data_key = scored_split("zeroshot", checkpoint, data, val_data, cfg.num_masks, cfg.seed,
+                                                   cfg.max_samples)
     names, labels = resolve_classes(split.metas, split.keys, cfg, data_key)
     prompts = [[t.format(n) for t in cfg.templates] for n in names]
 

@@ -170,12 +170,10 @@ class JEPA:
         if self.tokenizer is None:
             return None
         p = self.cfg.conditioner.caption_dropout
-        drop = torch.rand(len(captions), generator=gen) < p if p > 0 else None
         if tokens is None:
-            if drop is not None:
-                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            return self.tokenizer(captions)
-        if drop is not None:
+            tokens = self.tokenizer(captions)
+        if p > 0:
+            drop = torch.rand(len(captions), generator=gen) < p
             if self._empty is None:
                 self._empty = self.tokenizer([""])
             tokens = drop_captions(tokens, drop, self._empty)
