@@ -1,8 +1,10 @@
 """Finished-run weights (``RUN_DIR/final/``): saved as safetensors, loadable without DeepSpeed.
 
-``final/model.safetensors`` holds ``encoder.*`` (the student / context encoder), ``teacher.*``
-(the EMA or frozen target encoder) and ``predictor.*``; ``final/config.yaml`` is the resolved
-config that rebuilds the architecture.
+``final/model.safetensors`` holds one key prefix per module: every method has ``encoder.*`` (the
+image encoder: JEPA's student / context encoder); JEPA runs add ``teacher.*`` (the EMA or frozen
+target encoder), ``predictor.*`` and, for TC-JEPA, ``text.*``; MAE runs add ``decoder.*``;
+contrastive runs ``text.*`` and ``head.*``. ``final/config.yaml`` is the resolved config that
+rebuilds the architecture.
 """
 
 from __future__ import annotations
@@ -61,14 +63,14 @@ def load_encoder(run_dir: str | Path, which: str = "auto") -> nn.Module:
     """The trained image encoder of a finished run, in eval mode.
 
     ``which``: ``teacher`` (the EMA target encoder, what I-JEPA evaluates), ``student`` (the
-    context encoder) or ``auto`` (teacher for EMA runs, student for frozen-teacher runs, where the
-    teacher is just the previous stage's model).
+    context encoder; the image tower of MAE and contrastive runs) or ``auto`` (teacher for EMA
+    JEPA runs, student otherwise: a frozen teacher is just the previous stage's model).
     """
     from tcjepa.models.vit import build_encoder
 
     cfg = load_run_config(run_dir)
     if which == "auto":
-        which = "teacher" if cfg.teacher.update == "ema" else "student"
+        which = "teacher" if cfg.train.method == "jepa" and cfg.teacher.update == "ema" else "student"
     prefix = {"teacher": "teacher", "student": "encoder"}.get(which)
     if prefix is None:
         raise ValueError(f"which must be auto, teacher or student, got {which!r}")
@@ -88,11 +90,33 @@ def load_student(run_dir: str | Path) -> tuple[nn.Module, Config]:
 
     cfg = load_run_config(run_dir)
     state = load_final_state(run_dir)
-    student = build_student(cfg)
-    want = {k for k in student.state_dict()}
-    have = {k for k in state if not k.startswith("teacher.")}
+    if cfg.train.method != "jepa":
+        raise ConfigError(f"{run_dir}: a {cfg.train.method} run has no JEPA predictor")
+    teacher = state.get("predictor.predictor_proj.weight")
+    student = build_student(cfg, target_dim=None if teacher is None else teacher.shape[0])
+    _load_matching(student, state, run_dir, ("teacher.",))
+    return student.eval(), cfg
+
+
+def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], run_dir: str | Path, skip: tuple[str, ...]) -> None:
+    """Strict load of ``module`` from ``state`` (less the ``skip`` prefixes), with an error that
+    lists the missing and unexpected keys."""
+    want = set(module.state_dict())
+    have = {k for k in state if not k.startswith(skip)}
     if want != have:
         raise ConfigError(f"{run_dir}: {FINAL}/{WEIGHTS} does not match its config; "
                           f"missing {sorted(want - have)[:5]}, unexpected {sorted(have - want)[:5]}")
-    student.load_state_dict({k: state[k] for k in want}, strict=True)
-    return student.eval(), cfg
+    module.load_state_dict({k: state[k] for k in want}, strict=True)
+
+
+def load_dual_encoder(run_dir: str | Path) -> tuple[nn.Module, Config]:
+    """Image tower, text tower and head of a finished contrastive (CLIP/SigLIP) run, in eval mode."""
+    from tcjepa.methods.contrastive import build_dual_encoder
+    from tcjepa.methods.jepa import build_tokenizer_for
+
+    cfg = load_run_config(run_dir)
+    if cfg.train.method != "contrastive":
+        raise ConfigError(f"{run_dir}: a {cfg.train.method} run, not a contrastive one")
+    model = build_dual_encoder(cfg, build_tokenizer_for(cfg))
+    _load_matching(model, load_final_state(run_dir), run_dir, ())
+    return model.eval(), cfg

@@ -35,6 +35,7 @@ class ModelConfig:
     predictor_depth: int = 12
     predictor_width: int = 384
     predictor_heads: int | None = None  # default: the encoder's head count, as in I-JEPA
+    predictor_mlp_ratio: float | None = None  # default: the encoder's (official I-JEPA: 4, also for vit_giant)
     init_std: float = 0.02
 
 
@@ -118,12 +119,33 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16
     log_every: int = 10
-    method: str = "jepa"
+    method: str = "jepa"  # jepa (I-JEPA, TC-JEPA, SALT stage 2) | mae (SALT stage 1) | contrastive (CLIP, SigLIP)
     nan_guard: bool = True  # skip steps with a non-finite loss (or gradient, ZeRO 0); costs one host sync per step
     max_bad_steps: int = 10  # that many skipped steps in a row stop the run
     collapse_rankme: float = 2.0  # warn when the effective rank of the targets falls below this ...
     collapse_std: float = 0.01  # ... or their per-channel std across tokens does
     eval_every: int = 0  # every N steps a linear probe on data.val (labels: probe.labels[0]) -> probe_top1; 0: off
+
+
+@dataclass
+class MAEConfig:
+    """Masked pixel reconstruction (``train.method: mae``, SALT stage 1): the predictor (sized by
+    ``model.predictor_*``) decodes the context into the pixels of the target blocks."""
+
+    norm_pix_loss: bool = True  # targets are each patch's pixels normalised by its own mean and std (MAE)
+
+
+@dataclass
+class ContrastiveConfig:
+    """CLIP / SigLIP (``train.method: contrastive``). The text tower is described by the
+    ``conditioner.text_*`` keys (``text_encoder``, ``text_width`` ...), shared with TC-JEPA."""
+
+    loss: str = "clip"  # clip (open_clip ClipLoss) | siglip (open_clip SigLipLoss)
+    embed_dim: int = 256  # joint embedding width
+    matryoshka_dims: tuple[int, ...] = ()  # nested prefixes trained together, e.g. [32, 64, 128]; () = full only
+    init_logit_scale: float | None = None  # log of the initial temperature scale; default ln(1/0.07) clip, ln(10) siglip
+    init_logit_bias: float = -10.0  # siglip only
+    max_logit_scale: float = 100.0  # the scale is clamped to [1, this] after every step, as open_clip does
 
 
 @dataclass
@@ -169,6 +191,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
 
 
 # ----------------------------------------------------------------------------- locating assets
@@ -384,6 +408,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # ----------------------------------------------------------------------------- validation
 
 
+METHODS = ("jepa", "mae", "contrastive")
+
+
 def _check(ok: bool, source: str, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{source}: {key} {msg}")
@@ -419,8 +446,16 @@ def resolved_tokenizer(c: ConditionerConfig) -> tuple[str, str]:
 
 def _validate_conditioner(cfg: Config, source: str, predictor_heads: int) -> None:
     c = cfg.conditioner
-    if not c.enabled:
-        return
+    if c.enabled:
+        _check(cfg.train.method == "jepa", source, "conditioner.enabled",
+               f"conditions the JEPA predictor; train.method {cfg.train.method!r} has none")
+        _validate_conditioner_layers(cfg, source, predictor_heads)
+    if c.enabled or cfg.train.method == "contrastive":
+        _validate_text_tower(cfg, source)
+
+
+def _validate_conditioner_layers(cfg: Config, source: str, predictor_heads: int) -> None:
+    c = cfg.conditioner
     depth = cfg.model.predictor_depth
     _check(1 <= c.every <= depth, source, "conditioner.every", f"must be in [1, model.predictor_depth={depth}], got {c.every}")
     _check(c.sparsity in ("topk", "sparsemax", "softmax"), source, "conditioner.sparsity",
@@ -431,6 +466,11 @@ def _validate_conditioner(cfg: Config, source: str, predictor_heads: int) -> Non
     _check(heads > 0 and cfg.model.predictor_width % heads == 0, source, "conditioner.heads",
            f"must divide model.predictor_width {cfg.model.predictor_width}, got {heads}")
     _check(0.0 <= c.caption_dropout <= 1.0, source, "conditioner.caption_dropout", "must be in [0, 1]")
+
+
+def _validate_text_tower(cfg: Config, source: str) -> None:
+    """The text encoder and tokenizer keys (``conditioner.text_*``): TC-JEPA's and CLIP's tower."""
+    c = cfg.conditioner
     _check(c.text_encoder in ("scratch", "hf", "open_clip"), source, "conditioner.text_encoder",
            f"must be scratch, hf or open_clip, got {c.text_encoder!r}")
     _check(c.context_length >= 2, source, "conditioner.context_length", "must be >= 2")
@@ -476,12 +516,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _check(t.batch_size > 0, source, "train.batch_size", f"must be > 0, got {t.batch_size}")
     _check(t.precision in ("fp32", "bf16"), source, "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
     _check(t.log_every > 0, source, "train.log_every", "must be > 0")
-    _check(t.method in ("jepa",), source, "train.method", f"must be one of: jepa; got {t.method!r}")
+    _check(t.method in METHODS, source, "train.method", f"must be one of: {', '.join(METHODS)}; got {t.method!r}")
     _check(cfg.teacher.update in ("ema", "frozen"), source, "teacher.update", f"must be ema or frozen, got {cfg.teacher.update!r}")
     _check(0.0 <= cfg.teacher.momentum <= 1.0, source, "teacher.momentum", "must be in [0, 1]")
     _check(0.0 <= cfg.teacher.final_momentum <= 1.0, source, "teacher.final_momentum", "must be in [0, 1]")
     _check(
-        cfg.teacher.update != "frozen" or bool(cfg.teacher.checkpoint),
+        t.method != "jepa" or cfg.teacher.update != "frozen" or bool(cfg.teacher.checkpoint),
         source, "teacher.checkpoint", "must name a run directory when teacher.update is frozen",
     )
     _check(o.lr > 0, source, "optim.lr", f"must be > 0, got {o.lr}")
@@ -512,6 +552,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
            f"must be a positive multiple of the patch size {arch.patch_size}, got {m.image_size}")
     _check(m.depth is None or m.depth > 0, source, "model.depth", "must be > 0")
     _check(m.predictor_depth > 0, source, "model.predictor_depth", "must be > 0")
+    _check(m.predictor_mlp_ratio is None or m.predictor_mlp_ratio > 0, source, "model.predictor_mlp_ratio", "must be > 0")
     heads = m.predictor_heads or arch.num_heads
     _check(m.predictor_width > 0 and m.predictor_width % heads == 0, source, "model.predictor_width",
            f"must be a positive multiple of the predictor head count {heads}")
@@ -524,6 +565,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: mask: {e} (grid {grid}x{grid} = image_size/patch)") from e
     _validate_conditioner(cfg, source, heads)
     p = cfg.probe
+    _validate_contrastive(cfg, source)
     _check(p.encoder in ("auto", "teacher", "student"), source, "probe.encoder", "must be auto, teacher or student")
     _check(p.kind in ("linear", "attentive", "both"), source, "probe.kind", "must be linear, attentive or both")
     _check(p.attentive_epochs >= 1 and len(p.attentive_lrs) > 0, source, "probe.attentive_epochs",
@@ -532,3 +574,13 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _check(p.epochs > 0 and len(p.lrs) > 0, source, "probe.epochs", "and probe.lrs must be non-empty")
     _check(len(p.labels) > 0, source, "probe.labels", "must name at least one json key, e.g. [label]")
     _check(0 < p.holdout < 1, source, "probe.holdout", "must be in (0, 1)")
+
+
+def _validate_contrastive(cfg: Config, source: str) -> None:
+    c = cfg.contrastive
+    _check(c.loss in ("clip", "siglip"), source, "contrastive.loss", f"must be clip or siglip, got {c.loss!r}")
+    _check(c.embed_dim > 0, source, "contrastive.embed_dim", f"must be > 0, got {c.embed_dim}")
+    dims = list(c.matryoshka_dims)
+    _check(all(0 < d <= c.embed_dim for d in dims) and dims == sorted(set(dims)), source, "contrastive.matryoshka_dims",
+           f"must be increasing, distinct and in (0, contrastive.embed_dim={c.embed_dim}], got {dims}")
+    _check(c.max_logit_scale >= 1.0, source, "contrastive.max_logit_scale", "must be >= 1")

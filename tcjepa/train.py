@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from data_pipelines.loader import SKIP_REASONS, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
-from tcjepa.checkpoint import load_encoder, save_final
+from tcjepa.checkpoint import save_final
 from tcjepa.config import Config, ConfigError, save_config
 from tcjepa.distributed import DistInfo, barrier, init_distributed
 from tcjepa.masks import sample_masks
-from tcjepa.methods.jepa import JEPA, param_groups
+from tcjepa.methods import build_method
+from tcjepa.methods.jepa import param_groups
 from tcjepa.resume import (CHECKPOINTS, gather, list_checkpoints, load_latest, restore_rng_states, rng_states,
                            save_checkpoint)
 from tcjepa.schedules import lr_at, weight_decay_at
@@ -64,16 +65,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return ds
 
 
-def build_method(cfg: Config) -> JEPA:
-    teacher = None
-    if cfg.teacher.update == "frozen":
-        run = Path(cfg.teacher.checkpoint)
-        if not (run / "final" / "model.safetensors").is_file():
-            raise ConfigError(f"teacher.checkpoint: {run} is not a finished run directory (no final/model.safetensors)")
-        teacher = load_encoder(run, which="student")
-    return JEPA(cfg, teacher=teacher)
-
-
 # ----------------------------------------------------------------------------- run directory
 
 
@@ -93,13 +84,13 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         raise ConfigError(f"{run_dir}: not writable ({e.strerror or e})") from e
 
 
-def check_disk_space(run_dir: Path, method: JEPA, cfg: Config) -> None:
+def check_disk_space(run_dir: Path, method: Any, cfg: Config) -> None:
     """Fail before training when the run's checkpoints cannot fit: each holds the trained weights
     and two AdamW moments (fp32) plus the teacher, and ``checkpoint.keep + 1`` exist while a new
     one is written; ``final/`` holds the weights once more."""
     trained = sum(p.numel() for p in method.model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in method.model.parameters() if not p.requires_grad)
-    teacher = sum(p.numel() for p in method.teacher.parameters())
+    teacher = sum(p.numel() for p in method.teacher.parameters()) if method.teacher is not None else 0
     checkpoint = 4 * (3 * trained + frozen + teacher)
     copies = cfg.checkpoint.keep + 1 if cfg.checkpoint.every else 1  # a stop (SIGTERM) writes one anyway
     need = checkpoint * copies + 4 * (trained + frozen + teacher)
@@ -134,19 +125,21 @@ def global_skips(tracker: SkipTracker, before: dict[str, int], info: DistInfo) -
     return {r: int(c) + int(before.get(r, 0)) for r, c in zip(SKIP_REASONS, counts.tolist())}
 
 
-def checkpoint_client(method: JEPA, step: int, skipped: dict[str, int], bad_steps: int, streams: dict[int, Any],
+def checkpoint_client(method: Any, step: int, skipped: dict[str, int], bad_steps: int, streams: dict[int, Any],
                       workers: int, info: DistInfo) -> dict[str, Any]:
     """What a checkpoint holds beside DeepSpeed's weights and optimiser: the step, the teacher,
     skip and bad-step counts and, per rank, the RNG states and every loader worker's stream position."""
     per_rank = gather({"rng": rng_states(), "workers": workers, "streams": streams}, info.world_size)
-    return {"step": step, "teacher": method.teacher.state_dict(), "skipped": skipped, "bad_steps": bad_steps,
+    teacher = method.teacher.state_dict() if method.teacher is not None else {}
+    return {"step": step, "teacher": teacher, "skipped": skipped, "bad_steps": bad_steps,
             "ranks": per_rank}
 
 
-def restore_client(client: dict[str, Any], method: JEPA, info: DistInfo, workers: int) -> dict[int, Any] | None:
+def restore_client(client: dict[str, Any], method: Any, info: DistInfo, workers: int) -> dict[int, Any] | None:
     """Restore the teacher and this rank's RNGs; return its loader stream states, or None (with a
     warning) when the data stream cannot be continued exactly (another world size or worker count)."""
-    method.teacher.load_state_dict(client["teacher"])
+    if method.teacher is not None:
+        method.teacher.load_state_dict(client["teacher"])
     ranks = client.get("ranks")
     if not ranks or len(ranks) != info.world_size:
         warnings.warn(f"--resume: the checkpoint was written by {len(ranks) if ranks else 'an older'} process(es), "
@@ -210,12 +203,12 @@ def grads_finite(model: torch.nn.Module) -> torch.Tensor:
     return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
 
 
-def run_periodic_probe(method: JEPA, engine: Any, cfg: Config, info: DistInfo) -> dict[str, float]:
+def run_periodic_probe(method: Any, engine: Any, cfg: Config, info: DistInfo) -> dict[str, float]:
     """``train.eval_every``: a linear probe on ``data.val`` with the encoder a finished run would
-    be evaluated with (the EMA teacher, or the student when the teacher is frozen)."""
+    be evaluated with (the EMA teacher, or the student when the teacher is frozen or absent)."""
     from tcjepa.eval.probe import periodic_probe
 
-    encoder = method.teacher if cfg.teacher.update == "ema" else engine.module.encoder
+    encoder = method.eval_encoder(engine.module)
     was_training = encoder.training
     try:
         return periodic_probe(encoder, cfg.data.val, cfg.model.image_size, cfg.probe, cfg.train.seed, info.device)
@@ -224,11 +217,13 @@ def run_periodic_probe(method: JEPA, engine: Any, cfg: Config, info: DistInfo) -
 
 
 def warn_collapse(record: dict[str, Any], cfg: Config, step: int) -> None:
-    """Warn when the targets look collapsed: effective rank or per-channel spread below thresholds."""
-    rank, std = record.get("target_rankme"), record.get("target_std")
+    """Warn when the targets (or, without a teacher, the encoder's features) look collapsed:
+    effective rank or per-channel spread below thresholds."""
+    rank, std = record.get("target_rankme", record.get("feature_rankme")), record.get("target_std")
+    what = "target" if "target_rankme" in record else "feature"
     low = []
     if rank is not None and rank < cfg.train.collapse_rankme:
-        low.append(f"target RankMe {rank:.2f} < train.collapse_rankme {cfg.train.collapse_rankme}")
+        low.append(f"{what} RankMe {rank:.2f} < train.collapse_rankme {cfg.train.collapse_rankme}")
     if std is not None and std < cfg.train.collapse_std:
         low.append(f"target std {std:.4f} < train.collapse_std {cfg.train.collapse_std}")
     if low:
@@ -270,7 +265,7 @@ def train(
     barrier()
 
     _seed_everything(cfg.train.seed)
-    method = build_method(cfg)
+    method = build_method(cfg, info.rank, info.world_size)
     check_disk_space(run_dir, method, cfg)
     model = method.model.to(info.device)
     method.to(info.device)
@@ -332,7 +327,7 @@ def train(
                 group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
 
             gen.manual_seed(_mask_seed(cfg.train.seed, info.rank, step))
-            masks = sample_masks(images.size(0), grid, gen, **mask_kwargs).to(info.device)
+            masks = sample_masks(images.size(0), grid, gen, **mask_kwargs).to(info.device) if method.uses_masks else None
             tokens = method.text_inputs(batch["captions"], gen, batch.get("tokens"))  # after the masks: same masks as I-JEPA
             if tokens is not None:
                 tokens = tokens.to(info.device)
@@ -427,7 +422,7 @@ def train(
     return run_dir
 
 
-def _save_final(engine: Any, method: JEPA, run_dir: Path, cfg: Config, info: DistInfo) -> None:
+def _save_final(engine: Any, method: Any, run_dir: Path, cfg: Config, info: DistInfo) -> None:
     """``final/model.safetensors`` from rank 0; ZeRO-3 first gathers the partitioned weights."""
     import contextlib
 
@@ -438,9 +433,6 @@ def _save_final(engine: Any, method: JEPA, run_dir: Path, cfg: Config, info: Dis
               if engine.zero_optimization_partition_weights() else contextlib.nullcontext())
     with gather:
         if info.is_main:
-            modules = {"encoder": model.encoder, "predictor": model.predictor, "teacher": method.teacher}
-            if model.text is not None:
-                modules["text"] = model.text
-            save_final(run_dir, modules, cfg)
+            save_final(run_dir, method.final_modules(model), cfg)
 
 

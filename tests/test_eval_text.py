@@ -132,7 +132,7 @@ def test_text_tasks_reject_a_run_without_text(task, runs, capsys):
 
     assert main(["eval", task, "--checkpoint", str(runs["ijepa"]), "--data", str(runs["data"])]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "conditioner.enabled is false" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "conditioner.enabled false: an image-only model" in err and err.count("\n") == 1
 
 
 @pytest.mark.slow

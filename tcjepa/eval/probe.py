@@ -7,6 +7,9 @@ slice of the *train* split and the chosen head is reported on the val split, so 
 number never saw the val labels. ``probe.kind`` picks ``linear`` (the default, cheapest),
 ``attentive`` or ``both``; the headline ``top1`` is the linear probe's whenever it ran.
 
+For a Matryoshka contrastive run the result also has ``per_dim``: linear probes on each nested
+prefix of the (normalised) image embedding.
+
 Besides top-1, each probe reports per-class accuracy and a confusion matrix (drawn as
 ``probe_confusion_LABEL_KIND.png`` beside the result JSON).
 """
@@ -269,9 +272,44 @@ def run_probe(
     headline = {k: v for k, v in first.items() if k not in KINDS}
     headline.update({f"{kind}_top1": first[kind]["top1"] for kind in ("linear", "attentive") if kind in first})
     metrics = {**headline, "label": cfg.labels[0], "per_label": per_label, "skipped": {"train": tr.skipped, "val": va.skipped}}
+    if save_to_run and run_cfg.train.method == "contrastive" and run_cfg.contrastive.matryoshka_dims:
+        metrics["per_dim"] = matryoshka_probe(checkpoint, data, val_data, cfg, run_cfg.train.seed, progress)
     result = result_dict("probe", checkpoint, data, metrics, val_data=val_data, config=to_dict(cfg), plots=plots)
     write_result(result, checkpoint if save_to_run else None, json_out, name=name)
     return result
+
+
+class _ImageEmbedding(nn.Module):
+    """A contrastive model's projected image embedding as a one-token "encoder" for :func:`extract`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images).unsqueeze(1)
+
+
+def matryoshka_probe(checkpoint: str | Path, data: str, val_data: str, cfg: ProbeConfig, seed: int,
+                     progress: bool = False) -> dict[str, dict[str, float]]:
+    """Linear probes on the first ``d`` channels of a Matryoshka run's image embedding, for every
+    trained width ``d`` (first of ``probe.labels``): how much each nested size keeps."""
+    from tcjepa.checkpoint import load_dual_encoder
+    from tcjepa.methods.contrastive import embedding_dims
+
+    model, run_cfg = load_dual_encoder(checkpoint)
+    size, device, rate = run_cfg.model.image_size, default_device(), run_cfg.data.max_skip_rate
+    enc = _ImageEmbedding(model)
+    tr = extract(enc, data, size, cfg.batch_size, device, data_key="--data", progress=progress, max_skip_rate=rate)
+    va = extract(enc, val_data, size, cfg.batch_size, device, data_key="--val-data", progress=progress, max_skip_rate=rate)
+    ti, ty = select_labels(tr.metas, cfg.labels[0])
+    vi, vy = select_labels(va.metas, cfg.labels[0])
+    out = {}
+    for d in embedding_dims(run_cfg):
+        tx = F.normalize(tr.pooled[ti, :d], dim=-1)
+        vx = F.normalize(va.pooled[vi, :d], dim=-1)
+        out[str(d)] = {"top1": float(train_linear_probes(tx, ty, vx, vy, cfg, seed=seed)["top1"])}
+    return out
 
 
 def periodic_probe(encoder: nn.Module, shards: str, image_size: int, cfg: ProbeConfig, seed: int,

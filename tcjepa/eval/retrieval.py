@@ -8,7 +8,9 @@ chance, k / n). Numbers are averaged over all blocks; they depend on the block s
 recall@1 is 1 / block_size), which the result records.
 
 Blocks rather than the whole split because the TC-JEPA scorer costs one predictor pass per
-(image, caption, mask): a block of 32 costs 32 x 32 x num_masks passes. Samples without a caption
+(image, caption, mask): a block of 32 costs 32 x 32 x num_masks passes. Contrastive runs are
+scored the same way (cosine similarity), so the numbers compare across methods; a Matryoshka run
+also reports them per embedding width (``per_dim``). Samples without a caption
 are left out, and so is a sample whose caption is identical to one already taken (two images
 with the same caption cannot be told apart by it; easy-vqa has many); both are counted.
 """
@@ -88,15 +90,22 @@ def run_retrieval(checkpoint: str | Path, data: str, val_data: str = "", cfg: Re
                         f"in the first {len(split)} of {shards}")
     block = min(cfg.block_size, len(keep))
     blocks = [keep[i : i + block] for i in range(0, len(keep) - block + 1, block)]
-    hits: dict[str, list[torch.Tensor]] = {}
+    prefixes = list(getattr(scorer, "dims", []))[:-1]  # Matryoshka widths below the full one
+    hits: dict[Any, dict[str, list[torch.Tensor]]] = {d: {} for d in [None, *prefixes]}
     for idx in tqdm(blocks, desc="retrieval", unit="block", disable=not progress):
         captions = [split.captions[i] for i in idx]
         images = split.images[idx]
-        scores = torch.cat([scorer.score(normalize(images[i : i + cfg.batch_size]), captions)
-                            for i in range(0, len(idx), cfg.batch_size)])
-        for name, h in recall_at(scores).items():
-            hits.setdefault(name, []).append(h)
-    metrics: dict[str, Any] = {name: torch.cat(h).mean().item() for name, h in hits.items()}
+        for d, per_name in hits.items():
+            kw = {} if d is None else {"dim": d}
+            scores = torch.cat([scorer.score(normalize(images[i : i + cfg.batch_size]), captions, **kw)
+                                for i in range(0, len(idx), cfg.batch_size)])
+            for name, h in recall_at(scores).items():
+                per_name.setdefault(name, []).append(h)
+    mean = lambda per_name: {name: torch.cat(h).mean().item() for name, h in per_name.items()}  # noqa: E731
+    metrics: dict[str, Any] = mean(hits[None])
+    if prefixes:  # the headline is the full width; each prefix as well
+        metrics["per_dim"] = {str(d): mean(hits[d]) for d in prefixes}
+        metrics["per_dim"][str(scorer.dims[-1])] = mean(hits[None])
     metrics.update(
         block_size=block, num_blocks=len(blocks), num_queries=len(blocks) * block,
         chance_r1=1 / block, chance_r5=min(5, block) / block, chance_r10=min(10, block) / block,

@@ -6,8 +6,8 @@ written against that interface only, so a contrastive model (CLIP/SigLIP: cosine
 pooled embeddings, prompts averaged in embedding space) plugs in by adding one scorer class and
 one branch in :func:`build_scorer`; nothing else changes.
 
-What exists today is :class:`PredictorScorer`, for TC-JEPA runs, which have no joint embedding
-space. It uses the thing TC-JEPA *was* trained to do: predict the teacher's features of masked
+:class:`ContrastiveScorer` serves CLIP / SigLIP runs. :class:`PredictorScorer` serves TC-JEPA
+runs, which have no joint embedding space. It uses the thing TC-JEPA *was* trained to do: predict the teacher's features of masked
 regions from the visible context and the caption. For one image and ``M`` fixed masks:
 
 1. the (EMA or frozen) teacher encodes the whole image; its layer-normed features at the
@@ -140,6 +140,46 @@ class PredictorScorer:
         return torch.stack(out, 1)
 
 
+class ContrastiveScorer:
+    """CLIP / SigLIP: cosine similarity of the L2-normalised embeddings (the logit scale and bias
+    change no ranking). A class's embedding is the renormalised mean of its prompts' normalised
+    embeddings, open_clip's ``build_zero_shot_classifier`` convention. ``dim`` scores with the
+    first ``dim`` channels of the embeddings only (a Matryoshka prefix, renormalised)."""
+
+    name = "contrastive"
+
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device | str = "cpu"):
+        from tcjepa.methods.contrastive import embedding_dims
+        from tcjepa.methods.jepa import build_tokenizer_for
+
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = build_tokenizer_for(cfg)
+        self.dims = embedding_dims(cfg)  # every width the loss trained, the full one last
+
+    @torch.no_grad()
+    def image_embeddings(self, images: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        x = self.model.encode_image(images.to(self.device)).float()
+        return F.normalize(x[:, :dim], dim=-1).cpu()
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: Sequence[str], dim: int | None = None) -> torch.Tensor:
+        x = self.model.encode_text(self.tokenizer(list(texts)).to(self.device)).float()
+        return F.normalize(x[:, :dim], dim=-1).cpu()
+
+    def score(self, images: torch.Tensor, texts: Sequence[str], dim: int | None = None) -> torch.Tensor:
+        return self.image_embeddings(images, dim) @ self.text_embeddings(texts, dim).T
+
+    def score_classes(self, images: torch.Tensor, prompts: Sequence[Sequence[str]], dim: int | None = None
+                      ) -> torch.Tensor:
+        flat = self.text_embeddings([p for ps in prompts for p in ps], dim)
+        classes, i = [], 0
+        for ps in prompts:
+            classes.append(F.normalize(flat[i : i + len(ps)].mean(0), dim=-1))
+            i += len(ps)
+        return self.image_embeddings(images, dim) @ torch.stack(classes, 1)
+
+
 def build_scorer(checkpoint: str | Path, task: str, num_masks: int = 2, seed: int = 0,
                  device: torch.device | str = "cpu") -> ImageTextScorer:
     """The image-text scorer a finished run supports; a :class:`ConfigError` (``error:`` on the
@@ -147,13 +187,18 @@ def build_scorer(checkpoint: str | Path, task: str, num_masks: int = 2, seed: in
     from tcjepa.checkpoint import load_encoder, load_run_config, load_student
 
     cfg = load_run_config(checkpoint)
+    if cfg.train.method == "contrastive":
+        from tcjepa.checkpoint import load_dual_encoder
+
+        model, cfg = load_dual_encoder(checkpoint)
+        return ContrastiveScorer(model, cfg, device=device)
     if cfg.conditioner.enabled:
         student, cfg = load_student(checkpoint)
         return PredictorScorer(student, load_encoder(checkpoint, "teacher"), cfg, num_masks, seed, device=device)
     raise ConfigError(
         f"{checkpoint}: eval {task} needs a model that relates images and text, and this run has none "
-        "(conditioner.enabled is false: an image-only JEPA). Evaluate a TC-JEPA run (conditioner.enabled: true), "
-        "or use eval probe / eval vqa, which work on any image encoder"
+        f"(train.method {cfg.train.method}, conditioner.enabled false: an image-only model). Evaluate a TC-JEPA run "
+        "(conditioner.enabled: true) or a contrastive one, or use eval probe / eval vqa, which work on any image encoder"
     )
 
 

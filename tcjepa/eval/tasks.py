@@ -91,8 +91,9 @@ def format_result(result: dict[str, Any]) -> str:
         rows += [(label, *[f(v[k]["top1"]) for k in kinds], f(v["majority_class"])) for label, v in m["per_label"].items()]
         head = f"probe on {m['num_val']} val samples"
     elif task == "zeroshot":
-        rows = [("", "top-1", "top-5"), ("zero-shot", f(m["top1"]), f(m["top5"])),
-                ("chance", f(m["chance_top1"]), f(m["chance_top5"]))]
+        rows = [("", "top-1", "top-5"), ("zero-shot", f(m["top1"]), f(m["top5"]))]
+        rows += [(f"  first {d} dims", f(v["top1"]), f(v["top5"])) for d, v in m.get("per_dim", {}).items()]
+        rows.append(("chance", f(m["chance_top1"]), f(m["chance_top5"])))
         head = f"zero-shot over {m['num_classes']} classes, {m['num_samples']} samples ({m['scorer']} scorer)"
         if "error_no_text" in m:
             head += (f"; prediction error: true class {m['error_true_class']:.4f}, other classes "
@@ -101,6 +102,9 @@ def format_result(result: dict[str, Any]) -> str:
         rows = [("", "R@1", "R@5", "R@10")]
         rows += [(name, *[f(m[f"{d}_r{k}"]) for k in (1, 5, 10)])
                  for name, d in (("image->text", "image_to_text"), ("text->image", "text_to_image"))]
+        for dim, v in m.get("per_dim", {}).items():
+            rows += [(f"  {name}, first {dim} dims", *[f(v[f"{d}_r{k}"]) for k in (1, 5, 10)])
+                     for name, d in (("image->text", "image_to_text"), ("text->image", "text_to_image"))]
         rows.append(("chance", f(m["chance_r1"]), f(m["chance_r5"]), f(m["chance_r10"])))
         head = f"retrieval in {m['num_blocks']} blocks of {m['block_size']} ({m['scorer']} scorer)"
     else:

@@ -7,7 +7,10 @@ averaged over those prompts, and the predicted class is the highest-scoring one.
 are tie-aware (:func:`tcjepa.eval.common.topk_hits`), so a scorer that cannot tell classes apart
 scores chance, not a lucky 100 %.
 
-The scorer comes from :func:`tcjepa.eval.scoring.build_scorer`. For TC-JEPA runs it is the
+The scorer comes from :func:`tcjepa.eval.scoring.build_scorer`. For contrastive runs (CLIP,
+SigLIP) it is the cosine similarity of the image embedding with each class embedding (the
+renormalised mean of its prompts' embeddings, open_clip's convention); a Matryoshka run also
+reports top-1/top-5 at every trained embedding width (``per_dim``). For TC-JEPA runs it is the
 text-conditioned predictor (``PredictorScorer``): the class whose prompt most reduces the error
 of predicting the teacher's features of masked target blocks wins, averaged over
 ``zeroshot.num_masks`` fixed-seed masks. Besides top-1/top-5 the result reports the mean error
@@ -99,6 +102,8 @@ def run_zeroshot(checkpoint: str | Path, data: str, val_data: str = "", cfg: Zer
     prompts = [[t.format(n) for t in cfg.templates] for n in names]
 
     scores, errors = [], []
+    prefixes = list(getattr(scorer, "dims", []))[:-1]  # Matryoshka widths below the full one
+    prefix_scores: dict[int, list[torch.Tensor]] = {d: [] for d in prefixes}
     for i in tqdm(range(0, len(split), cfg.batch_size), desc="zero-shot", unit="batch", disable=not progress):
         images = normalize(split.images[i : i + cfg.batch_size])
         if isinstance(scorer, PredictorScorer):  # keep the raw errors too: they say whether text helps at all
@@ -108,6 +113,8 @@ def run_zeroshot(checkpoint: str | Path, data: str, val_data: str = "", cfg: Zer
             scores.append(per_prompt.view(len(images), len(names), len(cfg.templates)).mean(-1))
         else:
             scores.append(scorer.score_classes(images, prompts))
+            for d in prefixes:
+                prefix_scores[d].append(scorer.score_classes(images, prompts, dim=d))
     scores = torch.cat(scores)
     k5 = min(5, len(names))
     pred = scores.argmax(1)
@@ -125,6 +132,10 @@ def run_zeroshot(checkpoint: str | Path, data: str, val_data: str = "", cfg: Zer
         "scorer": scorer.name,
         "skipped": split.skipped,
     }
+    if prefixes:  # the headline is the full width; each prefix as well
+        widths = {d: torch.cat(v) for d, v in prefix_scores.items()} | {scorer.dims[-1]: scores}
+        metrics["per_dim"] = {str(d): {"top1": topk_hits(s, labels, 1).mean().item(),
+                                       "top5": topk_hits(s, labels, 5).mean().item()} for d, s in widths.items()}
     if errors:
         err = torch.cat(errors)
         per_class_err = err[:, 1:].view(len(split), len(names), len(cfg.templates)).mean(-1)

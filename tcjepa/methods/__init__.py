@@ -1,1 +1,57 @@
-"""Training objectives; each builds its trainable module and computes ``loss(batch)``."""
+"""Training objectives, one file each; the loop in ``tcjepa.train`` runs any of them.
+
+A method object offers the loop:
+
+- ``model``: the trainable module DeepSpeed wraps; ``teacher``: a target encoder outside the
+  engine (fp32, never trained by SGD) or None; ``tokenizer`` (None for image-only methods);
+- ``uses_masks``: whether ``loss`` reads the multi-block masks;
+- ``text_inputs(captions, gen, tokens)`` -> the step's text input (or None);
+- ``loss(engine, images, masks, tokens, health)`` -> ``(loss, metrics)``, and ``last_health``;
+- ``after_step(engine, step, total)`` -> logged schedule values (EMA momentum, ...);
+- ``eval_encoder(model)``: the encoder a finished run is evaluated with;
+- ``final_modules(model)``: what ``final/model.safetensors`` holds, by key prefix.
+
+``train.method`` picks the file: ``jepa`` (I-JEPA, TC-JEPA, SALT stage 2), ``mae`` (SALT stage 1),
+``contrastive`` (CLIP, SigLIP).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tcjepa.config import Config, ConfigError
+
+
+def load_frozen_teacher(cfg: Config) -> Any:
+    """The trained encoder of ``teacher.checkpoint``, checked against this run's patch grid
+    before anything trains (a wrong or unfinished run directory is a ``ConfigError``)."""
+    from tcjepa.checkpoint import load_encoder, load_run_config
+    from tcjepa.models.vit import parse_encoder_name
+
+    run = Path(cfg.teacher.checkpoint)
+    if not (run / "final" / "model.safetensors").is_file():
+        raise ConfigError(f"teacher.checkpoint: {run} is not a finished run directory (no final/model.safetensors); "
+                          "train the teacher first (e.g. recipes/salt_stage1_quickstart.yaml)")
+    t = load_run_config(run).model
+    mine = (cfg.model.image_size, parse_encoder_name(cfg.model.encoder).patch_size)
+    theirs = (t.image_size, parse_encoder_name(t.encoder).patch_size)
+    if mine != theirs:
+        raise ConfigError(f"teacher.checkpoint: {run} was trained at {theirs[0]} px with {theirs[1]} px patches, this "
+                          f"student uses {mine[0]} px and {mine[1]} px patches: its targets would not line up")
+    return load_encoder(run, which="auto")
+
+
+def build_method(cfg: Config, rank: int = 0, world_size: int = 1) -> Any:
+    if cfg.train.method == "mae":
+        from tcjepa.methods.mae import MAE
+
+        return MAE(cfg)
+    if cfg.train.method == "contrastive":
+        from tcjepa.methods.contrastive import Contrastive
+
+        return Contrastive(cfg, rank, world_size)
+    from tcjepa.methods.jepa import JEPA
+
+    teacher = load_frozen_teacher(cfg) if cfg.teacher.update == "frozen" else None
+    return JEPA(cfg, teacher=teacher)

@@ -23,7 +23,7 @@ from tcjepa.config import Config, resolved_text_path, resolved_tokenizer
 from tcjepa.masks import MaskBatch
 from tcjepa.models.conditioner import build_conditioners
 from tcjepa.models.predictor import Predictor
-from tcjepa.models.text import TextTower, build_text_encoder
+from tcjepa.models.text import TextEncoder, TextTower, build_text_encoder
 from tcjepa.models.vit import VisionTransformer, build_encoder, gather_tokens
 from tcjepa.schedules import momentum_at
 
@@ -72,14 +72,18 @@ class JEPAStudent(nn.Module):
         }
 
 
-def build_text_tower(cfg: Config, vocab_size: int, width: int) -> TextTower:
+def build_text_encoder_for(cfg: Config, vocab_size: int) -> TextEncoder:
+    """The text encoder the ``conditioner.text_*`` keys describe (TC-JEPA's and CLIP's tower)."""
     c = cfg.conditioner
-    encoder = build_text_encoder(
+    return build_text_encoder(
         c.text_encoder, vocab_size=vocab_size, context_length=c.context_length, width=c.text_width,
         depth=c.text_depth, num_heads=c.text_heads, path=resolved_text_path(c), open_clip_model=c.open_clip_model,
         frozen=c.text_frozen, init_std=cfg.model.init_std,
     )
-    return TextTower(encoder, width, cfg.model.init_std)
+
+
+def build_text_tower(cfg: Config, vocab_size: int, width: int) -> TextTower:
+    return TextTower(build_text_encoder_for(cfg, vocab_size), width, cfg.model.init_std)
 
 
 def build_tokenizer_for(cfg: Config) -> Tokenizer:
@@ -87,10 +91,11 @@ def build_tokenizer_for(cfg: Config) -> Tokenizer:
     return build_tokenizer(kind, path, cfg.conditioner.context_length)
 
 
-def build_student(cfg: Config, tokenizer: Tokenizer | None = None) -> JEPAStudent:
+def build_student(cfg: Config, tokenizer: Tokenizer | None = None, target_dim: int | None = None) -> JEPAStudent:
     """Encoder and predictor draw their initial weights exactly as I-JEPA's do; the text parts
     are initialised from a forked RNG stream, so enabling the conditioner changes nothing else
-    (a fresh TC-JEPA equals I-JEPA bit for bit)."""
+    (a fresh TC-JEPA equals I-JEPA bit for bit). ``target_dim``: the teacher's width when it is
+    not the student's (a frozen teacher of another size)."""
     m = cfg.model
     encoder = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
     predictor = Predictor(
@@ -99,8 +104,9 @@ def build_student(cfg: Config, tokenizer: Tokenizer | None = None) -> JEPAStuden
         width=m.predictor_width,
         depth=m.predictor_depth,
         num_heads=m.predictor_heads or encoder.num_heads,
-        mlp_ratio=encoder.arch.mlp_ratio,
+        mlp_ratio=m.predictor_mlp_ratio or encoder.arch.mlp_ratio,
         init_std=m.init_std,
+        out_dim=target_dim,
     )
     c = cfg.conditioner
     if not c.enabled:
@@ -137,18 +143,33 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 class JEPA:
-    """I-JEPA objective with an EMA (``teacher.update: ema``) or frozen teacher."""
+    """I-JEPA objective with an EMA (``teacher.update: ema``) or frozen teacher (SALT stage 2:
+    ``teacher`` is a trained encoder, possibly of another size than the student)."""
+
+    uses_masks = True
 
     def __init__(self, cfg: Config, teacher: VisionTransformer | None = None):
         self.cfg = cfg
         self.tokenizer = build_tokenizer_for(cfg) if cfg.conditioner.enabled else None
         self._empty: Tokens | None = None  # the tokenization of "", for dropped captions
         self.last_health: dict[str, float] = {}
-        self.model = build_student(cfg, self.tokenizer)
+        self.model = build_student(cfg, self.tokenizer, target_dim=teacher.embed_dim if teacher is not None else None)
         if teacher is None:
             teacher = copy.deepcopy(self.model.encoder)
         self.teacher = teacher.requires_grad_(False).eval()
         self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+
+    def eval_encoder(self, model: nn.Module) -> nn.Module:
+        """The encoder a finished run is evaluated with: the EMA teacher, or the student when
+        the teacher is frozen (then it is only the previous stage's model)."""
+        return self.teacher if self.cfg.teacher.update == "ema" else model.encoder
+
+    def final_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """What ``final/model.safetensors`` holds, by key prefix."""
+        modules = {"encoder": model.encoder, "predictor": model.predictor, "teacher": self.teacher}
+        if model.text is not None:
+            modules["text"] = model.text
+        return modules
 
     def to(self, device: torch.device) -> "JEPA":
         self.teacher.to(device)

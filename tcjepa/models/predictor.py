@@ -26,7 +26,10 @@ class Predictor(nn.Module):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         init_std: float = 0.02,
+        out_dim: int | None = None,
     ):
+        """``out_dim``: width of the predicted features (default ``embed_dim``): the teacher's width
+        when it differs from the student's (SALT stage 2), patch pixels for pixel reconstruction."""
         super().__init__()
         self.width = width
         self.predictor_embed = nn.Linear(embed_dim, width)
@@ -34,7 +37,7 @@ class Predictor(nn.Module):
         self.register_buffer("predictor_pos_embed", sincos_pos_embed_2d(width, *grid)[None], persistent=False)
         self.predictor_blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio) for _ in range(depth))
         self.predictor_norm = nn.LayerNorm(width, eps=1e-6)
-        self.predictor_proj = nn.Linear(width, embed_dim)
+        self.predictor_proj = nn.Linear(width, out_dim or embed_dim)
         init_weights(self, init_std)
         nn.init.trunc_normal_(self.mask_token, std=init_std)
         rescale_residual_branches(self.predictor_blocks)
@@ -50,7 +53,7 @@ class Predictor(nn.Module):
         text: TextFeatures | None = None,
     ) -> torch.Tensor:
         """context [B, Nc, D] encoder features at ``context_idx`` [B, Nc];
-        target_idx [B, T, Nt] -> predictions [B, T, Nt, D]; ``text`` conditions (TC-JEPA)."""
+        target_idx [B, T, Nt] -> predictions [B, T, Nt, out_dim]; ``text`` conditions (TC-JEPA)."""
         B, Nc, _ = context.shape
         T, Nt = target_idx.shape[1], target_idx.shape[2]
         pos = self.predictor_pos_embed.to(context.dtype).expand(B, -1, -1)
