@@ -9,7 +9,9 @@ rebuilds the architecture.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from tcjepa.config import Config, ConfigError, from_dict, save_config
 
 FINAL = "final"
 WEIGHTS = "model.safetensors"
+IMPORT_RECORD = "import.json"  # beside final/ in a run written by `tcjepa import`: where its weights came from
 
 
 def save_final(run_dir: str | Path, modules: dict[str, nn.Module], cfg: Config) -> Path:
@@ -59,6 +62,47 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
 
+def load_state_exactly(module: nn.Module, state: dict[str, torch.Tensor], where: str, assign: bool = False) -> None:
+    """``module.load_state_dict(state, strict=True)``, but a mismatch is a :class:`ConfigError`
+    naming ``where`` and listing every missing and unexpected key and wrong shape (torch's own
+    error is a RuntimeError that the command line would print as a traceback). ``assign``: take
+    the tensors as they are (for modules built on the meta device)."""
+    want = module.state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(want[k].shape)})"
+              for k in sorted(set(want) & set(state)) if tuple(state[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {len(keys)}: {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+        raise ConfigError(f"{where}: weights do not match the model its config builds; {'; '.join(parts)}")
+    module.load_state_dict(state, strict=True, assign=assign)
+
+
+def imported_run(run_dir: str | Path) -> bool:
+    """A run directory written by ``tcjepa import`` (final weights and their provenance record)."""
+    run = Path(run_dir)
+    return (run / IMPORT_RECORD).is_file() and (run / FINAL / WEIGHTS).is_file()
+
+
+def init_from_final(run_dir: str | Path, cfg: Config, method: Any) -> None:
+    """Load an imported run's final weights into a JEPA method before training: ``--resume`` on a
+    directory from ``tcjepa import`` has no DeepSpeed checkpoint, so training starts at step 0 from
+    these weights with a fresh optimiser. The architecture must be the imported one."""
+    theirs = load_run_config(run_dir)
+    pairs = [("train.method", theirs.train.method, cfg.train.method)] + [
+        (f"model.{f.name}", getattr(theirs.model, f.name), getattr(cfg.model, f.name))
+        for f in dataclasses.fields(cfg.model) if f.name != "init_std"]
+    diff = [f"{key} is {a!r} there, {b!r} here" for key, a, b in pairs if a != b]
+    if diff:
+        raise ConfigError(f"--resume {run_dir}: this config does not build the imported model ({'; '.join(diff)}); "
+                          f"train with {Path(run_dir) / 'config.yaml'} as the recipe")
+    state = load_final_state(run_dir)
+    modules = {"encoder": method.model.encoder, "predictor": method.model.predictor, "teacher": method.teacher}
+    for prefix, module in modules.items():
+        load_state_exactly(module, _sub_state(state, prefix), f"{run_dir}: {FINAL}/{WEIGHTS} {prefix}.*")
+
+
 def load_encoder(run_dir: str | Path, which: str = "auto") -> nn.Module:
     """The trained image encoder of a finished run, in eval mode.
 
@@ -79,7 +123,7 @@ def load_encoder(run_dir: str | Path, which: str = "auto") -> nn.Module:
         raise ConfigError(f"{run_dir}: {FINAL}/{WEIGHTS} has no {prefix}.* weights")
     m = cfg.model
     encoder = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
-    encoder.load_state_dict(sub, strict=True)
+    load_state_exactly(encoder, sub, f"{run_dir}: {FINAL}/{WEIGHTS} {prefix}.*")
     return encoder.eval()
 
 

@@ -52,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="write FILE.md and its plots (FILE_loss.png, ...) here; default: print the table")
 
+    p = sub.add_parser("plan", help="memory per GPU by ZeRO stage, FLOPs per image and time per epoch of a recipe",
+                       description="Plan a recipe before renting GPUs: per ZeRO stage the memory per GPU for "
+                                   "parameters, gradients, optimiser states, teacher and activations (with and "
+                                   "without activation checkpointing), which micro-batch fits, the model FLOPs per "
+                                   "image and the time per step / epoch / run at an assumed MFU.")
+    p.add_argument("recipe")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB", help="memory per GPU in GiB (default 80)")
+    p.add_argument("--samples", type=int, default=None, metavar="N", help="images per epoch, for the time per epoch")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOP utilisation (default 0.4)")
+    p.add_argument("--gpu-tflops", type=float, default=989.0, metavar="T",
+                   help="peak TFLOP/s per GPU (default 989: H100 SXM dense bf16)")
+    _add_set(p)
+
     p = sub.add_parser("viz", help="visualisations of a finished run")
     vsub = p.add_subparsers(dest="viz_command", required=True)
     v = vsub.add_parser("attention", help="TC-JEPA: each caption word's attention over the image patches, as PNGs")
@@ -59,6 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", required=True, help="SHARDS to take samples from")
     v.add_argument("--out", required=True, help="output directory")
     v.add_argument("--samples", type=int, default=4)
+
+    p = sub.add_parser("export", help="a finished run's encoder for other libraries")
+    esub = p.add_subparsers(dest="export_command", required=True)
+    e = esub.add_parser("hf", help="as a Hugging Face IJepaModel directory (config, safetensors, image processor)")
+    e.add_argument("--checkpoint", required=True, help="RUN_DIR")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--which", choices=["auto", "teacher", "student"], default="auto",
+                   help="encoder to export (auto: the EMA teacher of JEPA runs, else the student)")
+    e = esub.add_parser("llava", help="as the vision tower of a LlavaForConditionalGeneration (fresh projector)")
+    e.add_argument("--checkpoint", required=True, help="RUN_DIR")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--language-model", required=True, metavar="PATH",
+                   help="local Hugging Face causal language model directory (with its tokenizer)")
+    e.add_argument("--which", choices=["auto", "teacher", "student"], default="auto")
+
+    p = sub.add_parser("import", help="checkpoints from other code bases as run directories")
+    isub = p.add_subparsers(dest="import_command", required=True)
+    i = isub.add_parser("ijepa", help="an official facebookresearch/ijepa training checkpoint (.pth.tar)")
+    i.add_argument("checkpoint", metavar="CKPT")
+    i.add_argument("--out", required=True, help="RUN_DIR to create")
+    i.add_argument("--arch", help="e.g. vit_huge or vit_huge_14 (default: read off the weights' shapes)")
 
     p = sub.add_parser("data", help="data tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -130,11 +166,33 @@ def run(args: argparse.Namespace) -> int:
 
         text = write_report(args.runs, args.out)
         print(f"wrote {args.out} and its plots" if args.out else text.rstrip("\n"))
+    elif args.command == "plan":
+        from tcjepa.config import load_config
+        from tcjepa.plan import format_plan, plan_run
+
+        cfg = load_config(args.recipe, args.set)
+        print(format_plan(plan_run(cfg, gpus=args.gpus, nodes=args.nodes, gpu_memory_gb=args.gpu_memory,
+                                   samples=args.samples, mfu=args.mfu, gpu_tflops=args.gpu_tflops, recipe=args.recipe)))
     elif args.command == "viz":
         from tcjepa.viz import visualize_attention
 
         written = visualize_attention(args.checkpoint, args.data, args.out, samples=args.samples)
         print(f"wrote {len(written)} attention maps to {args.out}")
+    elif args.command == "export" and args.export_command == "hf":
+        from tcjepa.export.hf import export_hf
+
+        print(f"wrote {export_hf(args.checkpoint, args.out, args.which)} (transformers.IJepaModel.from_pretrained)")
+    elif args.command == "export" and args.export_command == "llava":
+        from tcjepa.export.hf import export_llava
+
+        out = export_llava(args.checkpoint, args.out, args.language_model, args.which)
+        print(f"wrote {out} (transformers.LlavaForConditionalGeneration + LlavaProcessor; the projector is untrained)")
+    elif args.command == "import" and args.import_command == "ijepa":
+        from tcjepa.export.ijepa_import import import_ijepa
+
+        out = import_ijepa(args.checkpoint, args.out, args.arch)
+        print(f"wrote {out}; evaluate with `tcjepa eval probe --checkpoint {out} ...`, continue training with "
+              f"`tcjepa train {Path(out) / 'config.yaml'} --out {out} --resume --data SHARDS`")
     elif args.command == "data" and args.data_command == "write":
         from data_pipelines.write import WriteOptions, parse_size, summary_line, write_dataset
 

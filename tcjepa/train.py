@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from data_pipelines.loader import SKIP_REASONS, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
-from tcjepa.checkpoint import save_final
+from tcjepa.checkpoint import imported_run, init_from_final, save_final
 from tcjepa.config import Config, ConfigError, save_config
 from tcjepa.distributed import DistInfo, barrier, init_distributed
 from tcjepa.masks import sample_masks
@@ -71,8 +71,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     """Fail before training if the directory cannot be used as asked."""
     existing = list_checkpoints(run_dir)
-    if resume and not existing:
-        raise ConfigError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS}")
+    if resume and not existing and not imported_run(run_dir):
+        raise ConfigError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS} (nor weights from `tcjepa import`)")
     if not resume and (existing or (run_dir / "final").exists()):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     probe = run_dir / ".write_test"
@@ -267,6 +267,9 @@ def train(
     _seed_everything(cfg.train.seed)
     method = build_method(cfg, info.rank, info.world_size)
     check_disk_space(run_dir, method, cfg)
+    from_import = resume and not list_checkpoints(run_dir)  # prepare_run_dir let it pass: an imported run
+    if from_import:  # before DeepSpeed partitions the weights; the optimiser starts fresh at step 0
+        init_from_final(run_dir, cfg, method)
     model = method.model.to(info.device)
     method.to(info.device)
     o = cfg.optim
@@ -277,7 +280,7 @@ def train(
 
     start, skipped_before, streams, bad_steps_before = 0, {}, None, 0
     readers = max(cfg.data.workers, 1)  # loader streams: one per worker (the main process when 0)
-    if resume:
+    if resume and not from_import:
         client = load_latest(engine, run_dir)
         start, skipped_before = int(client["step"]), dict(client.get("skipped", {}))
         bad_steps_before = int(client.get("bad_steps", 0))
