@@ -378,8 +378,8 @@ OFFICIAL_ARCHS = [  # name, width, depth, heads, mlp_ratio (facebookresearch/ije
 ]
 
 
-@pytest.mark.parametrize("patch,img", [(14, 224), (16, 224), (16, 448)])
-@pytest.mark.parametrize("name,width,depth,heads,mlp_ratio", OFFICIAL_ARCHS)
+@pytest.mark.parametrize("name,width,depth,heads,mlp_ratio,patch,img",
+                         [(*a, p, 224) for a in OFFICIAL_ARCHS for p in (14, 16)] + [(*OFFICIAL_ARCHS[4], 16, 448)])
 def test_every_official_architecture_is_recognised_and_loads(name, width, depth, heads, mlp_ratio, patch, img):
     """Shapes only (meta tensors): each official architecture maps onto ours, key for key and shape
     for shape, including vit_giant's predictor, whose MLP ratio is 4 and not the encoder's 48/11."""
@@ -391,7 +391,7 @@ def test_every_official_architecture_is_recognised_and_loads(name, width, depth,
     for key, dim in (("encoder", width), ("target_encoder", width)):
         states[key] = {**states[key], "module.pos_embed": official_sincos(dim, grid)}
     states["predictor"] = {**states["predictor"], "module.predictor_pos_embed": official_sincos(384, grid)}
-    for arch in (None, f"vit_{name}", f"vit_{name}_{patch}"):
+    for arch in (None, f"vit_{name}" if patch == 14 else f"vit_{name}_{patch}"):
         cfg, ours = convert(states, arch, "ckpt")
         assert (cfg.model.encoder, cfg.model.image_size, cfg.model.depth) == (f"vit_{name}_{patch}", img, None)
         assert cfg.model.predictor_mlp_ratio == (4.0 if name == "giant" else None)

@@ -155,6 +155,11 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "auto") -> 
 # ----------------------------------------------------------------------------- LLaVA
 
 
+def _check_language_model_dir(lm_dir: Path) -> None:
+    if not (lm_dir / "config.json").is_file():
+        raise ConfigError(f"--language-model {lm_dir}: not a local Hugging Face model directory (no config.json)")
+
+
 def _load_tokenizer(lm_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -168,8 +173,6 @@ def _load_tokenizer(lm_dir: Path) -> Any:
 def _load_language_model(lm_dir: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
-    if not (lm_dir / "config.json").is_file():
-        raise ConfigError(f"--language-model {lm_dir}: not a local Hugging Face model directory (no config.json)")
     try:
         return AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True, dtype="auto")
     except (OSError, ValueError) as e:
@@ -241,9 +244,10 @@ def export_llava(run_dir: str | Path, out_dir: str | Path, language_model_path: 
     from transformers import LlavaProcessor
 
     lm_dir = Path(language_model_path)
-    lm = _load_language_model(lm_dir)
+    _check_language_model_dir(lm_dir)
+    encoder = load_encoder(run_dir, which)  # the cheap checks first: the language model may take minutes to load
     tokenizer = _load_tokenizer(lm_dir)
-    encoder = load_encoder(run_dir, which)
+    lm = _load_language_model(lm_dir)
     image_token_id = _add_image_token(tokenizer, lm)
     model = build_llava(encoder, lm, image_token_id)
     processor = LlavaProcessor(
