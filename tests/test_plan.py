@@ -1,0 +1,176 @@
+"""The run planner (tcjepa.plan): model states agree with DeepSpeed's estimators, activations
+with the bytes autograd really saves, FLOPs with torch's FLOP counter; `tcjepa plan` prints a plan."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tcjepa.cli import main
+from tcjepa.config import load_config
+from tcjepa.plan import (DEEPSPEED_ASSUMED, FP32_MASTER, GIB, activation_memory, draw_mask_counts, estimate_for_masks,
+                         inventory, measure_activations, model_flops, model_states, plan_run, probe_step,
+                         stats_of_masks)
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = ROOT / "recipes" / "ijepa_quickstart.yaml"
+VITH = ROOT / "recipes" / "ijepa_vith14_in1k.yaml"
+
+
+def _small_student_cfg():
+    """A ViT-S/16 I-JEPA: big enough that DeepSpeed's printed GB figures are not all 0.00."""
+    return load_config(QUICK, ["model.encoder=vit_small_16", "model.image_size=224", "model.depth=null",
+                               "model.predictor_depth=6", "model.predictor_width=384"])
+
+
+def test_model_states_agree_with_deepspeed_estimators(capsys):
+    from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
+                                               estimate_zero3_model_states_mem_needs_all_live)
+    from deepspeed.runtime.zero.stage3 import model_to_params as ds_params3
+    from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
+                                                      estimate_zero2_model_states_mem_needs_all_live)
+    from deepspeed.runtime.zero.stage_1_and_2 import model_to_params as ds_params2
+
+    from tcjepa.methods.jepa import build_student
+
+    cfg = _small_student_cfg()
+    with torch.device("meta"):
+        student = build_student(cfg)
+    student = student.to_empty(device="cpu")  # real storage: DeepSpeed deduplicates by data_ptr (0 on meta)
+    inv = inventory(cfg)  # built on meta
+    total, largest = ds_params3(student)
+    assert ds_params2(student) == total == inv.engine_params == inv.trainable
+    assert largest == inv.largest_layer
+    for gpus, nodes in ((1, 1), (8, 1), (8, 4), (8, 64)):
+        world = gpus * nodes
+        _, ds2 = estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=False)
+        _, ds3, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus, nodes, cpu_offload=False,
+                                                          cpu_offload_params=False)
+        ours2 = model_states(inv, 2, world, DEEPSPEED_ASSUMED).engine
+        # ZeRO-3: theirs leaves out each rank's partition of the 16-bit weights (model_states' docstring)
+        ours3 = model_states(inv, 3, world, DEEPSPEED_ASSUMED).engine - 2 * total / world
+        assert ours2 == pytest.approx(ds2, abs=1) and ours3 == pytest.approx(ds3, abs=1)
+        # the printed tables of the *_all_live estimators, "per GPU" column without offload
+        estimate_zero2_model_states_mem_needs_all_live(student, num_gpus_per_node=gpus, num_nodes=nodes)
+        estimate_zero3_model_states_mem_needs_all_live(student, num_gpus_per_node=gpus, num_nodes=nodes)
+        out = capsys.readouterr().out
+        z2 = re.search(r"\|\s*([\d.]+)GB \| offload_optimizer=none", out).group(1)
+        z3 = re.search(r"\|\s*([\d.]+)GB \| offload_param=none, offload_optimizer=none, zero_init=1", out).group(1)
+        assert (z2, z3) == (f"{ours2 / GIB:.2f}", f"{ours3 / GIB:.2f}")
+        # our runs: fp32 weights and gradients in the engine; ZeRO-2 keeps 4 + 20 / N bytes per parameter
+        assert model_states(inv, 2, world, FP32_MASTER).engine == pytest.approx(total * (4 + 20 / world))
+
+
+def test_inventory_counts_what_build_student_builds():
+    """The planner builds the student itself (on meta); it must stay the same model."""
+    from tcjepa.methods.jepa import build_student
+
+    cfg = load_config(ROOT / "recipes" / "tcjepa_quickstart.yaml", ["conditioner.every=2"])
+    student = build_student(cfg)
+    inv = inventory(cfg)
+    assert inv.trainable == sum(p.numel() for p in student.parameters() if p.requires_grad)
+    assert inv.frozen == sum(p.numel() for p in student.parameters() if not p.requires_grad) == 0
+    assert inv.text_params == sum(p.numel() for p in student.text.parameters()) > 0
+    assert inv.encoder_params + inv.predictor_params + inv.text_params == inv.engine_params
+    assert inv.teacher_params == inv.encoder_params and inv.cond_layers == len(student.predictor.conditioners) == 2
+
+
+def test_teacher_and_stage_ordering():
+    inv = inventory(load_config(QUICK))
+    by_stage = [model_states(inv, s, 16) for s in range(4)]
+    assert all(m.teacher == 4 * inv.teacher_params for m in by_stage)  # fp32, on every rank, at every stage
+    assert by_stage[1].optimizer < by_stage[0].optimizer and by_stage[2].grads < by_stage[1].grads
+    assert by_stage[3].params < by_stage[2].params
+    with pytest.raises(ValueError, match="ZeRO stage"):
+        model_states(inv, 4, 1)
+
+
+@pytest.mark.parametrize("overrides,checkpointing", [([], False), (["train.precision=bf16"], False), ([], True)])
+def test_activation_estimate_matches_saved_tensor_bytes(overrides, checkpointing):
+    """Within 25% of the bytes autograd saves on a real tiny model (the estimate is far closer:
+    see benchmarks/bench_plan_memory.py)."""
+    cfg = load_config(QUICK, ["model.encoder=vit_micro_8", *overrides])
+    measured, tok = measure_activations(cfg, batch=8, seed=3, checkpointing=checkpointing)
+    estimated = estimate_for_masks(cfg, tok, checkpointing=checkpointing).saved
+    assert tok.padded and measured > 0
+    assert abs(estimated / measured - 1) < 0.25, (estimated, measured)
+
+
+def test_activations_grow_with_batch_and_shrink_with_checkpointing():
+    cfg = load_config(VITH)
+    inv, counts = inventory(cfg), draw_mask_counts(cfg, 512)
+    small, large = (activation_memory(inv, counts.batch(n), "bf16") for n in (32, 256))
+    assert 6 < large.peak / small.peak < 10  # linear, up to the padding, which grows with the batch
+    ckpt = activation_memory(inv, counts.batch(256), "bf16", checkpointing=True)
+    assert ckpt.peak < large.peak / 5 and ckpt.recompute > 0
+
+
+def test_flops_match_torch_flop_counter():
+    """Encoder (teacher) forward over all patches, and the student's forward over unpadded masks
+    (official policy: no padding, so every matmul is real work)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = load_config(QUICK, ["mask.policy=official"])
+    probe = probe_step(cfg, batch=4, seed=1)
+    inv, tok = inventory(cfg), probe.token_stats
+    assert not tok.padded
+    flops = model_flops(inv, tok)
+    images = probe.images
+    # the math backend runs attention as two batched matmuls, which the counter sees (not so the CPU flash kernel)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        probe.method.teacher(images)
+    assert counter.get_total_flops() == pytest.approx(4 * flops.teacher, rel=1e-6)
+    targets = probe.method.targets(images, probe.masks)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        probe.method.model(images, probe.masks, targets)
+    assert counter.get_total_flops() == pytest.approx(4 * (flops.encoder + flops.predictor), rel=1e-6)
+
+
+def test_plan_vith14_on_8_and_64_gpus():
+    cfg = load_config(VITH)
+    eight = plan_run(cfg, gpus=8, nodes=1, gpu_memory_gb=80, samples=1_281_167)
+    many = plan_run(cfg, gpus=8, nodes=8, gpu_memory_gb=80, samples=1_281_167)
+    assert (eight.micro_batch, many.micro_batch) == (256, 32)
+    assert many.fitting() == [0, 1, 2, 3] and eight.fitting() == []
+    assert eight.min_gpus == 16 and 0 < eight.stages[2].max_micro < 256
+    assert eight.epoch_seconds == pytest.approx(8 * many.epoch_seconds)
+    assert many.stages[3].states.total < many.stages[2].states.total < many.stages[0].states.total
+
+
+def test_cli_plan_prints_a_plan(capsys):
+    assert main(["plan", str(VITH), "--gpus", "8", "--nodes", "8", "--samples", "1281167"]) == 0
+    out = capsys.readouterr().out
+    assert "ZeRO-0   ZeRO-1   ZeRO-2   ZeRO-3" in out and "optimiser states" in out and "with checkpointing" in out
+    assert "per epoch of 1,281,167 images" in out and "GFLOP per training step" in out
+    assert "fits: the recipe's ZeRO-2 with micro-batch 32" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gpus", "0"], "error: --gpus must be >= 1, got 0"),
+    (["--gpus", "3"], "error: train.batch_size 2048 is not divisible by 3 GPUs"),
+    (["--mfu", "1.5"], "error: --mfu must be in (0, 1]"),
+    (["--set", "train.method=mae"], "error: train.method 'mae': the planner covers jepa"),
+])
+def test_cli_plan_bad_input_exits_2(capsys, argv, message):
+    assert main(["plan", str(VITH), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err
+
+
+def test_official_policy_truncates_contexts():
+    cfg = load_config(QUICK, ["mask.policy=official"])
+    tok = draw_mask_counts(cfg, 64).batch(16)
+    assert not tok.padded and len(set(tok.context)) == 1 and tok.context[0] == tok.context_pad
+    assert min(draw_mask_counts(cfg, 64).context[:16]) == tok.context_pad
+
+
+def test_mask_counts_match_the_sampler():
+    """The planner's padded lengths are those sample_masks gives the same draw."""
+    from tcjepa.masks import sample_masks
+
+    cfg = load_config(QUICK)
+    masks = sample_masks(32, (8, 8), torch.Generator().manual_seed(0), **dataclasses.asdict(cfg.mask))
+    assert draw_mask_counts(cfg, 32, seed=0).batch(32) == stats_of_masks(masks, 64)
