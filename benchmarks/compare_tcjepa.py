@@ -1,5 +1,6 @@
-"""I-JEPA vs TC-JEPA on the synthetic captioned scenes: same encoder, steps, masks and seeds,
-then a linear probe of each frozen encoder on the scene attributes; mean +- std over seeds.
+"""Methods compared on the synthetic captioned scenes: same encoder, steps, masks and seeds,
+then a linear probe of each frozen encoder on the scene attributes (and, with --zeroshot,
+zero-shot shape classification where the method relates images and text); mean +- std over seeds.
 
 Both recipes (``recipes/ijepa_quickstart.yaml``, ``recipes/tcjepa_quickstart.yaml``) share every
 setting but the conditioner; a seed fixes initialisation, data order and masks alike for both
@@ -8,6 +9,14 @@ an interrupted comparison continues where it stopped.
 
     python benchmarks/compare_tcjepa.py --seeds 0,1,2 --out runs/compare
     python benchmarks/compare_tcjepa.py --variant "TC-JEPA every=2=recipes/tcjepa_quickstart.yaml:conditioner.every=2"
+
+Every baseline (``--all-methods``: I-JEPA, TC-JEPA, SALT stage 1 -> stage 2, CLIP, SigLIP):
+
+    python benchmarks/compare_tcjepa.py --all-methods --zeroshot --seeds 0,1,2 --steps 150 --out runs/methods
+
+``{seed}`` and ``{out}`` in a variant's overrides are replaced (SALT stage 2 names its seed's
+stage-1 run as ``teacher.checkpoint={out}/salt_stage_1_s{seed}``); variants train in the order
+given, so a teacher comes before its student.
 
 Control for "is it the text?": ``--shuffled-captions`` writes ``OUT/data/train_shuffled`` (the
 same images and labels, every caption moved to another image by a fixed permutation); a variant
@@ -28,6 +37,14 @@ from tcjepa.config import load_config, project_root
 DEFAULT_VARIANTS = {
     "I-JEPA": ("recipes/ijepa_quickstart.yaml", []),
     "TC-JEPA": ("recipes/tcjepa_quickstart.yaml", []),
+}
+ALL_METHODS = {
+    "I-JEPA": ("recipes/ijepa_quickstart.yaml", []),
+    "TC-JEPA": ("recipes/tcjepa_quickstart.yaml", []),
+    "SALT stage 1": ("recipes/salt_stage1_quickstart.yaml", []),
+    "SALT stage 2": ("recipes/salt_stage2_quickstart.yaml", ["teacher.checkpoint={out}/salt_stage_1_s{seed}"]),
+    "CLIP": ("recipes/clip_quickstart.yaml", []),
+    "SigLIP": ("recipes/siglip_quickstart.yaml", []),
 }
 TITLES = {"label": "shape", "labels.color": "colour", "labels.count": "count"}
 
@@ -68,11 +85,13 @@ def write_shuffled_captions(src: Path, dst: Path, seed: int = 0) -> Path:
     return dst
 
 
-def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: Path, steps: int | None) -> dict:
+def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: Path, steps: int | None,
+            zeroshot: bool = False) -> dict:
     from tcjepa.eval.probe import run_probe
     from tcjepa.train import train
 
     train_dir, val_dir = data / "train", data / "val"
+    overrides = [o.replace("{seed}", str(seed)).replace("{out}", str(run_dir.parent)) for o in overrides]
     extra = [f"data.train={train_dir}", f"data.val={val_dir}", f"train.seed={seed}", *overrides]
     if steps:
         extra.append(f"train.steps={steps}")
@@ -86,15 +105,32 @@ def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: P
         run_probe(run_dir, str(train_dir), str(val_dir), progress=False)
     metrics = json.loads(probe.read_text())["metrics"]
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
-    return {"top1": {k: v["top1"] for k, v in metrics["per_label"].items()},
+    zs = zeroshot_top1(run_dir, val_dir) if zeroshot else None
+    return {"top1": {k: v["top1"] for k, v in metrics["per_label"].items()}, "zeroshot": zs,
             "final_loss": recs[-1]["loss"], "img_per_s": statistics.median(r["img_per_s"] for r in recs),
             "cond_gate": recs[-1].get("cond_gate"), "cond_entropy": recs[-1].get("cond_entropy")}
 
 
+def zeroshot_top1(run_dir: Path, val_dir: Path) -> float | None:
+    """Zero-shot shape top-1 on the val split, or None for a run that cannot score text."""
+    from tcjepa.checkpoint import load_run_config
+    from tcjepa.eval.zeroshot import run_zeroshot
+
+    cfg = load_run_config(run_dir)
+    if not (cfg.train.method == "contrastive" or cfg.conditioner.enabled):
+        return None
+    out = run_dir / "eval" / "zeroshot.json"
+    if not out.is_file():
+        run_zeroshot(run_dir, str(val_dir), progress=False)
+    return json.loads(out.read_text())["metrics"]["top1"]
+
+
 def summarise(results: dict[str, dict[int, dict]]) -> str:
     labels = list(next(iter(next(iter(results.values())).values()))["top1"])
-    head = "| method | " + " | ".join(TITLES.get(k, k) for k in labels) + " | final loss | img/s |"
-    lines = [head, "|---" * (len(labels) + 3) + "|"]
+    with_zs = any(r.get("zeroshot") is not None for by_seed in results.values() for r in by_seed.values())
+    head = ("| method | " + " | ".join(TITLES.get(k, k) for k in labels) + (" | zero-shot shape" if with_zs else "")
+            + " | final loss | img/s |")
+    lines = [head, "|---" * (len(labels) + 3 + with_zs) + "|"]
 
     def fmt(xs: list[float], digits: int = 3) -> str:
         sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
@@ -103,6 +139,9 @@ def summarise(results: dict[str, dict[int, dict]]) -> str:
     for name, by_seed in results.items():
         runs = list(by_seed.values())
         cells = [fmt([r["top1"][k] for r in runs]) for k in labels]
+        if with_zs:
+            zs = [r["zeroshot"] for r in runs if r.get("zeroshot") is not None]
+            cells.append(fmt(zs) if zs else "—")
         lines.append(f"| {name} (n={len(runs)}) | " + " | ".join(cells)
                      + f" | {fmt([r['final_loss'] for r in runs], 4)} | {statistics.mean(r['img_per_s'] for r in runs):.0f} |")
     # seeds pair the runs (same init, data order and masks): paired differences to the first method
@@ -114,7 +153,7 @@ def summarise(results: dict[str, dict[int, dict]]) -> str:
         cells = [fmt([by_seed[s]["top1"][k] - ref[s]["top1"][k] for s in seeds]) for k in labels]
         wins = [sum(by_seed[s]["top1"][k] > ref[s]["top1"][k] for s in seeds) for k in labels]
         lines.append(f"| {name} − {ref_name}, paired | " + " | ".join(f"{c} ({w}/{len(seeds)} seeds up)" for c, w in zip(cells, wins))
-                     + " | | |")
+                     + " |" * with_zs + " | | |")
     return "\n".join(lines)
 
 
@@ -128,10 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shuffled-captions", action="store_true", help="also write OUT/data/train_shuffled (control)")
     p.add_argument("--variant", action="append", default=[], help="NAME=RECIPE[:KEY=VALUE,...]; repeatable; "
                    "replaces the default I-JEPA / TC-JEPA pair")
+    p.add_argument("--all-methods", action="store_true", help="every baseline: I-JEPA, TC-JEPA, SALT, CLIP, SigLIP")
+    p.add_argument("--zeroshot", action="store_true", help="also zero-shot shape top-1 where defined")
     args = p.parse_args(argv)
     from data_pipelines.synthetic import write_synthetic_shards
 
-    variants = dict(parse_variant(v) for v in args.variant) if args.variant else DEFAULT_VARIANTS
+    variants = dict(parse_variant(v) for v in args.variant) if args.variant else (
+        ALL_METHODS if args.all_methods else DEFAULT_VARIANTS)
     out = Path(args.out)
     data = out / "data"
     for split, n, seed in (("train", args.train_samples, 0), ("val", args.val_samples, 1)):
@@ -145,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, (recipe, overrides) in variants.items():
             slug = name.lower().replace(" ", "_").replace("=", "").replace("/", "_")
             print(f"{name} seed {seed}", flush=True)
-            results[name][seed] = run_one(recipe, overrides, seed, data, out / f"{slug}_s{seed}", args.steps)
+            results[name][seed] = run_one(recipe, overrides, seed, data, out / f"{slug}_s{seed}", args.steps,
+                                          args.zeroshot)
             print(f"  {json.dumps(results[name][seed])}", flush=True)
     table = summarise(results)
     print(table)

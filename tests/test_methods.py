@@ -341,3 +341,27 @@ def test_two_process_torchrun(name, extra, stage1, shards, tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in recs)
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_report_names_every_method():
+    from tcjepa.config import to_dict
+    from tcjepa.eval.report import method_name
+
+    names = {n: method_name(to_dict(load_config(ROOT / f"recipes/{n}_quickstart.yaml")))
+             for n in ("ijepa", "tcjepa", "salt_stage1", "salt_stage2", "clip", "siglip", "clip_matryoshka")}
+    assert names == {"ijepa": "I-JEPA", "tcjepa": "TC-JEPA", "salt_stage1": "MAE (SALT stage 1)",
+                     "salt_stage2": "I-JEPA (frozen teacher, SALT stage 2)", "clip": "CLIP", "siglip": "SigLIP",
+                     "clip_matryoshka": "CLIP (Matryoshka)"}
+
+
+@pytest.mark.slow
+def test_report_shows_matryoshka_widths(clip_run, shards):
+    from tcjepa.eval.report import read_run, render_markdown
+    from tcjepa.eval.tasks import run_eval
+
+    run_eval("zeroshot", clip_run, str(shards), progress=False, overrides=["zeroshot.class_names=[red, green, blue]"])
+    info = read_run(clip_run)
+    info.name = "clip"
+    md = render_markdown([info])
+    assert "| clip | CLIP (Matryoshka) |" in md
+    assert "zeroshot label top-1, first 8 dims" in md and "zeroshot label top-1, first 16 dims" in md

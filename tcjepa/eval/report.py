@@ -43,12 +43,18 @@ class RunInfo:
 def method_name(cfg: dict[str, Any]) -> str:
     """A readable method name from a resolved config dict."""
     method = (cfg.get("train") or {}).get("method", "jepa")
+    if method == "contrastive":
+        c = cfg.get("contrastive") or {}
+        name = "SigLIP" if c.get("loss") == "siglip" else "CLIP"
+        return f"{name} (Matryoshka)" if c.get("matryoshka_dims") else name
+    if method == "mae":
+        return "MAE (SALT stage 1)"
     if method != "jepa":
-        return str(method).upper() if method in ("clip", "siglip", "mae") else str(method)
+        return str(method)
     tc = bool((cfg.get("conditioner") or {}).get("enabled"))
     frozen = (cfg.get("teacher") or {}).get("update") == "frozen"
     name = "TC-JEPA" if tc else "I-JEPA"
-    return f"{name} (frozen teacher)" if frozen else name
+    return f"{name} (frozen teacher, SALT stage 2)" if frozen else name
 
 
 def read_run(path: str | Path) -> RunInfo:
@@ -118,14 +124,22 @@ def eval_metrics(result: dict[str, Any], stem: str) -> list[tuple[str, float, fl
             for kind in kinds:
                 value = v[kind]["top1"] if isinstance(v.get(kind), dict) else v.get("top1")
                 add(f"{stem} {label} top-1 ({kind})", value, v.get("majority_class"))
+        for d, v in (m.get("per_dim") or {}).items():
+            add(f"{stem} {m.get('label', 'label')} top-1 (linear, first {d} embedding dims)", v.get("top1"),
+                m.get("majority_class"))
     elif task == "zeroshot":
         label = f" {m['label']}" if m.get("label") else ""
         add(f"{stem}{label} top-1", m.get("top1"), m.get("chance_top1"))
         add(f"{stem}{label} top-5", m.get("top5"), m.get("chance_top5"))
+        for d, v in (m.get("per_dim") or {}).items():
+            add(f"{stem}{label} top-1, first {d} dims", v.get("top1"), m.get("chance_top1"))
     elif task == "retrieval":
         for d, title in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
             for k in (1, 5, 10):
                 add(f"{stem} {title} R@{k}", m.get(f"{d}_r{k}"), m.get(f"chance_r{k}"))
+        for dim, v in (m.get("per_dim") or {}).items():
+            for d, title in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
+                add(f"{stem} {title} R@1, first {dim} dims", v.get(f"{d}_r1"), m.get("chance_r1"))
     elif task == "vqa":
         add(f"{stem} accuracy", m.get("accuracy"), m.get("majority_baseline"))
         for t, v in (m.get("per_type") or {}).items():
