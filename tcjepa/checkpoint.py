@@ -143,14 +143,8 @@ def load_student(run_dir: str | Path) -> tuple[nn.Module, Config]:
 
 
 def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], run_dir: str | Path, skip: tuple[str, ...]) -> None:
-    """Strict load of ``module`` from ``state`` (less the ``skip`` prefixes), with an error that
-    lists the missing and unexpected keys."""
-    want = set(module.state_dict())
-    have = {k for k in state if not k.startswith(skip)}
-    if want != have:
-        raise ConfigError(f"{run_dir}: {FINAL}/{WEIGHTS} does not match its config; "
-                          f"missing {sorted(want - have)[:5]}, unexpected {sorted(have - want)[:5]}")
-    module.load_state_dict({k: state[k] for k in want}, strict=True)
+    """:func:`load_state_exactly` from ``state`` less the ``skip`` key prefixes."""
+    load_state_exactly(module, {k: v for k, v in state.items() if not k.startswith(skip)}, f"{run_dir}: {FINAL}/{WEIGHTS}")
 
 
 def load_dual_encoder(run_dir: str | Path) -> tuple[nn.Module, Config]:

@@ -365,3 +365,14 @@ def test_report_shows_matryoshka_widths(clip_run, shards):
     md = render_markdown([info])
     assert "| clip | CLIP (Matryoshka) |" in md
     assert "zeroshot label top-1, first 8 dims" in md and "zeroshot label top-1, first 16 dims" in md
+
+
+def test_paper_scale_baseline_recipes_load():
+    stage1 = load_config(ROOT / "recipes/salt_stage1_vitb16_in1k.yaml")
+    stage2 = load_config(ROOT / "recipes/salt_stage2_vitl16_in1k.yaml")
+    assert stage1.train.method == "mae" and stage2.teacher.update == "frozen"
+    assert stage2.teacher.checkpoint == "runs/salt_stage1_vitb16_in1k" and stage2.model.encoder == "vit_large_16"
+    for name, loss in (("clip", "clip"), ("siglip", "siglip")):
+        c = load_config(ROOT / f"recipes/{name}_vitb16_cc12m.yaml")
+        assert (c.train.method, c.contrastive.loss, c.conditioner.text_encoder, c.contrastive.embed_dim) == \
+            ("contrastive", loss, "open_clip", 512)

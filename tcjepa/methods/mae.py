@@ -86,7 +86,8 @@ def build_reconstructor(cfg: Config) -> PixelReconstructor:
     encoder = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
     decoder = Predictor(
         embed_dim=encoder.embed_dim, grid=encoder.grid, width=m.predictor_width, depth=m.predictor_depth,
-        num_heads=m.predictor_heads or encoder.num_heads, mlp_ratio=encoder.arch.mlp_ratio, init_std=m.init_std,
+        num_heads=m.predictor_heads or encoder.num_heads, mlp_ratio=m.predictor_mlp_ratio or encoder.arch.mlp_ratio,
+        init_std=m.init_std,
         out_dim=encoder.patch_size ** 2 * 3,
     )
     return PixelReconstructor(encoder, decoder, cfg.mae.norm_pix_loss)
