@@ -333,7 +333,11 @@ def tower_bytes(s: Seqs, t: Tower, dt: ActBytes, norm_in: int, residual: int, ch
 class Activations:
     """Activation bytes of one micro-batch's training step, by part. The parts sum to what
     autograd holds at the end of the student's forward (``saved``: what :func:`measure_activations`
-    counts); ``recompute`` is the one block re-run at a time in backward under checkpointing;
+    counts); ``recompute`` is the most that re-running one checkpointed block adds to ``saved``
+    at its turn in backward, less what backward has freed by then: the predictor's last block
+    re-runs once its conditioner is freed (and its head, about what the block's own backward
+    then allocates in gradients: measured, benchmarks/bench_plan_memory.py), the text tower's
+    and the encoder's once the predictor is;
     ``teacher_peak`` is the no-grad teacher forward, which ends before the student's begins."""
 
     encoder: float
@@ -398,26 +402,35 @@ def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, chec
     seq = Seqs(T * tok.context_real + tok.target_real, layout, tok.padded)
     pred = B * T * tok.target_pad * 8 + seq.real * 8 * seq.packed
     pred += tower_bytes(seq, p, dt, dt.wide, dt.wide, checkpointing)
-    pred += seq.real * W * dt.wide * seq.packed  # packed output, before the unpack
-    pred += (layout if seq.packed else seq.real) * W * dt.wide  # the norm's input is a slice of whole rows
+    head = seq.real * W * dt.wide * seq.packed  # packed output, before the unpack
+    head += (layout if seq.packed else seq.real) * W * dt.wide  # the norm's input is a slice of whole rows
     n_pred = B * T * tok.target_pad
-    pred += n_pred * (W * dt.low + 2 * 4 + Dout * 4 + 4)  # proj input, norm statistics, fp32 prediction, loss mask
-    recompute = [block_bytes(ctx, e, dt, dt.wide), block_bytes(seq, p, dt, dt.wide)]
-    text = cond = 0.0
+    head += n_pred * (W * dt.low + 2 * 4 + Dout * 4 + 4)  # proj input, norm statistics, fp32 prediction, loss mask
+    pred += head
+    text = cond = one_cond = 0.0
+    text_block = None
     if inv.text is not None:
         tt, L = inv.text.tower, inv.text.length
         tseq = Seqs(B * L, B * L, False)  # full-length captions: nothing to pack
         if inv.text.trained:
             text += B * L * 8 + tower_bytes(tseq, tt, dt, 4, 4, checkpointing) + B * L * tt.width * 4
-            recompute.append(block_bytes(tseq, tt, dt, 4))
+            text_block = block_bytes(tseq, tt, dt, 4)
         text += B * L * tt.width * dt.low + B * L * W * 4  # TextTower proj input, norm input
-        cond = inv.cond_layers * _conditioner_bytes(inv, seq, B, dt)
+        one_cond = _conditioner_bytes(inv, seq, B, dt)
+        cond = inv.cond_layers * one_cond
     targets = B * T * tok.target_pad * Dout * 4
+    recompute = 0.0
+    if checkpointing:  # what each tower's first re-run block adds, less what backward freed before it
+        turns = [block_bytes(seq, p, dt, dt.wide) - one_cond,
+                 block_bytes(ctx, e, dt, dt.wide) - pred - cond - text - targets]
+        if text_block is not None:
+            turns.append(text_block - pred - cond)
+        recompute = max(0.0, *turns)
     # checkpointed blocks run their forward without keeping anything, autocast's weight casts included
     copies = 2.0 * inv.trainable if precision == "bf16" and not checkpointing else 0.0
     te = inv.teacher  # an upper bound: the MLP's live tensors plus the fp32 output and its LayerNorm
     teacher_peak = B * tok.full * (te.width * (dt.low + 2 * 4) + 2 * te.hidden * dt.low) + targets
-    return Activations(enc, pred, text, cond, targets, copies, max(recompute) if checkpointing else 0.0, teacher_peak)
+    return Activations(enc, pred, text, cond, targets, copies, recompute, teacher_peak)
 
 
 # ----------------------------------------------------------------------------- compute
