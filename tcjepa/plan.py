@@ -54,6 +54,10 @@ class Tower:
 
 @dataclass(frozen=True)
 class TextShape:
+    """The TC-JEPA text encoder. Its activations and FLOPs are counted as for our ``Block``s
+    (measured for ``scratch``; open_clip's causal ``nn.MultiheadAttention`` blocks and a Hugging
+    Face encoder's are estimated alike; a frozen encoder keeps no activations)."""
+
     kind: str  # scratch | hf | open_clip
     tower: Tower
     length: int  # context_length: every caption is counted at full length (an upper bound)
@@ -108,7 +112,7 @@ def _vit_tower(model: Any) -> Tower:
     return Tower(a.depth, a.width, int(a.width * a.mlp_ratio), a.num_heads)
 
 
-def _hf_text_on_meta(path: str, context_length: int) -> tuple[nn.Module, Tower]:
+def _hf_text_on_meta(path: str) -> tuple[nn.Module, Tower]:
     """A pretrained Hugging Face encoder's architecture, without its weights: ``from_pretrained``
     refuses the meta device, ``from_config`` builds the same modules."""
     from transformers import AutoConfig, AutoModel
@@ -125,7 +129,7 @@ def _text_on_meta(cfg: Config, vocab_size: int, predictor_width: int) -> tuple[n
     c = cfg.conditioner
     frozen = c.text_frozen if c.text_frozen is not None else c.text_encoder == "hf"
     if c.text_encoder == "hf":
-        encoder, tower = _hf_text_on_meta(resolved_text_path(c), c.context_length)
+        encoder, tower = _hf_text_on_meta(resolved_text_path(c))
         encoder.requires_grad_(not frozen)
     else:  # the open_clip checkpoint (text_path) holds weights only: the architecture needs no file
         encoder = build_text_encoder(c.text_encoder, vocab_size=vocab_size, context_length=c.context_length,
@@ -189,14 +193,16 @@ def inventory(cfg: Config) -> ModelInventory:
     trainable, frozen, largest = count_params(student)
     out_extra = (m.predictor_width + 1) * (teacher.embed_dim - encoder.embed_dim)
     trainable += out_extra  # the predictor projects to a frozen teacher's width (SALT stage 2)
-    n_pred = sum(p.numel() for p in predictor.parameters()) + out_extra
+    def n(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
     return ModelInventory(
         encoder=_vit_tower(encoder), patch=encoder.patch_size, image_size=m.image_size,
         predictor=Tower(m.predictor_depth, m.predictor_width, int(m.predictor_width * encoder.arch.mlp_ratio), heads),
         teacher=_vit_tower(teacher), out_dim=teacher.embed_dim, text=text, cond_layers=cond_layers,
         cond_heads=cond_heads, top_k=c.top_k, sparsity=c.sparsity, trainable=trainable, frozen=frozen,
-        encoder_params=sum(p.numel() for p in encoder.parameters()), predictor_params=n_pred,
-        text_params=sum(p.numel() for p in student[2].parameters()) if c.enabled else 0, teacher_params=sum(p.numel() for p in teacher.parameters()), largest_layer=largest,
+        encoder_params=n(encoder), predictor_params=n(predictor) + out_extra,
+        text_params=n(student[2]) if c.enabled else 0, teacher_params=n(teacher), largest_layer=largest,
     )
 
 
@@ -228,7 +234,7 @@ class TokenStats:
 @dataclass(frozen=True)
 class MaskCounts:
     """Per-image token counts of one large draw of the run's masks; any micro-batch's
-    :class:`TokenStats` are read off its first images (:meth:`batch`)."""
+    :class:`TokenStats` are read off a slice of it (:meth:`batch`)."""
 
     context: tuple[int, ...]  # context patches per image, before any truncation
     target: tuple[tuple[int, ...], ...]
@@ -288,6 +294,7 @@ class ActBytes:
 
 
 def act_bytes(precision: str, device: str = "cuda") -> ActBytes:
+    """``train.precision`` fp32 or bf16 (autocast) on ``device`` cuda or cpu."""
     if precision == "fp32":
         return ActBytes(4, 4)
     return ActBytes(2, 4 if device == "cuda" else 2)
@@ -297,7 +304,7 @@ def act_bytes(precision: str, device: str = "cuda") -> ActBytes:
 class Seqs:
     """Sequences through a tower: ``real`` tokens; ``layout`` positions in the padded [B, N]
     layout attention runs on; ``packed``: per-token layers run on the real tokens only
-    (``tcjepa.models.vit.Packing``); ``count``: sequences (for int64 pack indices)."""
+    (``tcjepa.models.vit.Packing``)."""
 
     real: int
     layout: int
@@ -307,10 +314,10 @@ class Seqs:
 def block_bytes(s: Seqs, t: Tower, dt: ActBytes, norm_in: int) -> float:
     """Bytes one ``Block`` saves for backward. Per real token: both LayerNorm inputs (``norm_in``
     bytes: the residual, or its fp32 cast under CUDA autocast) and their statistics, the qkv and
-    fc1 inputs, fc1's output (GELU's input) and GELU's (fc2's input). Per layout position: q/k/v and the attention
-    output and log-sum-exp (flash / memory-efficient SDPA keep no attention matrix; the output
-    is the proj input, a view, when not packed). Packed runs also keep the packed qkv output
-    (``index_copy`` saves its source) and the packed proj input."""
+    fc1 inputs, fc1's output (GELU's input) and GELU's output (fc2's input). Per layout position:
+    q/k/v, the attention output and its log-sum-exp (flash / memory-efficient SDPA keep no
+    attention matrix; unpacked, the output is also the proj input, a view). Packed runs also
+    keep the packed qkv output (``index_copy`` saves its source) and the packed proj input."""
     C, H = t.width, t.hidden
     per_real = 2 * C * norm_in + 2 * 2 * 4 + dt.low * (2 * C + 2 * H)
     per_layout = dt.low * 4 * C + 4 * t.heads
@@ -331,14 +338,16 @@ def tower_bytes(s: Seqs, t: Tower, dt: ActBytes, norm_in: int, residual: int, ch
 
 @dataclass(frozen=True)
 class Activations:
-    """Activation bytes of one micro-batch's training step, by part. The parts sum to what
-    autograd holds at the end of the student's forward (``saved``: what :func:`measure_activations`
-    counts); ``recompute`` is the most that re-running one checkpointed block adds to ``saved``
-    at its turn in backward, less what backward has freed by then: the predictor's last block
-    re-runs once its conditioner is freed (and its head, about what the block's own backward
-    then allocates in gradients: measured, benchmarks/bench_plan_memory.py), the text tower's
-    and the encoder's once the predictor is;
-    ``teacher_peak`` is the no-grad teacher forward, which ends before the student's begins."""
+    """Activation bytes of one micro-batch's training step, by part.
+
+    The parts sum to ``saved``, what autograd holds at the end of the student's forward (what
+    :func:`measure_activations` counts). ``recompute``: under checkpointing, the most that
+    re-running one block adds at its turn in backward, less what backward freed before it (the
+    predictor's last block re-runs after its conditioner and its head are freed, the head being
+    about what the block's own backward allocates in gradients; the text tower's and encoder's
+    after the whole predictor). ``teacher_peak``: the no-grad teacher forward, which ends before
+    the student's begins. ``peak`` was within 6% of torch.profiler's measured peak on CPU
+    (benchmarks/bench_plan_memory.py)."""
 
     encoder: float
     predictor: float
@@ -450,8 +459,8 @@ class Flops:
 
     encoder: float
     predictor: float
-    text: float
-    conditioner: float
+    text: float  # the text encoder (frozen or trained)
+    conditioner: float  # the text projection and the cross-attention layers (always trained)
     teacher: float
     text_trained: bool
 
@@ -473,9 +482,9 @@ def model_flops(inv: ModelInventory, tok: TokenStats) -> Flops:
     text = cond = 0.0
     if inv.text is not None:
         tt, L, W = inv.text.tower, inv.text.length, p.width
-        text = tower_flops([L], tt) + 2 * L * tt.width * W
-        q = sum(seqs) / B
-        cond = inv.cond_layers * (2 * q * W * W * 2 + 2 * L * W * 2 * W + 4 * q * L * W)
+        text = tower_flops([L], tt)
+        q = sum(seqs) / B  # predictor tokens per image: the conditioners' queries
+        cond = 2 * L * tt.width * W + inv.cond_layers * (2 * q * W * W * 2 + 2 * L * W * 2 * W + 4 * q * L * W)
     trained = inv.text.trained if inv.text else False
     return Flops(enc, pred, text, cond, teacher, trained)
 
@@ -537,7 +546,12 @@ def zero_settings(cfg: Config) -> dict[str, Any]:
 
     section = dict(cfg.deepspeed.config.get("zero_optimization", {}))
     section["stage"] = cfg.deepspeed.zero_stage
-    z = DeepSpeedZeroConfig(**section)
+    try:
+        z = DeepSpeedZeroConfig(**section)
+    except ValueError as e:  # pydantic's ValidationError: name the first bad key
+        first = e.errors()[0] if hasattr(e, "errors") else {"loc": (), "msg": str(e)}
+        key = ".".join(["deepspeed.config.zero_optimization", *map(str, first["loc"])])
+        raise ConfigError(f"{key}: {first['msg']} (DeepSpeed's ZeRO config)") from e
     return {"reduce_bucket_size": int(z.reduce_bucket_size), "overlap_comm": bool(z.overlap_comm),
             "contiguous_gradients": bool(z.contiguous_gradients)}
 
@@ -571,7 +585,7 @@ def model_states(inv: ModelInventory, stage: int, world: int, sb: StateBytes = F
         if stage == 3:
             grads += inv.largest_layer * sb.grad
     buffers = 0.0  # stage 0 flattens its all-reduce buckets after backward, when the activations are gone
-    if zero is not None and N > 1:
+    if zero is not None:  # allocated at full size whatever the model and world size
         if stage in (1, 2) and zero["contiguous_gradients"]:
             buffers = zero["reduce_bucket_size"] * sb.grad * (2 if zero["overlap_comm"] else 1)
         elif stage == 3:
@@ -742,7 +756,7 @@ def format_plan(plan: Plan) -> str:
         + (f", text {_count(inv.text_params)} ({'trained' if inv.text.trained else 'frozen'})" if inv.text else "")
         + f"; {_count(inv.trainable)} trained; teacher {_count(inv.teacher_params)} (fp32, outside the engine)",
         f"batch: global {plan.global_batch}, micro {plan.micro_batch} per GPU; precision {plan.precision} "
-        "(fp32 weights and AdamW states, autocast activations)",
+        f"(fp32 weights and AdamW states, {'bf16 autocast' if plan.precision == 'bf16' else 'fp32'} activations)",
         f"tokens per image: {tok.full} patches, context {tok.context_real / tok.batch:.1f} (padded to "
         f"{tok.context_pad}), {tok.targets} target blocks of {tok.target_real / tok.batch / tok.targets:.1f} "
         f"(padded to {tok.target_pad})",
@@ -764,8 +778,11 @@ def format_plan(plan: Plan) -> str:
     row("  with checkpointing", lambda s: s.total_ckpt)
     lines.append("  fits micro-batch " + f"{plan.micro_batch:<5}" + "".join(
         f"{('yes' if s.total <= plan.usable else 'no'):>9}" for s in plan.stages))
-    lines.append("  largest micro-batch   " + " ".join(f"{s.max_micro:>8}" for s in plan.stages))
-    lines.append("    with checkpointing  " + " ".join(f"{s.max_micro_ckpt:>8}" for s in plan.stages))
+    def most(m: int) -> str:
+        return f"{('>=' if m >= MICRO_LIMIT else '') + str(m):>8}"
+
+    lines.append("  largest micro-batch   " + " ".join(most(s.max_micro) for s in plan.stages))
+    lines.append("    with checkpointing  " + " ".join(most(s.max_micro_ckpt) for s in plan.stages))
     a = plan.stages[0].activations
     lines += [
         f"  activations at micro-batch {plan.micro_batch}: encoder {a.encoder / GIB:.2f}, predictor "

@@ -12,7 +12,7 @@ from tcjepa.cli import main
 from tcjepa.config import load_config
 from tcjepa.plan import (DEEPSPEED_ASSUMED, FP32_MASTER, GIB, activation_memory, draw_mask_counts, estimate_for_masks,
                          inventory, measure_activations, model_flops, model_states, plan_run, probe_step,
-                         stats_of_masks)
+                         stats_of_masks, zero_settings)
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "recipes" / "ijepa_quickstart.yaml"
@@ -77,21 +77,27 @@ def test_inventory_counts_what_build_student_builds():
     assert inv.teacher_params == inv.encoder_params and inv.cond_layers == len(student.predictor.conditioners) == 2
 
 
-def test_teacher_and_stage_ordering():
-    inv = inventory(load_config(QUICK))
+def test_teacher_stage_ordering_and_buckets():
+    cfg = load_config(QUICK)
+    inv = inventory(cfg)
     by_stage = [model_states(inv, s, 16) for s in range(4)]
     assert all(m.teacher == 4 * inv.teacher_params for m in by_stage)  # fp32, on every rank, at every stage
     assert by_stage[1].optimizer < by_stage[0].optimizer and by_stage[2].grads < by_stage[1].grads
     assert by_stage[3].params < by_stage[2].params
     with pytest.raises(ValueError, match="ZeRO stage"):
         model_states(inv, 4, 1)
+    # DeepSpeed allocates its reduce buckets at full size (default 5e8 elements; two with overlap_comm)
+    zero = zero_settings(load_config(VITH))  # configs/deepspeed/zero2.json: 5e7, overlap_comm
+    assert model_states(inv, 2, 8, zero=zero).buffers == 2 * 50_000_000 * 4
+    assert model_states(inv, 1, 1, zero=zero_settings(cfg)).buffers == 500_000_000 * 4
+    assert model_states(inv, 0, 8, zero=zero).buffers == 0
 
 
 @pytest.mark.parametrize("overrides,checkpointing", [([], False), (["train.precision=bf16"], False), ([], True)])
 def test_activation_estimate_matches_saved_tensor_bytes(overrides, checkpointing):
     """Within 25% of the bytes autograd saves on a real tiny model (the estimate is far closer:
     see benchmarks/bench_plan_memory.py)."""
-    cfg = load_config(QUICK, ["model.encoder=vit_micro_8", *overrides])
+    cfg = load_config(QUICK, ["model.encoder=vit_micro_8", "model.depth=3", "model.predictor_depth=3", *overrides])
     measured, tok = measure_activations(cfg, batch=8, seed=3, checkpointing=checkpointing)
     estimated = estimate_for_masks(cfg, tok, checkpointing=checkpointing).saved
     assert tok.padded and measured > 0
@@ -107,13 +113,14 @@ def test_activations_grow_with_batch_and_shrink_with_checkpointing():
     assert ckpt.peak < large.peak / 5 and ckpt.recompute > 0
 
 
-def test_flops_match_torch_flop_counter():
+@pytest.mark.parametrize("recipe", ["ijepa_quickstart.yaml", "tcjepa_quickstart.yaml"])
+def test_flops_match_torch_flop_counter(recipe):
     """Encoder (teacher) forward over all patches, and the student's forward over unpadded masks
-    (official policy: no padding, so every matmul is real work)."""
+    (official policy: no padding, so every matmul is real work), text tower and conditioner included."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = load_config(QUICK, ["mask.policy=official"])
+    cfg = load_config(ROOT / "recipes" / recipe, ["mask.policy=official", "model.depth=2", "model.predictor_depth=2"])
     probe = probe_step(cfg, batch=4, seed=1)
     inv, tok = inventory(cfg), probe.token_stats
     assert not tok.padded
@@ -125,8 +132,10 @@ def test_flops_match_torch_flop_counter():
     assert counter.get_total_flops() == pytest.approx(4 * flops.teacher, rel=1e-6)
     targets = probe.method.targets(images, probe.masks)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        probe.method.model(images, probe.masks, targets)
-    assert counter.get_total_flops() == pytest.approx(4 * (flops.encoder + flops.predictor), rel=1e-6)
+        probe.method.model(images, probe.masks, targets, probe.tokens)
+    student = flops.encoder + flops.predictor + flops.text + flops.conditioner
+    assert counter.get_total_flops() == pytest.approx(4 * student, rel=1e-6)
+    assert (flops.conditioner > 0) == (probe.tokens is not None)
 
 
 def test_plan_vith14_on_8_and_64_gpus():
@@ -153,6 +162,8 @@ def test_cli_plan_prints_a_plan(capsys):
     (["--gpus", "3"], "error: train.batch_size 2048 is not divisible by 3 GPUs"),
     (["--mfu", "1.5"], "error: --mfu must be in (0, 1]"),
     (["--set", "train.method=mae"], "error: train.method 'mae': the planner covers jepa"),
+    (["--set", "deepspeed.config.zero_optimization.reduce_bucket_size=many"],
+     "error: deepspeed.config.zero_optimization.reduce_bucket_size: Input should be a valid integer"),
 ])
 def test_cli_plan_bad_input_exits_2(capsys, argv, message):
     assert main(["plan", str(VITH), *argv]) == 2
