@@ -540,20 +540,28 @@ class ModelStates:
         return self.engine + self.teacher + self.buffers
 
 
-def zero_settings(cfg: Config) -> dict[str, Any]:
-    """The run's ``zero_optimization`` section with DeepSpeed's own defaults filled in."""
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+# DeepSpeed's defaults for the ZeRO keys the planner reads (``DeepSpeedZeroConfig``; a test keeps
+# them in step). Kept here so that planning does not import DeepSpeed, which prints an accelerator
+# warning on stdout on machines without a GPU.
+ZERO_DEFAULTS: dict[str, Any] = {"reduce_bucket_size": 500_000_000, "contiguous_gradients": True, "overlap_comm": None}
 
-    section = dict(cfg.deepspeed.config.get("zero_optimization", {}))
-    section["stage"] = cfg.deepspeed.zero_stage
-    try:
-        z = DeepSpeedZeroConfig(**section)
-    except ValueError as e:  # pydantic's ValidationError: name the first bad key
-        first = e.errors()[0] if hasattr(e, "errors") else {"loc": (), "msg": str(e)}
-        key = ".".join(["deepspeed.config.zero_optimization", *map(str, first["loc"])])
-        raise ConfigError(f"{key}: {first['msg']} (DeepSpeed's ZeRO config)") from e
-    return {"reduce_bucket_size": int(z.reduce_bucket_size), "overlap_comm": bool(z.overlap_comm),
-            "contiguous_gradients": bool(z.contiguous_gradients)}
+
+def zero_settings(cfg: Config) -> dict[str, Any]:
+    """The run's ``zero_optimization`` keys the planner needs, DeepSpeed's defaults filled in
+    (``overlap_comm`` defaults to on at stage 3 only, as in DeepSpeed)."""
+    section = {**ZERO_DEFAULTS, **cfg.deepspeed.config.get("zero_optimization", {})}
+    out: dict[str, Any] = {}
+    for key, kind in (("reduce_bucket_size", int), ("contiguous_gradients", bool), ("overlap_comm", bool)):
+        value = section[key]
+        if key == "overlap_comm" and value is None:
+            value = cfg.deepspeed.zero_stage == 3
+        if key == "reduce_bucket_size" and isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON's 5e7
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
+            raise ConfigError(f"deepspeed.config.zero_optimization.{key}: expected "
+                              f"{'a positive integer' if kind is int else 'true or false'}, got {value!r}")
+        out[key] = value
+    return out
 
 
 def model_states(inv: ModelInventory, stage: int, world: int, sb: StateBytes = FP32_MASTER,
@@ -750,8 +758,8 @@ def format_plan(plan: Plan) -> str:
     inv, tok, f = plan.inventory, plan.tokens, plan.flops
     lines = [
         f"plan: {plan.recipe or 'config'} on {plan.nodes} node(s) x {plan.gpus} GPU(s) = {plan.world}, "
-        f"{plan.gpu_memory / GIB:.0f} GiB each ({plan.usable / GIB:.1f} GiB usable: {RESERVE:.0%} kept for the "
-        "CUDA context, fragmentation and NCCL)",
+        f"{plan.gpu_memory / GIB:g} GiB each ({plan.usable / GIB:.1f} GiB usable: {1 - plan.usable / plan.gpu_memory:.0%} "
+        "kept for the CUDA context, fragmentation and NCCL)",
         f"parameters: encoder {_count(inv.encoder_params)}, predictor {_count(inv.predictor_params)}"
         + (f", text {_count(inv.text_params)} ({'trained' if inv.text.trained else 'frozen'})" if inv.text else "")
         + f"; {_count(inv.trainable)} trained; teacher {_count(inv.teacher_params)} (fp32, outside the engine)",

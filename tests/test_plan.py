@@ -93,6 +93,16 @@ def test_teacher_stage_ordering_and_buckets():
     assert model_states(inv, 0, 8, zero=zero).buffers == 0
 
 
+def test_zero_defaults_are_deepspeeds():
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for stage in (1, 2, 3):
+        ds = DeepSpeedZeroConfig(stage=stage)
+        ours = zero_settings(load_config(QUICK, [f"deepspeed.zero_stage={stage}"]))
+        assert ours == {"reduce_bucket_size": ds.reduce_bucket_size, "contiguous_gradients": ds.contiguous_gradients,
+                        "overlap_comm": ds.overlap_comm}
+
+
 @pytest.mark.parametrize("overrides,checkpointing", [([], False), (["train.precision=bf16"], False), ([], True)])
 def test_activation_estimate_matches_saved_tensor_bytes(overrides, checkpointing):
     """Within 25% of the bytes autograd saves on a real tiny model (the estimate is far closer:
@@ -163,7 +173,7 @@ def test_cli_plan_prints_a_plan(capsys):
     (["--mfu", "1.5"], "error: --mfu must be in (0, 1]"),
     (["--set", "train.method=mae"], "error: train.method 'mae': the planner covers jepa"),
     (["--set", "deepspeed.config.zero_optimization.reduce_bucket_size=many"],
-     "error: deepspeed.config.zero_optimization.reduce_bucket_size: Input should be a valid integer"),
+     "error: deepspeed.config.zero_optimization.reduce_bucket_size: expected a positive integer, got 'many'"),
 ])
 def test_cli_plan_bad_input_exits_2(capsys, argv, message):
     assert main(["plan", str(VITH), *argv]) == 2
