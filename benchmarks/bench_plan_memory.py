@@ -19,9 +19,16 @@ fp32 is what the planner's figures are for on any device; ``bf16 (CPU)`` runs CP
 which keeps LayerNorm and softmax in bf16, where CUDA autocast keeps them in fp32 (the planner's
 ``act_bytes(precision, device)``): it checks the bf16 structure of the estimate, not CUDA's dtypes.
 
-    python benchmarks/bench_plan_memory.py                 # all cases (~2 min on 2 CPU cores)
+``--gpu-json`` checks CUDA instead, without a GPU: it reads the JSON of a ``bench_gpu.py`` run
+(plain PyTorch, bf16 autocast, AdamW, one GPU; peak = ``torch.cuda.max_memory_allocated`` over
+steady steps) and sets the planner's ZeRO-0, one-GPU total (weights, gradients, AdamW, teacher,
+activations) for the same encoder, predictor, batch and mask policy beside each measured peak,
+over several mask draws (the measured peak is the largest of its timed steps).
+
+    python benchmarks/bench_plan_memory.py                 # all cases (~1 min on 2 CPU cores)
     python benchmarks/bench_plan_memory.py --quick         # one case
     python benchmarks/bench_plan_memory.py --json out.json --no-peak
+    python benchmarks/bench_plan_memory.py --gpu-json benchmarks/results/gpu_h200_2026-11-26_flash.json
 """
 
 from __future__ import annotations
@@ -134,6 +141,41 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gpu_rows(path: str, draws: int = 8) -> list[dict]:
+    """Planned vs measured peak memory for each tcjepa variant of a bench_gpu.py JSON."""
+    from tcjepa.plan import GIB, activation_memory, draw_mask_counts, inventory, model_states
+
+    run = json.loads(Path(path).read_text())
+    st, env = run["settings"], run["environment"]
+    rows = []
+    for r in run["results"]:
+        if not r["variant"].startswith("ours/") or "compile" in r["variant"] or r.get("peak_mem_gib") is None:
+            continue
+        policy = r["variant"].split("/")[1]
+        cfg = load_config(QUICK, [f"model.encoder={r['encoder']}", f"model.image_size={st['image_size']}",
+                                  "model.depth=null", f"model.predictor_depth={st['pred_depth']}",
+                                  f"model.predictor_width={st['pred_width']}", f"mask.policy={policy}",
+                                  f"train.precision={st['precision']}", f"train.batch_size={st['batch_size']}"])
+        inv = inventory(cfg)
+        states = model_states(inv, 0, 1).total
+        planned = [(states + activation_memory(inv, draw_mask_counts(cfg, st["batch_size"], seed).batch(st["batch_size"]),
+                                               st["precision"]).peak) / GIB for seed in range(draws)]
+        rows.append({"device": env.get("device_name"), "torch": env.get("torch"), "encoder": r["encoder"],
+                     "variant": r["variant"], "batch": st["batch_size"], "measured_gib": r["peak_mem_gib"],
+                     "planned_gib_min": min(planned), "planned_gib_max": max(planned),
+                     "planned_gib_mean": sum(planned) / draws, "ratio": sum(planned) / draws / r["peak_mem_gib"]})
+    return rows
+
+
+def gpu_table(rows: list[dict]) -> str:
+    lines = ["| device | encoder | variant | batch | measured peak GiB | planned GiB (mean; min-max over mask draws) | planned/measured |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['device']} | {r['encoder']} | {r['variant']} | {r['batch']} | {r['measured_gib']:.1f} | "
+                     f"{r['planned_gib_mean']:.1f} ({r['planned_gib_min']:.1f}-{r['planned_gib_max']:.1f}) | {r['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the first case")
@@ -142,8 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (memory does not depend on it)")
     ap.add_argument("--tolerance", type=float, default=0.25, help="exit 1 if any ratio is further from 1")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--gpu-json", nargs="+", metavar="FILE", help="instead: planner vs bench_gpu.py's measured peaks")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.gpu_json:
+        rows = [r for path in args.gpu_json for r in gpu_rows(path)]
+        print(gpu_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
+        return 0 if all(abs(r["ratio"] - 1) <= args.tolerance for r in rows) else 1
     rows = []
     for case in CASES[:1] if args.quick else CASES:
         for ckpt in (False, True):
