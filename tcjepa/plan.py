@@ -346,7 +346,7 @@ class Activations:
     predictor's last block re-runs after its conditioner and its head are freed, the head being
     about what the block's own backward allocates in gradients; the text tower's and encoder's
     after the whole predictor). ``teacher_peak``: the no-grad teacher forward, which ends before
-    the student's begins. ``peak`` was within 6% of torch.profiler's measured peak on CPU
+    the student's begins. ``peak`` was within 4% of torch.profiler's measured peak on CPU
     (benchmarks/bench_plan_memory.py)."""
 
     encoder: float
