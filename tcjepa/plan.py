@@ -177,8 +177,9 @@ def inventory(cfg: Config) -> ModelInventory:
         encoder = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
         teacher = _teacher_encoder(cfg)
         heads = m.predictor_heads or encoder.num_heads
+        mlp_ratio = m.predictor_mlp_ratio or encoder.arch.mlp_ratio
         predictor = Predictor(encoder.embed_dim, encoder.grid, m.predictor_width, m.predictor_depth, heads,
-                              encoder.arch.mlp_ratio, m.init_std)
+                              mlp_ratio, m.init_std)
         student = nn.ModuleList([encoder, predictor])
         text, cond_layers, cond_heads = None, 0, 0
         if c.enabled:
@@ -198,7 +199,7 @@ def inventory(cfg: Config) -> ModelInventory:
 
     return ModelInventory(
         encoder=_vit_tower(encoder), patch=encoder.patch_size, image_size=m.image_size,
-        predictor=Tower(m.predictor_depth, m.predictor_width, int(m.predictor_width * encoder.arch.mlp_ratio), heads),
+        predictor=Tower(m.predictor_depth, m.predictor_width, int(m.predictor_width * mlp_ratio), heads),
         teacher=_vit_tower(teacher), out_dim=teacher.embed_dim, text=text, cond_layers=cond_layers,
         cond_heads=cond_heads, top_k=c.top_k, sparsity=c.sparsity, trainable=trainable, frozen=frozen,
         encoder_params=n(encoder), predictor_params=n(predictor) + out_extra,

@@ -67,7 +67,7 @@ def test_inventory_counts_what_build_student_builds():
     """The planner builds the student itself (on meta); it must stay the same model."""
     from tcjepa.methods.jepa import build_student
 
-    cfg = load_config(ROOT / "recipes" / "tcjepa_quickstart.yaml", ["conditioner.every=2"])
+    cfg = load_config(ROOT / "recipes" / "tcjepa_quickstart.yaml", ["conditioner.every=2", "model.predictor_mlp_ratio=2"])
     student = build_student(cfg)
     inv = inventory(cfg)
     assert inv.trainable == sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -75,6 +75,7 @@ def test_inventory_counts_what_build_student_builds():
     assert inv.text_params == sum(p.numel() for p in student.text.parameters()) > 0
     assert inv.encoder_params + inv.predictor_params + inv.text_params == inv.engine_params
     assert inv.teacher_params == inv.encoder_params and inv.cond_layers == len(student.predictor.conditioners) == 2
+    assert inv.predictor.hidden == student.predictor.predictor_blocks[0].mlp.fc1.out_features == 2 * inv.predictor.width
 
 
 def test_teacher_stage_ordering_and_buckets():
