@@ -144,22 +144,22 @@ def _text_on_meta(cfg: Config, vocab_size: int, predictor_width: int) -> tuple[n
     return nn.ModuleList([encoder, proj]), TextShape(c.text_encoder, tower, c.context_length, not frozen)
 
 
-def _teacher_encoder(cfg: Config) -> Any:
-    """The target encoder's architecture: the student's for an EMA teacher; the trained run's
-    (``teacher.checkpoint/config.yaml``) for a frozen one."""
+def _teacher_model(cfg: Config) -> Any:
+    """The target encoder's ``ModelConfig``: the student's for an EMA teacher; the trained run's
+    (``teacher.checkpoint/config.yaml``) for a frozen one. Read off the meta device: loading a
+    config validates it, which samples masks."""
     from pathlib import Path
 
     from tcjepa.config import load_config
-    from tcjepa.models.vit import build_encoder
 
-    m = cfg.model
-    if cfg.teacher.update == "frozen":
-        run_cfg = Path(cfg.teacher.checkpoint) / "config.yaml"
-        if not run_cfg.is_file():
-            raise ConfigError(f"teacher.checkpoint: {run_cfg} not found; the planner reads the frozen teacher's "
-                              "architecture from its run directory")
-        m = load_config(run_cfg).model
-    return build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
+    if cfg.teacher.update != "frozen":
+        return cfg.model
+    run_cfg = Path(cfg.teacher.checkpoint) / "config.yaml"
+    if not run_cfg.is_file():
+        raise ConfigError(f"teacher.checkpoint: {run_cfg} not found; the planner reads the frozen teacher's "
+                          "architecture from its run directory: train the teacher first, or plan with "
+                          "--set teacher.update=ema (a teacher the student's size)")
+    return load_config(run_cfg).model
 
 
 def inventory(cfg: Config) -> ModelInventory:
@@ -172,10 +172,10 @@ def inventory(cfg: Config) -> ModelInventory:
 
     if cfg.train.method != "jepa":
         raise ConfigError(f"train.method {cfg.train.method!r}: the planner covers jepa (I-JEPA, TC-JEPA, SALT stage 2) only")
-    m, c = cfg.model, cfg.conditioner
+    m, c, t = cfg.model, cfg.conditioner, _teacher_model(cfg)
     with torch.device("meta"):
         encoder = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
-        teacher = _teacher_encoder(cfg)
+        teacher = build_encoder(t.encoder, t.image_size, t.depth, t.init_std)
         heads = m.predictor_heads or encoder.num_heads
         mlp_ratio = m.predictor_mlp_ratio or encoder.arch.mlp_ratio
         predictor = Predictor(encoder.embed_dim, encoder.grid, m.predictor_width, m.predictor_depth, heads,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tcjepa.cli import main
-from tcjepa.config import load_config
+from tcjepa.config import ConfigError, load_config
 from tcjepa.plan import (DEEPSPEED_ASSUMED, FP32_MASTER, GIB, activation_memory, draw_mask_counts, estimate_for_masks,
                          inventory, measure_activations, model_flops, model_states, plan_run, probe_step,
                          stats_of_masks, zero_settings)
@@ -76,6 +76,22 @@ def test_inventory_counts_what_build_student_builds():
     assert inv.encoder_params + inv.predictor_params + inv.text_params == inv.engine_params
     assert inv.teacher_params == inv.encoder_params and inv.cond_layers == len(student.predictor.conditioners) == 2
     assert inv.predictor.hidden == student.predictor.predictor_blocks[0].mlp.fc1.out_features == 2 * inv.predictor.width
+
+
+def test_frozen_teacher_of_another_size(tmp_path):
+    """SALT stage 2: the teacher's architecture comes from its run directory; the predictor
+    projects to the teacher's width, as build_student(target_dim=...) builds it."""
+    from tcjepa.config import save_config
+    from tcjepa.methods.jepa import build_student
+
+    save_config(load_config(QUICK, ["model.encoder=vit_micro_8"]), tmp_path / "config.yaml")
+    cfg = load_config(QUICK, ["teacher.update=frozen", f"teacher.checkpoint={tmp_path}"])
+    inv = inventory(cfg)
+    student = build_student(cfg, target_dim=96)
+    assert inv.trainable == sum(p.numel() for p in student.parameters()) and inv.out_dim == 96
+    assert inv.teacher_params < inv.encoder_params and inv.teacher.width == 96
+    with pytest.raises(ConfigError, match="train the teacher first"):
+        inventory(load_config(QUICK, ["teacher.update=frozen", f"teacher.checkpoint={tmp_path / 'none'}"]))
 
 
 def test_teacher_stage_ordering_and_buckets():
