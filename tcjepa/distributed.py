@@ -61,3 +61,18 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def mean_count_over_ranks(valid: torch.Tensor) -> torch.Tensor:
+    """The number of True entries of ``valid`` averaged over the ranks (a float tensor; no host
+    sync). Dividing each rank's summed loss by it instead of by its own count makes the average
+    of the ranks' losses (what data-parallel gradients average) the global mean over every real
+    token: with padded masks ranks hold different token counts, and per-rank means would weight
+    the tokens of a rank with few of them more than a single process does."""
+    import torch.distributed as dist
+
+    count = valid.sum().to(torch.float32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count

@@ -20,6 +20,7 @@ from torch import nn
 
 from data_pipelines.tokenizers import Tokenizer, Tokens, build_tokenizer, drop_captions
 from tcjepa.config import Config, resolved_text_path, resolved_tokenizer
+from tcjepa.distributed import mean_count_over_ranks
 from tcjepa.masks import MaskBatch
 from tcjepa.models.conditioner import build_conditioners
 from tcjepa.models.predictor import Predictor
@@ -28,13 +29,19 @@ from tcjepa.models.vit import VisionTransformer, build_encoder, gather_tokens
 from tcjepa.schedules import momentum_at
 
 
-def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Smooth-L1 averaged over real (non-padded) target tokens and channels, as in I-JEPA."""
+def masked_mean(per_token: torch.Tensor, valid: torch.Tensor | None, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``per_token`` over the real (``valid``) entries; ``count`` replaces the local
+    count of real entries (:func:`tcjepa.distributed.mean_count_over_ranks`)."""
     if valid is None:
-        return F.smooth_l1_loss(pred, target)
-    per_token = F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
-    valid = valid.to(per_token.dtype)
-    return (per_token * valid).sum() / valid.sum().clamp_min(1.0)
+        return per_token.mean()
+    w = valid.to(per_token.dtype)
+    return (per_token * w).sum() / (w.sum() if count is None else count).clamp_min(1.0)
+
+
+def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
+                     count: torch.Tensor | None = None) -> torch.Tensor:
+    """Smooth-L1 averaged over real (non-padded) target tokens and channels, as in I-JEPA."""
+    return masked_mean(F.smooth_l1_loss(pred, target, reduction="none").mean(-1), valid, count)
 
 
 HEALTH_TOKENS = 4096  # target tokens in the RankMe estimate: enough to reach full rank at ViT-H width
@@ -51,7 +58,8 @@ class JEPAStudent(nn.Module):
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor,
-                tokens: Tokens | None = None) -> torch.Tensor:
+                tokens: Tokens | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss; ``count``: the real target tokens per rank, averaged over the ranks."""
         context_valid = masks.context_valid if masks.padded else None
         target_valid = masks.target_valid if masks.padded else None
         z = self.encoder(images, masks.context_idx, context_valid)
@@ -59,7 +67,7 @@ class JEPAStudent(nn.Module):
         pred = self.predictor(z, masks.context_idx, masks.target_idx, context_valid, target_valid, text)
         if text is not None:
             self._record_conditioner_stats()
-        return masked_smooth_l1(pred.float(), targets, target_valid)
+        return masked_smooth_l1(pred.float(), targets, target_valid, count)
 
     @torch.no_grad()
     def _record_conditioner_stats(self) -> None:
@@ -206,8 +214,9 @@ class JEPA:
         ``self.last_health``: the effective rank (RankMe) of this step's target tokens, a host
         computation meant for logging steps only."""
         targets = self.targets(images, masks)
+        count = mean_count_over_ranks(masks.target_valid) if masks.padded else None
         with self._autocast(images.device):
-            loss = engine(images, masks, targets, tokens)
+            loss = engine(images, masks, targets, tokens, count)
         metrics = {"target_std": targets.std(dim=(0, 1, 2)).mean()}
         if tokens is not None:
             metrics.update(engine.module.last_stats if hasattr(engine, "module") else engine.last_stats)

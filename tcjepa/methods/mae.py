@@ -20,7 +20,9 @@ from torch import nn
 
 from data_pipelines.tokenizers import Tokens
 from tcjepa.config import Config
+from tcjepa.distributed import mean_count_over_ranks
 from tcjepa.masks import MaskBatch
+from tcjepa.methods.jepa import masked_mean
 from tcjepa.models.predictor import Predictor
 from tcjepa.models.vit import VisionTransformer, build_encoder, gather_tokens
 
@@ -66,18 +68,15 @@ class PixelReconstructor(nn.Module):
         self.norm_pix = norm_pix
         self.last_features: torch.Tensor | None = None  # this step's context features, for health logging
 
-    def forward(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, masks: MaskBatch, count: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss; ``count``: the real target patches per rank, averaged over the ranks."""
         context_valid = masks.context_valid if masks.padded else None
         target_valid = masks.target_valid if masks.padded else None
         z = self.encoder(images, masks.context_idx, context_valid)
         self.last_features = z.detach()
         pred = self.decoder(z, masks.context_idx, masks.target_idx, context_valid, target_valid)
         target = pixel_targets(images, masks.target_idx, self.encoder.patch_size, self.norm_pix)
-        per_patch = (pred.float() - target).pow(2).mean(-1)  # [B, T, Nt]
-        if target_valid is None:
-            return per_patch.mean()
-        w = target_valid.to(per_patch.dtype)
-        return (per_patch * w).sum() / w.sum().clamp_min(1.0)
+        return masked_mean((pred.float() - target).pow(2).mean(-1), target_valid, count)
 
 
 def build_reconstructor(cfg: Config) -> PixelReconstructor:
@@ -114,8 +113,9 @@ class MAE:
 
     def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch, tokens: Tokens | None = None,
              health: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        count = mean_count_over_ranks(masks.target_valid) if masks.padded else None
         with _autocast(images.device, self.autocast_dtype):
-            loss = engine(images, masks)
+            loss = engine(images, masks, count)
         if health:
             from tcjepa.eval.health import rankme
 
