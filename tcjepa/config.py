@@ -37,6 +37,7 @@ class ModelConfig:
     predictor_heads: int | None = None  # default: the encoder's head count, as in I-JEPA
     predictor_mlp_ratio: float | None = None  # default: the encoder's (official I-JEPA: 4, also for vit_giant)
     init_std: float = 0.02
+    activation_checkpointing: bool = False  # re-run each trained transformer block in backward: less memory, ~1/3 more compute
 
 
 @dataclass

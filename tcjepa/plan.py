@@ -827,8 +827,8 @@ def _verdict(plan: Plan) -> str:
                 f"(stages that fit: {', '.join(map(str, fits))})")
     text = f"does not fit: micro-batch {m} needs more than {plan.usable / GIB:.1f} GiB at every ZeRO stage"
     if fits_ckpt:
-        text += (f"; with activation checkpointing ZeRO-{fits_ckpt[0]} would fit (tcjepa train does not "
-                 "checkpoint activations yet)")
+        text += (f"; with activation checkpointing ZeRO-{fits_ckpt[0]} would fit "
+                 "(--set model.activation_checkpointing=true)")
     if plan.min_gpus is not None:
         text += (f"; without checkpointing it fits from {plan.min_gpus} GPUs (micro-batch "
                  f"{plan.global_batch // plan.min_gpus})")

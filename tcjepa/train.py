@@ -31,6 +31,7 @@ from tcjepa.distributed import DistInfo, barrier, init_distributed
 from tcjepa.masks import sample_masks
 from tcjepa.methods import build_method
 from tcjepa.methods.jepa import param_groups
+from tcjepa.models.vit import set_activation_checkpointing
 from tcjepa.resume import (CHECKPOINTS, gather, list_checkpoints, load_latest, restore_rng_states, rng_states,
                            save_checkpoint)
 from tcjepa.schedules import lr_at, weight_decay_at
@@ -266,6 +267,8 @@ def train(
 
     _seed_everything(cfg.train.seed)
     method = build_method(cfg, info.rank, info.world_size)
+    if cfg.model.activation_checkpointing:
+        set_activation_checkpointing(method.model)
     check_disk_space(run_dir, method, cfg)
     from_import = resume and not list_checkpoints(run_dir)  # prepare_run_dir let it pass: an imported run
     if from_import:  # before DeepSpeed partitions the weights; the optimiser starts fresh at step 0

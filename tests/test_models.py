@@ -134,3 +134,38 @@ def test_attention_backends_leave_out_cudnn():
     q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
     mask = torch.tensor([True, True, True, False, False]).view(1, 1, 1, 5)
     assert torch.equal(attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_activation_checkpointing_same_gradients_less_saved_memory():
+    """``model.activation_checkpointing``: the same loss and gradients, and what autograd keeps
+    between forward and backward shrinks to the blocks' inputs."""
+    from tcjepa.config import load_config, project_root
+    from tcjepa.masks import sample_masks
+    from tcjepa.methods import build_method
+    from tcjepa.models.vit import set_activation_checkpointing
+
+    cfg = load_config(project_root() / "recipes/ijepa_quickstart.yaml",
+                      ["model.encoder=vit_micro_8", "model.depth=3", "model.predictor_depth=2", "model.predictor_width=48"])
+    images = torch.randn(4, 3, 64, 64)
+    masks = sample_masks(4, (8, 8), torch.Generator().manual_seed(0), **cfg.mask.__dict__)
+
+    def step(checkpointing: bool) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        torch.manual_seed(0)
+        method = build_method(cfg)
+        assert set_activation_checkpointing(method.model, checkpointing) == 5  # 3 encoder + 2 predictor blocks
+        saved = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t.numel() * t.element_size() if not isinstance(t, torch.nn.Parameter) else 0)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = method.loss(method.model, images, masks)
+        loss.backward()
+        return loss.detach(), [p.grad for p in method.model.parameters()], sum(saved)
+
+    loss, grads, plain = step(False)
+    loss_c, grads_c, ckpt = step(True)
+    assert torch.equal(loss, loss_c)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads_c))
+    assert ckpt < 0.35 * plain, (ckpt, plain)

@@ -166,3 +166,13 @@ def test_skip_rate_over_the_limit_stops_training(tmp_path):
     with pytest.warns(UserWarning), pytest.raises(DataError, match=r"were skipped, over the limit of 5.0%.*bad_image"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_trains_the_same_run(shards64, tmp_path):
+    """``model.activation_checkpointing`` through the loop (ZeRO-2): the same losses as without."""
+    runs = [train(cfg_for(shards64, "train.steps=3", "checkpoint.every=0", "deepspeed.zero_stage=2",
+                          f"model.activation_checkpointing={on}"), tmp_path / str(on), progress=False)
+            for on in ("false", "true")]
+    a, b = (records(r) for r in runs)
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)

@@ -149,10 +149,29 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.checkpointing = False  # see set_activation_checkpointing
 
     def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, packing, use_reentrant=False)
+        return self._forward(x, packing)
+
+    def _forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), packing)
         return x + self.mlp(self.norm2(x))
+
+
+def set_activation_checkpointing(module: nn.Module, enabled: bool = True) -> int:
+    """Per-block activation checkpointing for every transformer :class:`Block` in ``module``
+    (``model.activation_checkpointing``): a block keeps only its input for backward and runs its
+    forward again there, trading about one more forward for most of the activation memory.
+    Returns the number of blocks switched."""
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for b in blocks:
+        b.checkpointing = enabled
+    return len(blocks)
 
 
 class PatchEmbed(nn.Module):
