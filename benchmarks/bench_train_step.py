@@ -23,6 +23,10 @@ thread count):
                     step: ``AllReduce`` (identity in one process), ``grad_logger`` and the lr/wd
                     schedulers (logging and bookkeeping, also absent from our timed step).
 
+Also reported: model FLOPs per image (analytic, real tokens only), the model FLOP utilisation
+against an fp32 matmul peak measured in the same run, and the activation memory per image (bytes
+autograd keeps for backward, averaged over 3 steps).
+
 Masks are sampled before timing (in real training they come from data-loader workers); the time
 to sample one batch of masks is reported separately (ours includes a second, untruncated draw used
 only for the context-kept statistic). Variants are interleaved step by step: each round runs
@@ -102,12 +106,15 @@ def make_config(encoder: str, image_size: int, pred_depth: int, pred_width: int,
 class Ours:
     """tcjepa: JEPA targets, JEPAStudent loss, AdamW(foreach) on param_groups, foreach EMA."""
 
-    def __init__(self, cfg: Config, seed: int):
-        self.name = f"ours/{cfg.mask.policy}"
+    def __init__(self, cfg: Config, seed: int, checkpointing: bool = False):
+        from tcjepa.models.vit import set_activation_checkpointing
+
+        self.name = f"ours/{cfg.mask.policy}" + ("+ckpt" if checkpointing else "")
         self.cfg = cfg
         torch.manual_seed(seed)
         self.method = JEPA(cfg)
         self.student = self.method.model.train()
+        set_activation_checkpointing(self.student, checkpointing)
         groups = param_groups(self.student)
         for g in groups:  # what tcjepa.train's weight-decay schedule sets at step 0
             g["weight_decay"] = WEIGHT_DECAY if g["apply_wd"] else 0.0
@@ -178,6 +185,7 @@ class Official:
     name = "official"
 
     def __init__(self, mods: dict[str, Any], cfg: Config, seed: int):
+        self.cfg = cfg  # the same architecture: the analytic FLOP count reads it
         vit = mods["vit"]
         self.apply_masks = mods["apply_masks"]
         self.repeat_interleave_batch = mods["repeat_interleave_batch"]
@@ -354,6 +362,46 @@ class LoadMonitor:
         return time.perf_counter() - t0
 
 
+def matmul_peak(threads: int, n: int = 1024, reps: int = 5) -> float:
+    """The machine's fp32 matmul FLOP/s with ``threads`` threads, measured now (best of ``reps``
+    rounds of square ``n x n`` products): the denominator of the model FLOP utilisation."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def step_flops(runner: Any, masks: Any) -> float:
+    """Model FLOPs per image of a step on these masks: analytic, real tokens only
+    (``tcjepa.plan.model_flops``, the count that equals torch's FLOP counter on unpadded masks)."""
+    from tcjepa.plan import TokenStats, inventory, model_flops, stats_of_masks
+
+    inv = inventory(runner.cfg)
+    full = inv.grid ** 2
+    if isinstance(runner, Ours):
+        return model_flops(inv, stats_of_masks(masks, full)).train
+    enc, pred = masks
+    B, nc, nt = enc[0].shape[0], enc[0].shape[1], pred[0].shape[1]
+    return model_flops(inv, TokenStats(B, len(pred), full, (nc,) * B, nc, ((nt,) * len(pred),) * B, nt, False)).train
+
+
+def activation_bytes(runner: Any, images: torch.Tensor, masks: Any) -> float:
+    """Bytes autograd keeps for backward in one step (tensor storages; parameters excluded), per image."""
+    from tcjepa.plan import saved_tensor_bytes
+
+    if isinstance(runner, Ours):
+        exclude = [*runner.student.parameters(), *runner.method.teacher.parameters(), *runner.student.buffers()]
+    else:
+        exclude = [*runner.encoder.parameters(), *runner.predictor.parameters(), *runner.target_encoder.parameters()]
+    _, saved = saved_tensor_bytes(lambda: runner.step(images, masks), exclude)
+    return saved / images.size(0)
+
+
 def summarise(times: list[float], ref: list[float] | None, B: int) -> dict[str, Any]:
     med = statistics.median(times)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [med, med, med]
@@ -375,6 +423,9 @@ def bench_model(encoder: str, args: argparse.Namespace, mods: dict[str, Any] | N
         Ours(make_config(encoder, args.image_size, args.pred_depth, args.pred_width, B, policy), args.seed)
         for policy in ("pad", "official")
     ]
+    if args.checkpointing:  # model.activation_checkpointing: its time and memory beside plain pad
+        runners.append(Ours(make_config(encoder, args.image_size, args.pred_depth, args.pred_width, B, "pad"),
+                            args.seed, checkpointing=True))
     if mods is not None:
         runners.append(Official(mods, runners[0].cfg, args.seed))
     names = [r.name for r in runners]
@@ -386,6 +437,7 @@ def bench_model(encoder: str, args: argparse.Namespace, mods: dict[str, Any] | N
     round_medians: dict[str, list[float]] = {n: [] for n in names}
     stats: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     sample_secs: dict[str, list[float]] = {n: [] for n in names}
+    flops: dict[str, list[float]] = {n: [] for n in names}
 
     for r in runners:  # warm-up (allocator, oneDNN primitive caches)
         masks, _, _ = sample_many(r, B, args.warmup)
@@ -394,6 +446,7 @@ def bench_model(encoder: str, args: argparse.Namespace, mods: dict[str, Any] | N
         batches = {}
         for r in runners:  # masks first, outside the timed region
             masks, st, secs = sample_many(r, B, args.steps)
+            flops[r.name] += [step_flops(r, m) for m in masks]
             batches[r.name] = masks
             stats[r.name] += st
             sample_secs[r.name] += secs
@@ -437,6 +490,15 @@ def bench_model(encoder: str, args: argparse.Namespace, mods: dict[str, Any] | N
             "target_tokens_per_block": statistics.mean(s["tgt_len"] for s in stats[n]),
             "mask_sample_ms_median": 1e3 * statistics.median(sample_secs[n]),
         }
+    peak = matmul_peak(args.threads)
+    result["matmul_peak_flops"] = peak
+    for r in runners:
+        v = result["variants"][r.name]
+        v["model_flops_per_img"] = statistics.mean(flops[r.name])  # over every timed batch of masks
+        v["achieved_flops"] = v["model_flops_per_img"] * v["img_per_s"]
+        v["mfu"] = v["achieved_flops"] / peak
+        masks, _, _ = sample_many(r, B, 3)
+        v["activation_bytes_per_img"] = statistics.mean(activation_bytes(r, images, m) for m in masks)
     if args.profile:
         for r in runners:
             masks, _, _ = sample_many(r, B, args.profile)
@@ -448,8 +510,9 @@ def bench_model(encoder: str, args: argparse.Namespace, mods: dict[str, Any] | N
 def markdown(results: list[dict[str, Any]], batch: int) -> str:
     lines = [
         "| encoder | variant | step s (median) | [q1, q3] | img/s | time ratio ours/official | steps used "
-        "| context tokens computed | context kept | target tokens/block | mask sampling ms |",
-        "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|",
+        "| context tokens computed | context kept | target tokens/block | mask sampling ms "
+        "| model GFLOP/img | MFU | activation MiB/img |",
+        "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         for name, v in res["variants"].items():
@@ -459,13 +522,19 @@ def markdown(results: list[dict[str, Any]], batch: int) -> str:
                 f"| {res['encoder']} | {name} | {v['step_s_median']:.3f} | [{v['step_s_q1']:.3f}, {v['step_s_q3']:.3f}] "
                 f"| {v['img_per_s']:.2f} | {ratio} | {v['steps']} {res['summary_from']} "
                 f"| {v['ctx_tokens_computed']:.1f} | {v['ctx_fraction_kept']:.3f} "
-                f"| {v['target_tokens_per_block']:.1f} | {v['mask_sample_ms_median']:.1f} |"
+                f"| {v['target_tokens_per_block']:.1f} | {v['mask_sample_ms_median']:.1f} "
+                f"| {v['model_flops_per_img'] / 1e9:.2f} | {v['mfu']:.1%} | {v['activation_bytes_per_img'] / 2**20:.1f} |"
             )
+        lines.append(f"\n{res['encoder']}: fp32 matmul peak measured in the same run "
+                     f"{res['matmul_peak_flops'] / 1e9:.1f} GFLOP/s.")
     lines.append(
         f"\nbatch {batch}. Ratio: median over steps of ours / official for steps run back to back (< 1: ours is "
         "faster). Steps used: 'quiet' = only steps during which the rest of the machine used at most "
         "--max-other-load cores (all variants' step i together), else 'all'. Context kept: context patches the "
-        "encoder sees / context patches sampled (truncation to the batch minimum drops the rest)."
+        "encoder sees / context patches sampled (truncation to the batch minimum drops the rest). Model GFLOP/img: "
+        "analytic matmul FLOPs of a training step per image (forward x3 for the student, x1 for the teacher; real "
+        "tokens only), MFU: those FLOPs x img/s over the fp32 matmul peak of the same run. Activation MiB/img: bytes "
+        "autograd keeps for backward (tensor storages, parameters excluded) per image."
     )
     return "\n".join(lines)
 
@@ -509,6 +578,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-quiet", type=int, default=5,
                    help="summarise quiet steps only if at least this many steps (one of each variant) were quiet")
     p.add_argument("--official", type=Path, default=None, help="checkout of facebookresearch/ijepa")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="also time ours/pad with model.activation_checkpointing (variant ours/pad+ckpt)")
     p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny_16, batch 8, 2 rounds of 2 steps")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps per variant")
     p.add_argument("--profile-rows", type=int, default=20)

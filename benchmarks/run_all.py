@@ -1,0 +1,85 @@
+"""Regenerate the performance figures of ``benchmarks/RESULTS.md`` in one command.
+
+Runs, one after another (never two at once: the figures are ratios measured side by side, and
+a second job would skew them), each writing its JSON into ``--out``:
+
+1. ``bench_masks.py``: our mask sampler against the official ``MaskCollator`` (masks/s at batch
+   256, block and context statistics with KS distances);
+2. ``bench_train_step.py``: one I-JEPA training step, ours (``pad``, ``official`` and ``pad`` with
+   activation checkpointing) against the official code: images/s, model FLOP utilisation against
+   the matmul peak measured in the same run, activation memory per image; ViT-S/16 and ViT-B/16;
+3. ``bench_loader.py``: loader throughput against a plain PIL loop and open_clip_train;
+4. ``bench_gpu.py`` when a CUDA device is present: bf16 images/s and MFU, flash SDPA, compile.
+
+    python benchmarks/run_all.py --official /path/to/ijepa            # ~1 h on 2 CPU cores
+    python benchmarks/run_all.py --official /path/to/ijepa --quick    # smoke run, ~3 min
+
+The official checkout is imported at run time from the path given; nothing of it is copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def jobs(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
+    off = ["--official", str(args.official)]
+    if args.quick:
+        return [
+            ("masks", ["bench_masks.py", *off, "--quick", "--json", str(out / "masks.json")]),
+            ("train_step", ["bench_train_step.py", *off, "--models", "vit_tiny_16", "--batch-size", "4", "--steps", "1",
+                            "--rounds", "1", "--warmup", "1", "--checkpointing", "--json", str(out / "train_step.json")]),
+            ("loader", ["bench_loader.py", "--quick", "--json", str(out / "loader.json")]),
+        ]
+    out_jobs = [
+        ("masks", ["bench_masks.py", *off, "--json", str(out / "masks.json")]),
+        ("train_step", ["bench_train_step.py", *off, "--models", "vit_small_16,vit_base_16", "--batch-size", "16",
+                        "--steps", "3", "--rounds", "3", "--checkpointing", "--json", str(out / "train_step.json")]),
+        ("loader", ["bench_loader.py", "--json", str(out / "loader.json")]),
+    ]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out_jobs.append(("gpu", ["bench_gpu.py", *off, "--json", str(out / "gpu.json")]))
+    except ImportError:
+        pass
+    return out_jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--official", type=Path, required=True, help="checkout of facebookresearch/ijepa")
+    p.add_argument("--out", type=Path, default=None, help="folder for the JSON results (default: benchmarks/results/DATE)")
+    p.add_argument("--quick", action="store_true", help="smoke run of every benchmark")
+    p.add_argument("--only", default="", help="comma-separated subset: masks,train_step,loader,gpu")
+    args = p.parse_args(argv)
+    if not (args.official / "src" / "masks" / "multiblock.py").is_file():
+        print(f"error: --official {args.official}: not a facebookresearch/ijepa checkout (no src/masks/multiblock.py)",
+              file=sys.stderr)
+        return 2
+    out = args.out or HERE / "results" / time.strftime("%Y-%m-%d") / ("quick" if args.quick else "full")
+    out.mkdir(parents=True, exist_ok=True)
+    only = {s for s in args.only.split(",") if s}
+    failed = []
+    for name, cmd in jobs(args, out):
+        if only and name not in only:
+            continue
+        print(f"== {name}: python benchmarks/{' '.join(cmd)}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
+        print(f"== {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+        if rc:
+            failed.append(name)
+    print(f"results in {out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
