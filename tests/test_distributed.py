@@ -97,6 +97,26 @@ def test_a_checkpoint_resumes_with_another_world_size(first, second, stage, refe
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("shards, workers", [(3, 1), (1, 2)])
+def test_ranks_read_disjoint_data_in_evaluation_mode(shards, workers, tmp_path):
+    """2 processes (and 1-2 loader workers each) read every sample exactly once between them,
+    whether there are enough shards to split by shard (3) or samples must be split (1 shard)."""
+    from tests.conftest import labelled_members, write_tar
+
+    data = tmp_path / "data"
+    data.mkdir()
+    n = 30
+    per = n // shards
+    for i in range(shards):
+        write_tar(data / f"{i:06d}.tar", labelled_members(i * per, per, size=16))
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29660 + shards),
+          str(Path(__file__).with_name("dist_keys.py")), str(data), str(tmp_path), str(workers)])
+    a, b = (set(json.loads((tmp_path / f"rank_{r}.json").read_text())) for r in (0, 1))
+    assert a and b and not (a & b)
+    assert sorted(a | b) == [f"{i:06d}" for i in range(n)]
+
+
 def test_mean_count_over_ranks_is_the_local_count_in_one_process():
     from tcjepa.distributed import mean_count_over_ranks
     from tcjepa.methods.jepa import masked_mean
