@@ -143,7 +143,7 @@ def summarise(results: dict[str, dict[int, dict]]) -> str:
             zs = [r["zeroshot"] for r in runs if r.get("zeroshot") is not None]
             cells.append(fmt(zs) if zs else "—")
         lines.append(f"| {name} (n={len(runs)}) | " + " | ".join(cells)
-                     + f" | {fmt([r['final_loss'] for r in runs], 4)} | {statistics.mean(r['img_per_s'] for r in runs):.0f} |")
+                     + f" | {fmt([r['final_loss'] for r in runs], 4)} | {statistics.median(r['img_per_s'] for r in runs):.0f} |")
     # seeds pair the runs (same init, data order and masks): paired differences to the first method
     ref_name, ref = next(iter(results.items()))
     for name, by_seed in list(results.items())[1:]:
