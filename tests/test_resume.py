@@ -40,6 +40,18 @@ def straight(shards64, tmp_path_factory):
 RESUME = ["train.steps=9", "checkpoint.every=0", "data.workers=2", "data.shuffle_buffer=20"]
 
 
+@pytest.fixture(scope="module")
+def straight_cli(shards64, tmp_path_factory):
+    """The uninterrupted reference run for the command-line tests, itself a command-line process:
+    a run inside the test process can differ in the last bits from a fresh process, because
+    libraries that earlier tests imported (transformers' LLaVA, tokenizers) may load their own
+    threading runtime, and a resumed run is compared bit for bit."""
+    out = tmp_path_factory.mktemp("ref_cli") / "run"
+    done = subprocess.run(cli_train(shards64, out), env=clean_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stop_and_resume_is_exact(shards64, tmp_path, workers, straight):
     over = [*RESUME[:-2], f"data.workers={workers}", "data.shuffle_buffer=20"]
@@ -88,7 +100,8 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
 
 
 @pytest.mark.slow
-def test_kill_9_at_a_random_step_then_resume_is_exact(shards64, tmp_path, straight):
+def test_kill_9_at_a_random_step_then_resume_is_exact(shards64, tmp_path, straight_cli):
+    straight = straight_cli
     kill_after = random.Random().randint(3, 7)  # step 3's record is written after step 2's checkpoint
     run = tmp_path / "killed"
     env = clean_env()
@@ -107,7 +120,8 @@ def test_kill_9_at_a_random_step_then_resume_is_exact(shards64, tmp_path, straig
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_0(shards64, tmp_path, straight):
+def test_sigterm_checkpoints_and_exits_0(shards64, tmp_path, straight_cli):
+    straight = straight_cli
     run = tmp_path / "preempted"
     env = clean_env()
     proc = subprocess.Popen(cli_train(shards64, run), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
