@@ -136,15 +136,11 @@ def load_student(run_dir: str | Path) -> tuple[nn.Module, Config]:
     state = load_final_state(run_dir)
     if cfg.train.method != "jepa":
         raise ConfigError(f"{run_dir}: a {cfg.train.method} run has no JEPA predictor")
-    teacher = state.get("predictor.predictor_proj.weight")
-    student = build_student(cfg, target_dim=None if teacher is None else teacher.shape[0])
-    _load_matching(student, state, run_dir, ("teacher.",))
+    proj = state.get("predictor.predictor_proj.weight")  # its rows: the teacher's width (a frozen teacher may differ)
+    student = build_student(cfg, target_dim=None if proj is None else proj.shape[0])
+    load_state_exactly(student, {k: v for k, v in state.items() if not k.startswith("teacher.")},
+                       f"{run_dir}: {FINAL}/{WEIGHTS}")
     return student.eval(), cfg
-
-
-def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], run_dir: str | Path, skip: tuple[str, ...]) -> None:
-    """:func:`load_state_exactly` from ``state`` less the ``skip`` key prefixes."""
-    load_state_exactly(module, {k: v for k, v in state.items() if not k.startswith(skip)}, f"{run_dir}: {FINAL}/{WEIGHTS}")
 
 
 def load_dual_encoder(run_dir: str | Path) -> tuple[nn.Module, Config]:
@@ -156,5 +152,5 @@ def load_dual_encoder(run_dir: str | Path) -> tuple[nn.Module, Config]:
     if cfg.train.method != "contrastive":
         raise ConfigError(f"{run_dir}: a {cfg.train.method} run, not a contrastive one")
     model = build_dual_encoder(cfg, build_tokenizer_for(cfg))
-    _load_matching(model, load_final_state(run_dir), run_dir, ())
+    load_state_exactly(model, load_final_state(run_dir), f"{run_dir}: {FINAL}/{WEIGHTS}")
     return model.eval(), cfg

@@ -129,13 +129,7 @@ def saved_world_size(directory: Path) -> int:
     return len(list(directory.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
 
 
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def to_universal(directory: Path) -> Path:
+def to_universal(directory: Path, rank: int) -> Path:
     """DeepSpeed's universal checkpoint of ``directory`` (``checkpoints/universal/TAG``, written
     once by rank 0 with ``deepspeed.checkpoint.ds_to_universal``): the form in which ZeRO
     partitions written by one world size load under another. Returns the folder to load from."""
@@ -144,7 +138,7 @@ def to_universal(directory: Path) -> Path:
 
     out = directory.parent / "universal"
     target = out / directory.name
-    if world_rank() == 0 and not (target / "zero").is_dir():
+    if rank == 0 and not (target / "zero").is_dir():
         shutil.rmtree(target, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory),
                "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", "1",
@@ -154,12 +148,6 @@ def to_universal(directory: Path) -> Path:
             raise RuntimeError(f"converting {directory.name} to a universal checkpoint failed: {proc.stderr[-500:]}")
     barrier()
     return out
-
-
-def world_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def load_latest(engine: Any, run_dir: Path) -> dict[str, Any]:
@@ -184,14 +172,14 @@ def load_latest(engine: Any, run_dir: Path) -> dict[str, Any]:
         if problem is None:
             try:
                 load_dir = ck
-                if saved_world_size(directory) not in (0, world_size()):  # ZeRO partitions of another world size
-                    load_dir = to_universal(directory)
+                if saved_world_size(directory) not in (0, engine.dp_world_size):  # partitions of another world size
+                    load_dir = to_universal(directory, engine.global_rank)
                     engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
                 path, client = engine.load_checkpoint(str(load_dir), tag=directory.name)
                 if load_dir != ck:  # the conversion served its purpose; new checkpoints use this world size
                     engine._config.load_universal_checkpoint = False
                     barrier()
-                    if world_rank() == 0:
+                    if engine.global_rank == 0:
                         shutil.rmtree(load_dir, ignore_errors=True)
                 if path is None or client is None:
                     problem = "DeepSpeed found nothing to load"

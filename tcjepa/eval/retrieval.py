@@ -95,11 +95,16 @@ def run_retrieval(checkpoint: str | Path, data: str, val_data: str = "", cfg: Re
     for idx in tqdm(blocks, desc="retrieval", unit="block", disable=not progress):
         captions = [split.captions[i] for i in idx]
         images = split.images[idx]
+        chunks = range(0, len(idx), cfg.batch_size)
+        if prefixes:  # one forward serves every width
+            parts = [scorer.score_by_width(normalize(images[i : i + cfg.batch_size]), captions) for i in chunks]
+            by_width = {d: torch.cat([p[d] for p in parts]) for d in scorer.dims}
+            by_width[None] = by_width.pop(scorer.dims[-1])
+        else:
+            by_width = {None: torch.cat([scorer.score(normalize(images[i : i + cfg.batch_size]), captions)
+                                         for i in chunks])}
         for d, per_name in hits.items():
-            kw = {} if d is None else {"dim": d}
-            scores = torch.cat([scorer.score(normalize(images[i : i + cfg.batch_size]), captions, **kw)
-                                for i in range(0, len(idx), cfg.batch_size)])
-            for name, h in recall_at(scores).items():
+            for name, h in recall_at(by_width[d]).items():
                 per_name.setdefault(name, []).append(h)
     mean = lambda per_name: {name: torch.cat(h).mean().item() for name, h in per_name.items()}  # noqa: E731
     metrics: dict[str, Any] = mean(hits[None])

@@ -143,8 +143,9 @@ class PredictorScorer:
 class ContrastiveScorer:
     """CLIP / SigLIP: cosine similarity of the L2-normalised embeddings (the logit scale and bias
     change no ranking). A class's embedding is the renormalised mean of its prompts' normalised
-    embeddings, open_clip's ``build_zero_shot_classifier`` convention. ``dim`` scores with the
-    first ``dim`` channels of the embeddings only (a Matryoshka prefix, renormalised)."""
+    embeddings, open_clip's ``build_zero_shot_classifier`` convention. The ``*_by_width`` methods
+    also score every Matryoshka prefix (the first ``d`` channels, renormalised) from the same
+    forward passes."""
 
     name = "contrastive"
 
@@ -158,26 +159,35 @@ class ContrastiveScorer:
         self.dims = embedding_dims(cfg)  # every width the loss trained, the full one last
 
     @torch.no_grad()
-    def image_embeddings(self, images: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-        x = self.model.encode_image(images.to(self.device)).float()
-        return F.normalize(x[:, :dim], dim=-1).cpu()
+    def _embed(self, images: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-width, unnormalised image and text embeddings, one forward each; every width is a
+        slice of them."""
+        img = self.model.encode_image(images.to(self.device)).float().cpu()
+        txt = self.model.encode_text(self.tokenizer(list(texts)).to(self.device)).float().cpu()
+        return img, txt
 
-    @torch.no_grad()
-    def text_embeddings(self, texts: Sequence[str], dim: int | None = None) -> torch.Tensor:
-        x = self.model.encode_text(self.tokenizer(list(texts)).to(self.device)).float()
-        return F.normalize(x[:, :dim], dim=-1).cpu()
+    def score_by_width(self, images: torch.Tensor, texts: Sequence[str]) -> dict[int, torch.Tensor]:
+        """[B, K] cosine similarities at every trained width (``self.dims``)."""
+        img, txt = self._embed(images, texts)
+        return {d: F.normalize(img[:, :d], dim=-1) @ F.normalize(txt[:, :d], dim=-1).T for d in self.dims}
 
-    def score(self, images: torch.Tensor, texts: Sequence[str], dim: int | None = None) -> torch.Tensor:
-        return self.image_embeddings(images, dim) @ self.text_embeddings(texts, dim).T
+    def score_classes_by_width(self, images: torch.Tensor, prompts: Sequence[Sequence[str]]) -> dict[int, torch.Tensor]:
+        """[B, C] class scores at every trained width."""
+        img, txt = self._embed(images, [p for ps in prompts for p in ps])
+        out = {}
+        for d in self.dims:
+            flat, classes, i = F.normalize(txt[:, :d], dim=-1), [], 0
+            for ps in prompts:
+                classes.append(F.normalize(flat[i : i + len(ps)].mean(0), dim=-1))
+                i += len(ps)
+            out[d] = F.normalize(img[:, :d], dim=-1) @ torch.stack(classes, 1)
+        return out
 
-    def score_classes(self, images: torch.Tensor, prompts: Sequence[Sequence[str]], dim: int | None = None
-                      ) -> torch.Tensor:
-        flat = self.text_embeddings([p for ps in prompts for p in ps], dim)
-        classes, i = [], 0
-        for ps in prompts:
-            classes.append(F.normalize(flat[i : i + len(ps)].mean(0), dim=-1))
-            i += len(ps)
-        return self.image_embeddings(images, dim) @ torch.stack(classes, 1)
+    def score(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        return self.score_by_width(images, texts)[self.dims[-1]]
+
+    def score_classes(self, images: torch.Tensor, prompts: Sequence[Sequence[str]]) -> torch.Tensor:
+        return self.score_classes_by_width(images, prompts)[self.dims[-1]]
 
 
 def build_scorer(checkpoint: str | Path, task: str, num_masks: int = 2, seed: int = 0,

@@ -111,10 +111,13 @@ def run_zeroshot(checkpoint: str | Path, data: str, val_data: str = "", cfg: Zer
             errors.append(err)
             per_prompt = err[:, :1] - err[:, 1:]
             scores.append(per_prompt.view(len(images), len(names), len(cfg.templates)).mean(-1))
+        elif prefixes:  # one forward serves every width
+            by_width = scorer.score_classes_by_width(images, prompts)
+            scores.append(by_width[scorer.dims[-1]])
+            for d in prefixes:
+                prefix_scores[d].append(by_width[d])
         else:
             scores.append(scorer.score_classes(images, prompts))
-            for d in prefixes:
-                prefix_scores[d].append(scorer.score_classes(images, prompts, dim=d))
     scores = torch.cat(scores)
     k5 = min(5, len(names))
     pred = scores.argmax(1)
