@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local Hugging Face causal language model directory (with its tokenizer)")
     e.add_argument("--which", choices=["auto", "teacher", "student"], default="auto")
 
+    e = esub.add_parser("open_clip", help="a contrastive run as an open_clip model (config + safetensors)")
+    e.add_argument("--checkpoint", required=True, help="RUN_DIR of a finished contrastive (CLIP/SigLIP) run")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--name", default="", help="open_clip model name (default: tcjepa-<run directory name>)")
+
     p = sub.add_parser("import", help="checkpoints from other code bases as run directories")
     isub = p.add_subparsers(dest="import_command", required=True)
     i = isub.add_parser("ijepa", help="an official facebookresearch/ijepa training checkpoint (.pth.tar)")
@@ -187,6 +192,11 @@ def run(args: argparse.Namespace) -> int:
 
         out = export_llava(args.checkpoint, args.out, args.language_model, args.which)
         print(f"wrote {out} (transformers.LlavaForConditionalGeneration + LlavaProcessor; the projector is untrained)")
+    elif args.command == "export" and args.export_command == "open_clip":
+        from tcjepa.export.open_clip import export_open_clip, how_to_load
+
+        out, name = export_open_clip(args.checkpoint, args.out, args.name)
+        print(f"wrote {out}\n{how_to_load(out, name)}")
     elif args.command == "import" and args.import_command == "ijepa":
         from tcjepa.export.ijepa_import import import_ijepa
 

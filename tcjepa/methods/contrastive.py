@@ -61,10 +61,12 @@ class ContrastiveHead(nn.Module):
 
 
 def pool_text(h: torch.Tensor, mask: torch.Tensor, causal: bool) -> torch.Tensor:
-    """[B, L, W] token features -> [B, W]: the last real token for a causal encoder, else the
-    mean over real tokens (an empty caption pools to zeros)."""
+    """[B, L, W] token features -> [B, W]: the last real token for a causal encoder (EOT, where
+    CLIP pools; the last True of the mask, as open_clip's BPE masks id 0, '!', inside captions
+    too), else the mean over real tokens (an empty caption pools to zeros)."""
     if causal:
-        last = (mask.long().sum(1) - 1).clamp_min(0)
+        positions = torch.arange(mask.size(1), device=mask.device)
+        last = torch.where(mask, positions, 0).amax(1)
         return h[torch.arange(h.size(0), device=h.device), last]
     w = mask.to(h.dtype).unsqueeze(-1)
     return (h * w).sum(1) / w.sum(1).clamp_min(1.0)

@@ -1,0 +1,191 @@
+"""A contrastive (CLIP / SigLIP) run as an open_clip model.
+
+open_clip's own ``VisionTransformer`` always prepends a class token that every patch attends to,
+so it cannot compute what our class-token-free ViT computes. Its timm adapter can: timm's
+``VisionTransformer`` with ``class_token=False``, ``global_pool='avg'`` and ``fc_norm=False`` is
+our encoder layer for layer (same fused ``qkv`` layout, LayerNorm eps 1e-6, exact GELU, final
+norm before the mean over patches), with our fixed sin-cos positions written into its position
+parameter. timm reads those model arguments from a ``config.json`` through its ``local-dir:``
+model source, so the open_clip config names the vision tower ``local-dir:<OUT>/timm`` (an absolute
+path: move the directory and export again, or edit that one string).
+
+Text towers, by ``conditioner.text_encoder``:
+
+- ``open_clip``: open_clip's own ``TextTransformer`` (ours is one), pooled at the EOT token
+  (``pool_type: argmax``), with our projection as its ``text_projection``; open_clip's BPE
+  tokenizer is ours;
+- ``hf``: open_clip's Hugging Face adapter (``hf_model_name``) with mean pooling and a linear
+  projection, the model config copied into ``<OUT>/text`` and the tokenizer into ``<OUT>``;
+- ``scratch``: not expressible: open_clip has no bidirectional, mean-pooled text transformer of
+  its own and none of the Hugging Face architectures it adapts is pre-norm. Such runs get an error
+  naming the towers that export.
+
+The directory holds ``open_clip_config.json`` (model and preprocessing config, for
+``open_clip.create_model_and_transforms('local-dir:OUT')``), ``<name>.json`` (the model config
+alone, for ``open_clip.add_model_config``) and ``open_clip_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_pipelines.loader import MEAN, STD
+from tcjepa.checkpoint import load_dual_encoder
+from tcjepa.config import Config, ConfigError, resolved_tokenizer
+from tcjepa.methods.contrastive import DualEncoder
+from tcjepa.models.text import HFTextEncoder, OpenCLIPTextEncoder
+from tcjepa.models.vit import VisionTransformer
+
+WEIGHTS = "open_clip_model.safetensors"
+CONFIG = "open_clip_config.json"
+
+
+def timm_config(encoder: VisionTransformer) -> dict[str, Any]:
+    """timm's ``config.json`` (``local-dir:`` source) for a ViT that computes what ``encoder`` does."""
+    size = encoder.grid[0] * encoder.patch_size
+    model_args = {
+        "img_size": size, "patch_size": encoder.patch_size, "embed_dim": encoder.embed_dim,
+        "depth": len(encoder.blocks), "num_heads": encoder.num_heads,
+        "mlp_ratio": encoder.blocks[0].mlp.fc1.out_features / encoder.embed_dim,
+        "qkv_bias": True, "class_token": False, "global_pool": "avg", "fc_norm": False, "num_classes": 0,
+    }
+    pretrained_cfg = {
+        "input_size": [3, size, size], "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 1.0,
+        "crop_mode": "center", "mean": list(MEAN), "std": list(STD), "num_classes": 0,
+    }
+    return {"architecture": "vit_base_patch16_224", "num_features": encoder.embed_dim, "model_args": model_args,
+            "pretrained_cfg": pretrained_cfg}
+
+
+def timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
+    """Our encoder's weights under timm's names: identical but for the position embedding, a
+    buffer here and a parameter there."""
+    state = {k: v.detach().float() for k, v in encoder.state_dict().items()}
+    state["pos_embed"] = encoder.pos_embed.detach().float()
+    return state
+
+
+def _open_clip_text(model: DualEncoder, cfg: Config) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """open_clip's native text tower: our ``OpenCLIPTextEncoder`` is one."""
+    kind, _ = resolved_tokenizer(cfg.conditioner)
+    if kind != "open_clip":
+        raise ConfigError(f"export open_clip: this run tokenizes captions with {kind!r}; an open_clip text tower "
+                          "exports only with open_clip's own BPE tokenizer (conditioner.tokenizer: open_clip)")
+    tower = model.text.model
+    blocks = tower.transformer.resblocks
+    text_cfg = {
+        "context_length": tower.context_length, "vocab_size": tower.vocab_size, "width": tower.width,
+        "heads": tower.heads, "layers": len(blocks),
+        "mlp_ratio": blocks[0].mlp.c_fc.out_features / tower.width,
+        "pool_type": "argmax",  # the EOT token (the largest id in every row): our last real token
+    }
+    state = {k: v.detach().float() for k, v in tower.state_dict().items() if k != "text_projection"}
+    state["text_projection"] = model.head.text_proj.weight.detach().float().T.contiguous()
+    return text_cfg, state
+
+
+def _hf_text(model: DualEncoder, cfg: Config, out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """open_clip's Hugging Face adapter: mean pooling over ``input_ids != pad_token_id``, a linear
+    projection without bias; the model config is copied into ``out/text``, the tokenizer into ``out``."""
+    from transformers import AutoTokenizer
+
+    kind, tok_path = resolved_tokenizer(cfg.conditioner)
+    if kind != "hf":
+        raise ConfigError(f"export open_clip: a Hugging Face text tower tokenized with {kind!r}; open_clip pairs "
+                          "its Hugging Face text towers with their Hugging Face tokenizer (conditioner.tokenizer: hf)")
+    hf = model.text.model
+    text_dir = out / "text"
+    hf.config.save_pretrained(text_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
+    if tokenizer.pad_token_id != hf.config.pad_token_id:
+        raise ConfigError(f"export open_clip: the tokenizer pads with id {tokenizer.pad_token_id} but the model's "
+                          f"pad_token_id is {hf.config.pad_token_id}; open_clip masks padding by the model's id")
+    tokenizer.save_pretrained(out)  # open_clip's ``local-dir:`` reads the tokenizer from the directory itself
+    text_cfg = {
+        "hf_model_name": str(text_dir), "hf_tokenizer_name": str(out), "hf_model_pretrained": False,
+        "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler", "context_length": cfg.conditioner.context_length,
+    }
+    # open_clip builds the model without BERT's pooler (its mean pooler replaces it)
+    state = {f"transformer.{k}": v.detach().float() for k, v in hf.state_dict().items() if not k.startswith("pooler.")}
+    state["proj.weight"] = model.head.text_proj.weight.detach().float()
+    return text_cfg, state
+
+
+def check_exportable(model: DualEncoder, cfg: Config) -> None:
+    """An error unless open_clip can express ``model``'s text tower (module docstring)."""
+    if not isinstance(model.text, (OpenCLIPTextEncoder, HFTextEncoder)):
+        raise ConfigError(
+            f"export open_clip: conditioner.text_encoder={cfg.conditioner.text_encoder!r} has no open_clip "
+            "counterpart (open_clip has no bidirectional mean-pooled text transformer); train the contrastive run "
+            "with conditioner.text_encoder: open_clip (CLIP's causal text tower; open_clip_model: '' sizes it by "
+            "conditioner.text_width/depth/heads) or hf")
+
+
+def open_clip_model(model: DualEncoder, cfg: Config, out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The open_clip model config and state dict for ``model`` (``out``: where the timm config and
+    any Hugging Face text files are written)."""
+    check_exportable(model, cfg)
+    timm_dir = out / "timm"
+    timm_dir.mkdir(parents=True, exist_ok=True)
+    (timm_dir / "config.json").write_text(json.dumps(timm_config(model.encoder), indent=2))
+    vision_cfg = {
+        "image_size": model.encoder.grid[0] * model.encoder.patch_size,
+        "timm_model_name": f"local-dir:{timm_dir}", "timm_model_pretrained": False,
+        "timm_pool": "avg", "timm_proj": "linear", "timm_proj_bias": False,
+    }
+    state = {f"visual.trunk.{k}": v for k, v in timm_state_dict(model.encoder).items()}
+    state["visual.head.proj.weight"] = model.head.image_proj.weight.detach().float()
+
+    if isinstance(model.text, OpenCLIPTextEncoder):
+        text_cfg, text_state = _open_clip_text(model, cfg)
+        state.update(text_state)  # the CLIP class keeps its text tower's modules at the top level
+    else:
+        text_cfg, text_state = _hf_text(model, cfg, out)
+        state.update({f"text.{k}": v for k, v in text_state.items()})
+
+    model_cfg: dict[str, Any] = {"embed_dim": cfg.contrastive.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    state["logit_scale"] = model.head.logit_scale.detach().float().reshape(())
+    if model.head.logit_bias is not None:
+        model_cfg["init_logit_bias"] = float(model.head.logit_bias.item())
+        state["logit_bias"] = model.head.logit_bias.detach().float().reshape(())
+    return model_cfg, {k: v.contiguous() for k, v in state.items()}
+
+
+def preprocess_cfg(image_size: int) -> dict[str, Any]:
+    """Our evaluation preprocessing in open_clip's terms: shorter side resized (bicubic), centre
+    crop, ImageNet statistics."""
+    return {"size": image_size, "mean": list(MEAN), "std": list(STD), "interpolation": "bicubic",
+            "resize_mode": "shortest"}
+
+
+def export_open_clip(run_dir: str | Path, out_dir: str | Path, name: str = "") -> tuple[Path, str]:
+    """Write ``run_dir`` (a finished contrastive run) as an open_clip model directory (module
+    docstring). Returns the directory (absolute) and the model name of its ``<name>.json``."""
+    from safetensors.torch import save_file
+
+    model, cfg = load_dual_encoder(run_dir)
+    check_exportable(model, cfg)  # before anything is written
+    out = Path(out_dir).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create it ({e.strerror or e})") from e
+    name = name or f"tcjepa-{Path(run_dir).resolve().name}"
+    model_cfg, state = open_clip_model(model, cfg, out)
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "producer": "tcjepa"})
+    (out / f"{name}.json").write_text(json.dumps(model_cfg, indent=2))
+    pp = preprocess_cfg(model_cfg["vision_cfg"]["image_size"])
+    (out / CONFIG).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp}, indent=2))
+    return out, name
+
+
+def how_to_load(out: Path, name: str) -> str:
+    """The two open_clip calls that load an export (printed by ``tcjepa export open_clip``)."""
+    return (f"open_clip.create_model_and_transforms('local-dir:{out}')\n"
+            f"or: open_clip.add_model_config('{out / (name + '.json')}')\n"
+            f"    open_clip.create_model_and_transforms('{name}', pretrained='{out / WEIGHTS}', "
+            f"image_mean={tuple(MEAN)}, image_std={tuple(STD)})")
