@@ -9,6 +9,10 @@ move (written to a temporary file and renamed). A crash at any point leaves the 
 checkpoint and ``latest`` intact; on resume a checkpoint whose files do not match its manifest,
 or that fails to load, is skipped with a warning for the one before it.
 
+Loading never runs code from a checkpoint: every ``torch.load`` (DeepSpeed's, and the universal
+conversion's) reads with ``weights_only=True`` and an allow-list of the few non-tensor types a
+checkpoint holds (:func:`weights_only_loads`).
+
 The client state holds the step, the teacher, skip counts, and per rank the RNG states and the
 data-stream position of every loader worker (``data_pipelines.loader.TrainSource.state``).
 """
@@ -17,11 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -33,6 +39,37 @@ CHECKPOINTS = "checkpoints"
 TAG_PREFIX = "step_"
 PARTIAL = ".partial"
 MANIFEST = "manifest.json"
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def checkpoint_globals() -> list[Any]:
+    """The non-tensor types a tcjepa DeepSpeed checkpoint pickles: DeepSpeed's loss scaler, ZeRO
+    stage enum and fragment addresses, and numpy's RNG state array (our client state). Loading
+    allows these and nothing else, so a tampered checkpoint cannot run code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 | 1
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, np.ndarray, np.dtype,
+            type(np.dtype(np.uint32)), multiarray._reconstruct]
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside reads with ``weights_only=True``, DeepSpeed's too (it asks for
+    ``weights_only=False``; ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that), allowing only
+    :func:`checkpoint_globals` beyond tensors and builtins."""
+    old = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(checkpoint_globals()):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = old
 
 
 def tag_for(step: int) -> str:
@@ -140,7 +177,7 @@ def to_universal(directory: Path, rank: int) -> Path:
     target = out / directory.name
     if rank == 0 and not (target / "zero").is_dir():
         shutil.rmtree(target, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory),
+        cmd = [sys.executable, "-m", "tcjepa.resume", "--input_folder", str(directory),  # see _convert_main
                "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", "1",
                "--num_merge_workers", "1"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -148,6 +185,17 @@ def to_universal(directory: Path, rank: int) -> Path:
             raise RuntimeError(f"converting {directory.name} to a universal checkpoint failed: {proc.stderr[-500:]}")
     barrier()
     return out
+
+
+def _load_failure(e: Exception) -> str:
+    """A short reason; for a refused pickle, torch's own sentence naming what was blocked (the
+    paragraphs of its message that are not boilerplate)."""
+    if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+        paragraphs = [p.strip() for p in str(e).split("\n\n") if p.strip()]
+        reason = " ".join(p.split("WeightsUnpickler error:")[-1].strip() for p in paragraphs[1:]
+                          if not p.startswith("Check the documentation"))
+        return f"refused to unpickle a non-tensor object: {reason[:200]}"
+    return f"loading failed: {e!r}"[:300]
 
 
 def load_latest(engine: Any, run_dir: Path) -> dict[str, Any]:
@@ -175,7 +223,8 @@ def load_latest(engine: Any, run_dir: Path) -> dict[str, Any]:
                 if saved_world_size(directory) not in (0, engine.dp_world_size):  # partitions of another world size
                     load_dir = to_universal(directory, engine.global_rank)
                     engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
-                path, client = engine.load_checkpoint(str(load_dir), tag=directory.name)
+                with weights_only_loads():
+                    path, client = engine.load_checkpoint(str(load_dir), tag=directory.name)
                 if load_dir != ck:  # the conversion served its purpose; new checkpoints use this world size
                     engine._config.load_universal_checkpoint = False
                     barrier()
@@ -184,7 +233,7 @@ def load_latest(engine: Any, run_dir: Path) -> dict[str, Any]:
                 if path is None or client is None:
                     problem = "DeepSpeed found nothing to load"
             except Exception as e:  # noqa: BLE001 - any failure means: use the previous checkpoint
-                problem = f"loading failed: {e!r}"[:300]
+                problem = _load_failure(e)
         if problem is None:
             if failures:
                 warnings.warn(f"--resume: skipped {'; '.join(failures)}; resuming from {directory.name} instead",
@@ -192,3 +241,16 @@ def load_latest(engine: Any, run_dir: Path) -> dict[str, Any]:
             return client
         failures.append(f"{directory.name} ({problem})")
     raise ConfigError(f"--resume: no checkpoint in {ck} could be loaded: {'; '.join(failures)}")
+
+
+def _convert_main() -> None:
+    """DeepSpeed's ``ds_to_universal`` command line, its loads under :func:`weights_only_loads`
+    (``to_universal`` runs it in a subprocess: the conversion holds every partition in memory)."""
+    import runpy
+
+    with weights_only_loads():
+        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__")
+
+
+if __name__ == "__main__":
+    _convert_main()

@@ -154,6 +154,38 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(shards64, tmp_path
     assert_same_weights(run, straight)
 
 
+class _RunsCode:
+    """Unpickling this runs ``touch PATH``: what a tampered checkpoint could do to ``torch.load``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(shards64, tmp_path, straight):
+    """Resume loads with ``weights_only=True`` (DeepSpeed's loads too): a pickled payload in the
+    newest checkpoint is not executed; that checkpoint is skipped for the previous one."""
+    from tcjepa.resume import _write_manifest
+
+    cfg = cfg_for(shards64, *RESUME[:1], "checkpoint.every=2", "checkpoint.keep=3", *RESUME[2:])
+    run = train(cfg, tmp_path / "run", progress=False, stop_at=6)
+    newest = run / "checkpoints" / "step_00000006"
+    states = next(newest.glob("*model_states.pt"))
+    payload = torch.load(states, weights_only=False)
+    marker = tmp_path / "code_ran"
+    payload["payload"] = _RunsCode(marker)
+    torch.save(payload, states)
+    (newest / "manifest.json").unlink()
+    _write_manifest(newest)  # a consistent checkpoint on disk: only its content is hostile
+    with pytest.warns(UserWarning, match=r"skipped step_00000006 \(refused to unpickle .*posix is blocked.*resuming from step_00000004"):
+        train(cfg, run, resume=True, progress=False)
+    assert not marker.exists()
+    assert losses(run) == losses(straight)
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored after loading
+
+
 def test_non_finite_losses_are_skipped_counted_then_stop(shards64, tmp_path, monkeypatch):
     from tcjepa.methods.jepa import JEPA
 
