@@ -156,3 +156,13 @@ def test_a_jepa_run_is_an_error(tmp_path):
     run = train_tiny(write_colour_shards(tmp_path / "s", 16), tmp_path / "run")
     with pytest.raises(ConfigError, match="not a contrastive one"):
         export_open_clip(run, tmp_path / "oc")
+
+
+def test_mlp_ratio_rebuilds_the_hidden_width():
+    """timm and open_clip rebuild the MLP width as ``int(width * ratio)``: ``hidden / width`` alone
+    comes back one short for some widths (127 / 23 * 23 = 126.99...)."""
+    from tcjepa.export.open_clip import mlp_ratio
+
+    assert int(23 * (127 / 23)) == 126
+    for width, hidden in [(23, 127), (37, 193), (1408, 6144), (768, 3072)]:
+        assert int(width * mlp_ratio(hidden, width)) == hidden

@@ -28,6 +28,7 @@ alone, for ``open_clip.add_model_config``) and ``open_clip_model.safetensors``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,19 @@ WEIGHTS = "open_clip_model.safetensors"
 CONFIG = "open_clip_config.json"
 
 
+def mlp_ratio(hidden: int, width: int) -> float:
+    """The ratio from which timm and open_clip rebuild ``hidden`` (they take ``int(width * ratio)``)."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else math.nextafter(ratio, math.inf)
+
+
 def timm_config(encoder: VisionTransformer) -> dict[str, Any]:
     """timm's ``config.json`` (``local-dir:`` source) for a ViT that computes what ``encoder`` does."""
     size = encoder.grid[0] * encoder.patch_size
     model_args = {
         "img_size": size, "patch_size": encoder.patch_size, "embed_dim": encoder.embed_dim,
         "depth": len(encoder.blocks), "num_heads": encoder.num_heads,
-        "mlp_ratio": encoder.blocks[0].mlp.fc1.out_features / encoder.embed_dim,
+        "mlp_ratio": mlp_ratio(encoder.blocks[0].mlp.fc1.out_features, encoder.embed_dim),
         "qkv_bias": True, "class_token": False, "global_pool": "avg", "fc_norm": False, "num_classes": 0,
     }
     pretrained_cfg = {
@@ -80,7 +87,7 @@ def _open_clip_text(model: DualEncoder, cfg: Config) -> tuple[dict[str, Any], di
     text_cfg = {
         "context_length": tower.context_length, "vocab_size": tower.vocab_size, "width": tower.width,
         "heads": tower.heads, "layers": len(blocks),
-        "mlp_ratio": blocks[0].mlp.c_fc.out_features / tower.width,
+        "mlp_ratio": mlp_ratio(blocks[0].mlp.c_fc.out_features, tower.width),
         "pool_type": "argmax",  # the EOT token (the largest id in every row): our last real token
     }
     state = {k: v.detach().float() for k, v in tower.state_dict().items() if k != "text_projection"}
