@@ -126,6 +126,7 @@ class TrainConfig:
     collapse_rankme: float = 2.0  # warn when the effective rank of the targets falls below this ...
     collapse_std: float = 0.01  # ... or their per-channel std across tokens does
     eval_every: int = 0  # every N steps a linear probe on data.val (labels: probe.labels[0]) -> probe_top1; 0: off
+    compile: bool = False  # torch.compile the trained model's forward and the teacher's (tcjepa.train.compile_method)
 
 
 @dataclass

@@ -176,3 +176,18 @@ def test_activation_checkpointing_trains_the_same_run(shards64, tmp_path):
             for on in ("false", "true")]
     a, b = (records(r) for r in runs)
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_the_same_model(shards64, tmp_path):
+    """``train.compile``: the compiled student and teacher follow the eager run's losses and
+    weights (the context length changes every batch: dynamic sizes), and the final weights keep
+    their names (compiled in place, no ``_orig_mod.`` prefix)."""
+    runs = [train(cfg_for(shards64, "train.steps=3", "checkpoint.every=0", f"train.compile={on}"),
+                  tmp_path / str(on), progress=False) for on in ("false", "true")]
+    a, b = (records(r) for r in runs)
+    assert len({r["loss"] for r in a}) == 3  # three different batches
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    sa, sb = (load_final_state(r) for r in runs)
+    assert sa.keys() == sb.keys()
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-4
