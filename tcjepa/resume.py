@@ -246,10 +246,10 @@ def load_latest(engine: Any, run_dir: Path) -> dict[str, Any]:
 def _convert_main() -> None:
     """DeepSpeed's ``ds_to_universal`` command line, its loads under :func:`weights_only_loads`
     (``to_universal`` runs it in a subprocess: the conversion holds every partition in memory)."""
-    import runpy
+    from deepspeed.checkpoint import ds_to_universal
 
     with weights_only_loads():
-        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__")
+        ds_to_universal.main(ds_to_universal.parse_arguments())
 
 
 if __name__ == "__main__":
