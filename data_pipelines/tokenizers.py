@@ -60,7 +60,8 @@ def _has_text(texts: Sequence[str]) -> torch.Tensor:
 
 
 class OpenCLIPTokenizer:
-    """open_clip's CLIP BPE; id 0 is padding, every row starts with <start_of_text>."""
+    """open_clip's CLIP BPE; id 0 pads (and is also '!' inside some punctuation runs), every row
+    starts with <start_of_text>."""
 
     def __init__(self, context_length: int = 77):
         from open_clip.tokenizer import SimpleTokenizer
@@ -95,22 +96,28 @@ class OpenCLIPTokenizer:
     def __call__(self, texts: Sequence[str]) -> Tokens:
         texts = list(texts)
         L, sot, eot = self.context_length, self._tok.sot_token_id, self._tok.eot_token_id
-        rows = []
+        rows, lengths = [], []
         for text in texts:
             seq = [sot] + self._encode(text) + [eot]
             if len(seq) > L:  # truncate, keeping <end_of_text> last, as open_clip does
                 seq = seq[:L]
                 seq[-1] = eot
             rows.append(seq + [0] * (L - len(seq)))
+            lengths.append(len(seq))
         ids = torch.tensor(rows, dtype=torch.long).view(len(texts), L)
-        return Tokens(ids, ids != 0, _has_text(texts))
+        # by position, not ``ids != 0``: the padding id 0 is also the BPE token '!' (e.g. in "what!??")
+        mask = torch.arange(L)[None] < torch.tensor(lengths, dtype=torch.long)[:, None]
+        return Tokens(ids, mask, _has_text(texts))
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self._tok.decoder.get(int(i), "?").replace("</w>", "") for i in ids]
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer from a local directory (no network)."""
+    """A Hugging Face tokenizer from a local directory (no network). Captions are cleaned first as
+    open_clip's Hugging Face tokenizer cleans them (ftfy, HTML entities unescaped, whitespace runs
+    collapsed; no lower-casing), so web captions ("salt &amp; pepper") tokenize as their text and
+    an open_clip export tokenizes exactly as the run did."""
 
     def __init__(self, path: str, context_length: int = 32):
         from transformers import AutoTokenizer
@@ -121,9 +128,20 @@ class HFTokenizer:
         self.context_length = context_length
         self.vocab_size = len(self._tok)
 
+    @staticmethod
+    def _clean(text: str) -> str:
+        """open_clip's ``whitespace`` cleaning; printable ASCII without '&' skips ftfy and
+        unescaping, which change nothing there."""
+        if text.isascii() and text.isprintable() and "&" not in text:
+            return " ".join(text.split())
+        from open_clip.tokenizer import get_clean_fn
+
+        return get_clean_fn("whitespace")(text)
+
     def __call__(self, texts: Sequence[str]) -> Tokens:
         texts = list(texts)
-        enc = self._tok(texts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt")
+        enc = self._tok([self._clean(t) for t in texts], padding="max_length", truncation=True,
+                        max_length=self.context_length, return_tensors="pt")
         return Tokens(enc["input_ids"].long(), enc["attention_mask"].bool(), _has_text(texts))
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:

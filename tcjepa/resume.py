@@ -40,36 +40,48 @@ TAG_PREFIX = "step_"
 PARTIAL = ".partial"
 MANIFEST = "manifest.json"
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
 
 def checkpoint_globals() -> list[Any]:
     """The non-tensor types a tcjepa DeepSpeed checkpoint pickles: DeepSpeed's loss scaler, ZeRO
-    stage enum and fragment addresses, and numpy's RNG state array (our client state). Loading
-    allows these and nothing else, so a tampered checkpoint cannot run code."""
+    stage enum and fragment addresses, and numpy's RNG state array (our client state; numpy 1
+    pickles name ``numpy.core``, numpy 2 ``numpy._core``). Loading allows these and nothing else,
+    so a tampered checkpoint cannot run code."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 | 1
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, np.ndarray, np.dtype,
-            type(np.dtype(np.uint32)), multiarray._reconstruct]
+            type(np.dtype(np.uint32)), multiarray._reconstruct,
+            (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+            (multiarray._reconstruct, "numpy._core.multiarray._reconstruct")]
 
 
 @contextmanager
 def weights_only_loads() -> Iterator[None]:
     """Every ``torch.load`` inside reads with ``weights_only=True``, DeepSpeed's too (it asks for
     ``weights_only=False``; ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that), allowing only
-    :func:`checkpoint_globals` beyond tensors and builtins."""
-    old = os.environ.get(FORCE_WEIGHTS_ONLY)
+    :func:`checkpoint_globals` beyond tensors and builtins.
+
+    The variables and torch's allow-list are process-wide, so this is not for concurrent threads;
+    resume runs before the loader starts. ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` (which users set to
+    get DeepSpeed loading on torch >= 2.6, and which torch refuses beside ours) is lifted inside,
+    and types the user had already allowed stay allowed after."""
+    saved = {k: os.environ.pop(k, None) for k in (FORCE_WEIGHTS_ONLY, FORCE_NO_WEIGHTS_ONLY)}
     os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    allowed = torch.serialization.get_safe_globals()
+    added = [g for g in checkpoint_globals() if g not in allowed]
     try:
-        with torch.serialization.safe_globals(checkpoint_globals()):
+        with torch.serialization.safe_globals(added):
             yield
     finally:
-        if old is None:
-            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
-        else:
-            os.environ[FORCE_WEIGHTS_ONLY] = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def tag_for(step: int) -> str:
@@ -180,7 +192,11 @@ def to_universal(directory: Path, rank: int) -> Path:
         cmd = [sys.executable, "-m", "tcjepa.resume", "--input_folder", str(directory),  # see _convert_main
                "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", "1",
                "--num_merge_workers", "1"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        import tcjepa
+
+        root = str(Path(tcjepa.__file__).resolve().parents[1])  # importable however tcjepa was found here
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"converting {directory.name} to a universal checkpoint failed: {proc.stderr[-500:]}")
     barrier()

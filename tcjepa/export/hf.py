@@ -118,10 +118,11 @@ def to_hf_model(encoder: VisionTransformer) -> Any:
 
 
 def image_processor(image_size: int) -> Any:
-    """Our evaluation preprocessing as a Hugging Face image processor: the central square crop of
-    the shorter side, resized to ``image_size`` (bicubic), scaled to [0, 1] and normalised with
-    the ImageNet statistics our loader uses. ``CLIPImageProcessor`` does exactly this (resize the
-    short side, centre crop) and is what LLaVA processors expect."""
+    """Our evaluation preprocessing as a Hugging Face image processor: bicubic to ``image_size``,
+    centre crop, scaled to [0, 1] and normalised with the ImageNet statistics our loader uses.
+    ``CLIPImageProcessor`` (what LLaVA processors expect) resizes the short side and then crops,
+    where our loader crops the central square and then resizes it: the same pixels on square
+    images, a sub-pixel shift on others."""
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(

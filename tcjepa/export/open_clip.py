@@ -6,8 +6,8 @@ so it cannot compute what our class-token-free ViT computes. Its timm adapter ca
 our encoder layer for layer (same fused ``qkv`` layout, LayerNorm eps 1e-6, exact GELU, final
 norm before the mean over patches), with our fixed sin-cos positions written into its position
 parameter. timm reads those model arguments from a ``config.json`` through its ``local-dir:``
-model source, so the open_clip config names the vision tower ``local-dir:<OUT>/timm`` (an absolute
-path: move the directory and export again, or edit that one string).
+model source, so the open_clip config names the vision tower ``local-dir:<OUT>/timm``. Such paths
+(and a Hugging Face text tower's) are absolute: move the directory and export again.
 
 Text towers, by ``conditioner.text_encoder``:
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +77,8 @@ def timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
     return state
 
 
-def _open_clip_text(model: DualEncoder, cfg: Config) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _open_clip_text(model: DualEncoder) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """open_clip's native text tower: our ``OpenCLIPTextEncoder`` is one."""
-    kind, _ = resolved_tokenizer(cfg.conditioner)
-    if kind != "open_clip":
-        raise ConfigError(f"export open_clip: this run tokenizes captions with {kind!r}; an open_clip text tower "
-                          "exports only with open_clip's own BPE tokenizer (conditioner.tokenizer: open_clip)")
     tower = model.text.model
     blocks = tower.transformer.resblocks
     text_cfg = {
@@ -97,58 +94,71 @@ def _open_clip_text(model: DualEncoder, cfg: Config) -> tuple[dict[str, Any], di
 
 def _hf_text(model: DualEncoder, cfg: Config, out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """open_clip's Hugging Face adapter: mean pooling over ``input_ids != pad_token_id``, a linear
-    projection without bias; the model config is copied into ``out/text``, the tokenizer into ``out``."""
-    from transformers import AutoTokenizer
-
-    kind, tok_path = resolved_tokenizer(cfg.conditioner)
-    if kind != "hf":
-        raise ConfigError(f"export open_clip: a Hugging Face text tower tokenized with {kind!r}; open_clip pairs "
-                          "its Hugging Face text towers with their Hugging Face tokenizer (conditioner.tokenizer: hf)")
-    hf = model.text.model
-    text_dir = out / "text"
-    hf.config.save_pretrained(text_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
-    if tokenizer.pad_token_id != hf.config.pad_token_id:
-        raise ConfigError(f"export open_clip: the tokenizer pads with id {tokenizer.pad_token_id} but the model's "
-                          f"pad_token_id is {hf.config.pad_token_id}; open_clip masks padding by the model's id")
-    tokenizer.save_pretrained(out)  # open_clip's ``local-dir:`` reads the tokenizer from the directory itself
+    projection without bias. The model config goes to ``out/text``, the tokenizer to ``out``
+    (where open_clip's ``local-dir:`` looks for it)."""
     text_cfg = {
-        "hf_model_name": str(text_dir), "hf_tokenizer_name": str(out), "hf_model_pretrained": False,
+        "hf_model_name": str(out / "text"), "hf_tokenizer_name": str(out), "hf_model_pretrained": False,
         "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler", "context_length": cfg.conditioner.context_length,
     }
     # open_clip builds the model without BERT's pooler (its mean pooler replaces it)
+    hf = model.text.model
     state = {f"transformer.{k}": v.detach().float() for k, v in hf.state_dict().items() if not k.startswith("pooler.")}
     state["proj.weight"] = model.head.text_proj.weight.detach().float()
     return text_cfg, state
 
 
-def check_exportable(model: DualEncoder, cfg: Config) -> None:
-    """An error unless open_clip can express ``model``'s text tower (module docstring)."""
-    if not isinstance(model.text, (OpenCLIPTextEncoder, HFTextEncoder)):
+def _hf_tokenizer(model: DualEncoder, cfg: Config) -> Any:
+    """The run's Hugging Face tokenizer, checked against what open_clip's adapter assumes."""
+    from transformers import AutoTokenizer
+
+    kind, path = resolved_tokenizer(cfg.conditioner)
+    if kind != "hf":
+        raise ConfigError(f"export open_clip: a Hugging Face text tower tokenized with {kind!r}; open_clip pairs "
+                          "its Hugging Face text towers with their Hugging Face tokenizer (conditioner.tokenizer: hf)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"export open_clip: cannot load the run's tokenizer from {path} ({str(e).splitlines()[0]})") from e
+    pad = model.text.model.config.pad_token_id
+    if tokenizer.pad_token_id != pad:
+        raise ConfigError(f"export open_clip: the tokenizer pads with id {tokenizer.pad_token_id} but the model's "
+                          f"pad_token_id is {pad}; open_clip masks padding by the model's id")
+    return tokenizer
+
+
+def check_exportable(model: DualEncoder, cfg: Config, name: str) -> Any:
+    """Every check, before anything is written: open_clip must be able to express the text tower
+    (module docstring) and tokenize as the run did. Returns the Hugging Face tokenizer to copy, if any."""
+    if isinstance(model.text, HFTextEncoder):
+        return _hf_tokenizer(model, cfg)
+    if not isinstance(model.text, OpenCLIPTextEncoder):
         raise ConfigError(
             f"export open_clip: conditioner.text_encoder={cfg.conditioner.text_encoder!r} has no open_clip "
             "counterpart (open_clip has no bidirectional mean-pooled text transformer); train the contrastive run "
             "with conditioner.text_encoder: open_clip (CLIP's causal text tower; open_clip_model: '' sizes it by "
             "conditioner.text_width/depth/heads) or hf")
+    kind, _ = resolved_tokenizer(cfg.conditioner)
+    if kind != "open_clip":
+        raise ConfigError(f"export open_clip: this run tokenizes captions with {kind!r}; an open_clip text tower "
+                          "exports only with open_clip's own BPE tokenizer (conditioner.tokenizer: open_clip)")
+    if "siglip" in name.lower():  # open_clip.get_tokenizer(name) would pick its SigLIP tokenizer by the name
+        raise ConfigError(f"--name {name!r}: open_clip gives every model whose name contains 'siglip' its SigLIP "
+                          "tokenizer, not this run's BPE; choose a name without it")
+    return None
 
 
-def open_clip_model(model: DualEncoder, cfg: Config, out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The open_clip model config and state dict for ``model`` (``out``: where the timm config and
-    any Hugging Face text files are written)."""
-    check_exportable(model, cfg)
-    timm_dir = out / "timm"
-    timm_dir.mkdir(parents=True, exist_ok=True)
-    (timm_dir / "config.json").write_text(json.dumps(timm_config(model.encoder), indent=2))
+def open_clip_config(model: DualEncoder, cfg: Config, out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The open_clip model config and state dict for ``model``, exported to ``out`` (the config
+    names files there by absolute path)."""
     vision_cfg = {
         "image_size": model.encoder.grid[0] * model.encoder.patch_size,
-        "timm_model_name": f"local-dir:{timm_dir}", "timm_model_pretrained": False,
+        "timm_model_name": f"local-dir:{out / 'timm'}", "timm_model_pretrained": False,
         "timm_pool": "avg", "timm_proj": "linear", "timm_proj_bias": False,
     }
     state = {f"visual.trunk.{k}": v for k, v in timm_state_dict(model.encoder).items()}
     state["visual.head.proj.weight"] = model.head.image_proj.weight.detach().float()
-
     if isinstance(model.text, OpenCLIPTextEncoder):
-        text_cfg, text_state = _open_clip_text(model, cfg)
+        text_cfg, text_state = _open_clip_text(model)
         state.update(text_state)  # the CLIP class keeps its text tower's modules at the top level
     else:
         text_cfg, text_state = _hf_text(model, cfg, out)
@@ -163,26 +173,37 @@ def open_clip_model(model: DualEncoder, cfg: Config, out: Path) -> tuple[dict[st
 
 
 def preprocess_cfg(image_size: int) -> dict[str, Any]:
-    """Our evaluation preprocessing in open_clip's terms: shorter side resized (bicubic), centre
-    crop, ImageNet statistics."""
+    """Our evaluation preprocessing in open_clip's terms: bicubic resize, centre crop, ImageNet
+    statistics. open_clip resizes the shorter side and then crops, ours crops the central square
+    and then resizes it: the same on square images, a sub-pixel shift apart on others."""
     return {"size": image_size, "mean": list(MEAN), "std": list(STD), "interpolation": "bicubic",
             "resize_mode": "shortest"}
 
 
+def default_name(run_dir: str | Path) -> str:
+    """``tcjepa-<run directory>``, with 'siglip' spelled 'sig-lip' (see :func:`check_exportable`)."""
+    return "tcjepa-" + re.sub("siglip", "sig-lip", Path(run_dir).resolve().name, flags=re.IGNORECASE)
+
+
 def export_open_clip(run_dir: str | Path, out_dir: str | Path, name: str = "") -> tuple[Path, str]:
     """Write ``run_dir`` (a finished contrastive run) as an open_clip model directory (module
-    docstring). Returns the directory (absolute) and the model name of its ``<name>.json``."""
+    docstring). Every check runs before the first file is written. Returns the directory
+    (absolute) and the model name of its ``<name>.json``."""
     from safetensors.torch import save_file
 
     model, cfg = load_dual_encoder(run_dir)
-    check_exportable(model, cfg)  # before anything is written
+    name = name or default_name(run_dir)
+    tokenizer = check_exportable(model, cfg, name)
     out = Path(out_dir).resolve()
+    model_cfg, state = open_clip_config(model, cfg, out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        (out / "timm").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create it ({e.strerror or e})") from e
-    name = name or f"tcjepa-{Path(run_dir).resolve().name}"
-    model_cfg, state = open_clip_model(model, cfg, out)
+    (out / "timm" / "config.json").write_text(json.dumps(timm_config(model.encoder), indent=2))
+    if tokenizer is not None:
+        model.text.model.config.save_pretrained(out / "text")
+        tokenizer.save_pretrained(out)
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "producer": "tcjepa"})
     (out / f"{name}.json").write_text(json.dumps(model_cfg, indent=2))
     pp = preprocess_cfg(model_cfg["vision_cfg"]["image_size"])
@@ -191,8 +212,8 @@ def export_open_clip(run_dir: str | Path, out_dir: str | Path, name: str = "") -
 
 
 def how_to_load(out: Path, name: str) -> str:
-    """The two open_clip calls that load an export (printed by ``tcjepa export open_clip``)."""
-    return (f"open_clip.create_model_and_transforms('local-dir:{out}')\n"
+    """The open_clip calls that load an export (printed by ``tcjepa export open_clip``)."""
+    return (f"open_clip.create_model_and_transforms('local-dir:{out}'), open_clip.get_tokenizer('local-dir:{out}')\n"
             f"or: open_clip.add_model_config('{out / (name + '.json')}')\n"
             f"    open_clip.create_model_and_transforms('{name}', pretrained='{out / WEIGHTS}', "
-            f"image_mean={tuple(MEAN)}, image_std={tuple(STD)})")
+            f"image_mean={tuple(MEAN)}, image_std={tuple(STD)}), open_clip.get_tokenizer('{name}')")

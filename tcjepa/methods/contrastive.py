@@ -62,8 +62,8 @@ class ContrastiveHead(nn.Module):
 
 def pool_text(h: torch.Tensor, mask: torch.Tensor, causal: bool) -> torch.Tensor:
     """[B, L, W] token features -> [B, W]: the last real token for a causal encoder (EOT, where
-    CLIP pools; the last True of the mask, as open_clip's BPE masks id 0, '!', inside captions
-    too), else the mean over real tokens (an empty caption pools to zeros)."""
+    CLIP pools: the last True of the mask, which a mask with holes does not put at ``sum - 1``),
+    else the mean over real tokens (an empty caption pools to zeros)."""
     if causal:
         positions = torch.arange(mask.size(1), device=mask.device)
         last = torch.where(mask, positions, 0).amax(1)
