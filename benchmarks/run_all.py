@@ -9,7 +9,8 @@ a second job would skew them), each writing its JSON into ``--out``:
    activation checkpointing) against the official code: images/s, model FLOP utilisation against
    the matmul peak measured in the same run, activation memory per image; ViT-S/16 and ViT-B/16;
 3. ``bench_loader.py``: loader throughput against a plain PIL loop and open_clip_train;
-4. ``bench_gpu.py`` when a CUDA device is present: bf16 images/s and MFU, flash SDPA, compile.
+4. ``bench_gpu.py`` when a CUDA device is present: bf16 images/s and MFU, flash SDPA, compile;
+5. ``bench_loop.py``: the real training loop's images/s, eager and with ``train.compile``.
 
     python benchmarks/run_all.py --official /path/to/ijepa            # ~1 h on 2 CPU cores
     python benchmarks/run_all.py --official /path/to/ijepa --quick    # smoke run, ~3 min
@@ -36,6 +37,7 @@ def jobs(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
             ("train_step", ["bench_train_step.py", *off, "--models", "vit_tiny_16", "--batch-size", "4", "--steps", "1",
                             "--rounds", "1", "--warmup", "1", "--checkpointing", "--json", str(out / "train_step.json")]),
             ("loader", ["bench_loader.py", "--quick", "--json", str(out / "loader.json")]),
+            ("loop", ["bench_loop.py", "--quick", "--json", str(out / "loop.json")]),
         ]
     out_jobs = [
         ("masks", ["bench_masks.py", *off, "--json", str(out / "masks.json")]),
@@ -48,6 +50,10 @@ def jobs(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
 
         if torch.cuda.is_available():
             out_jobs.append(("gpu", ["bench_gpu.py", *off, "--json", str(out / "gpu.json")]))
+            out_jobs.append(("loop", ["bench_loop.py", "--encoder", "vit_base_16", "--batch-size", "256",
+                                      "--precision", "bf16", "--json", str(out / "loop.json")]))
+        else:
+            out_jobs.append(("loop", ["bench_loop.py", "--json", str(out / "loop.json")]))
     except ImportError:
         pass
     return out_jobs
