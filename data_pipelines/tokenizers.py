@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
@@ -55,6 +55,16 @@ class Tokenizer(Protocol):
     def token_strings(self, ids: Sequence[int]) -> list[str]: ...
 
 
+def clean_caption(text: str, clean_fn: Callable[[str], str], lower: bool) -> str:
+    """``clean_fn(text)``, one of open_clip's cleanings (ftfy, HTML unescaping, whitespace runs
+    collapsed; ``lower`` says whether it lower-cases), with a fast path: on printable ASCII without
+    '&', ftfy and unescaping change nothing, so only the whitespace (and case) work is done."""
+    if text.isascii() and text.isprintable() and "&" not in text:
+        text = " ".join(text.split())
+        return text.lower() if lower else text
+    return clean_fn(text)
+
+
 def _has_text(texts: Sequence[str]) -> torch.Tensor:
     return torch.tensor([bool(t and t.strip()) for t in texts], dtype=torch.bool)
 
@@ -73,11 +83,8 @@ class OpenCLIPTokenizer:
         self._word_ids: dict[str, list[int]] = {}  # word -> BPE ids, so that each word is encoded once
 
     def _clean(self, text: str) -> str:
-        """open_clip's ``lower`` cleaning (ftfy, html.unescape twice, whitespace, lower case); for
-        printable ASCII without '&' ftfy and unescape change nothing, so they are skipped."""
-        if text.isascii() and text.isprintable() and "&" not in text:
-            return " ".join(text.split()).lower()
-        return self._tok.clean_fn(text)
+        """open_clip's ``lower`` cleaning (ftfy, html.unescape twice, whitespace, lower case)."""
+        return clean_caption(text, self._tok.clean_fn, lower=True)
 
     def _encode(self, text: str) -> list[int]:
         """``SimpleTokenizer.encode`` with a cache per word (the same ids, ~3x faster on captions)."""
@@ -124,19 +131,15 @@ class HFTokenizer:
 
         if not Path(path).is_dir():
             raise FileNotFoundError(f"tokenizer path {path!r} is not a directory with a Hugging Face tokenizer")
+        from open_clip.tokenizer import get_clean_fn
+
         self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self._clean_fn = get_clean_fn("whitespace")  # open_clip's, for its Hugging Face tokenizers
         self.context_length = context_length
         self.vocab_size = len(self._tok)
 
-    @staticmethod
-    def _clean(text: str) -> str:
-        """open_clip's ``whitespace`` cleaning; printable ASCII without '&' skips ftfy and
-        unescaping, which change nothing there."""
-        if text.isascii() and text.isprintable() and "&" not in text:
-            return " ".join(text.split())
-        from open_clip.tokenizer import get_clean_fn
-
-        return get_clean_fn("whitespace")(text)
+    def _clean(self, text: str) -> str:
+        return clean_caption(text, self._clean_fn, lower=False)
 
     def __call__(self, texts: Sequence[str]) -> Tokens:
         texts = list(texts)

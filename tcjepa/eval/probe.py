@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipelines.loader import DataError, SkipTracker, normalize
-from tcjepa.config import ConfigError, ProbeConfig, to_dict
+from tcjepa.config import Config, ConfigError, ProbeConfig, to_dict
 from tcjepa.eval.common import default_device, is_label, iter_eval_batches, lookup, plot_dir, result_dict, write_result
 
 KINDS = ("linear", "attentive", "both")
@@ -246,7 +246,8 @@ def run_probe(
     check_probe_config(cfg)
     if not val_data:
         raise DataError("--val-data: the probe needs a validation split (SHARDS)")
-    if encoder is None:
+    own_encoder = encoder is None  # the run's own image tower (a contrastive run's projection applies to it)
+    if own_encoder:
         encoder = load_encoder(checkpoint, cfg.encoder)
     size, device = run_cfg.model.image_size, default_device()
     patches = cfg.kind != "linear"
@@ -272,43 +273,30 @@ def run_probe(
     headline = {k: v for k, v in first.items() if k not in KINDS}
     headline.update({f"{kind}_top1": first[kind]["top1"] for kind in ("linear", "attentive") if kind in first})
     metrics = {**headline, "label": cfg.labels[0], "per_label": per_label, "skipped": {"train": tr.skipped, "val": va.skipped}}
-    if save_to_run and run_cfg.train.method == "contrastive" and run_cfg.contrastive.matryoshka_dims:
-        metrics["per_dim"] = matryoshka_probe(checkpoint, data, val_data, cfg, run_cfg.train.seed, progress)
+    if own_encoder and run_cfg.train.method == "contrastive" and run_cfg.contrastive.matryoshka_dims:
+        metrics["per_dim"] = matryoshka_probe(tr, va, checkpoint, cfg, run_cfg)
     result = result_dict("probe", checkpoint, data, metrics, val_data=val_data, config=to_dict(cfg), plots=plots)
     write_result(result, checkpoint if save_to_run else None, json_out, name=name)
     return result
 
 
-class _ImageEmbedding(nn.Module):
-    """A contrastive model's projected image embedding as a one-token "encoder" for :func:`extract`."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images).unsqueeze(1)
-
-
-def matryoshka_probe(checkpoint: str | Path, data: str, val_data: str, cfg: ProbeConfig, seed: int,
-                     progress: bool = False) -> dict[str, dict[str, float]]:
+def matryoshka_probe(tr: Features, va: Features, checkpoint: str | Path, cfg: ProbeConfig,
+                     run_cfg: Config) -> dict[str, dict[str, float]]:
     """Linear probes on the first ``d`` channels of a Matryoshka run's image embedding, for every
-    trained width ``d`` (first of ``probe.labels``): how much each nested size keeps."""
-    from tcjepa.checkpoint import load_dual_encoder
+    trained width ``d`` (first of ``probe.labels``): how much each nested size keeps. The
+    embedding is the image projection of the mean-pooled features already extracted for the main
+    probe (``encode_image`` is exactly that), so the data are not read a second time."""
+    from tcjepa.checkpoint import load_final_state
     from tcjepa.methods.contrastive import embedding_dims
 
-    model, run_cfg = load_dual_encoder(checkpoint)
-    size, device, rate = run_cfg.model.image_size, default_device(), run_cfg.data.max_skip_rate
-    enc = _ImageEmbedding(model)
-    tr = extract(enc, data, size, cfg.batch_size, device, data_key="--data", progress=progress, max_skip_rate=rate)
-    va = extract(enc, val_data, size, cfg.batch_size, device, data_key="--val-data", progress=progress, max_skip_rate=rate)
+    proj = load_final_state(checkpoint)["head.image_proj.weight"].float()  # [E, D]
     ti, ty = select_labels(tr.metas, cfg.labels[0])
     vi, vy = select_labels(va.metas, cfg.labels[0])
+    temb, vemb = tr.pooled[ti] @ proj.T, va.pooled[vi] @ proj.T
     out = {}
     for d in embedding_dims(run_cfg):
-        tx = F.normalize(tr.pooled[ti, :d], dim=-1)
-        vx = F.normalize(va.pooled[vi, :d], dim=-1)
-        out[str(d)] = {"top1": float(train_linear_probes(tx, ty, vx, vy, cfg, seed=seed)["top1"])}
+        tx, vx = F.normalize(temb[:, :d], dim=-1), F.normalize(vemb[:, :d], dim=-1)
+        out[str(d)] = {"top1": float(train_linear_probes(tx, ty, vx, vy, cfg, seed=run_cfg.train.seed)["top1"])}
     return out
 
 

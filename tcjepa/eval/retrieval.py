@@ -90,27 +90,24 @@ def run_retrieval(checkpoint: str | Path, data: str, val_data: str = "", cfg: Re
                         f"in the first {len(split)} of {shards}")
     block = min(cfg.block_size, len(keep))
     blocks = [keep[i : i + block] for i in range(0, len(keep) - block + 1, block)]
-    prefixes = list(getattr(scorer, "dims", []))[:-1]  # Matryoshka widths below the full one
-    hits: dict[Any, dict[str, list[torch.Tensor]]] = {d: {} for d in [None, *prefixes]}
+    widths = list(getattr(scorer, "dims", [None]))  # a contrastive run's embedding widths, the full one last
+    hits: dict[Any, dict[str, list[torch.Tensor]]] = {d: {} for d in widths}
     for idx in tqdm(blocks, desc="retrieval", unit="block", disable=not progress):
         captions = [split.captions[i] for i in idx]
         images = split.images[idx]
-        chunks = range(0, len(idx), cfg.batch_size)
-        if prefixes:  # one forward serves every width
-            parts = [scorer.score_by_width(normalize(images[i : i + cfg.batch_size]), captions) for i in chunks]
-            by_width = {d: torch.cat([p[d] for p in parts]) for d in scorer.dims}
-            by_width[None] = by_width.pop(scorer.dims[-1])
-        else:
-            by_width = {None: torch.cat([scorer.score(normalize(images[i : i + cfg.batch_size]), captions)
-                                         for i in chunks])}
+        chunks = [normalize(images[i : i + cfg.batch_size]) for i in range(0, len(idx), cfg.batch_size)]
+        if widths == [None]:
+            by_width = {None: torch.cat([scorer.score(c, captions) for c in chunks])}
+        else:  # one forward serves every width
+            parts = [scorer.score_by_width(c, captions) for c in chunks]
+            by_width = {d: torch.cat([p[d] for p in parts]) for d in widths}
         for d, per_name in hits.items():
             for name, h in recall_at(by_width[d]).items():
                 per_name.setdefault(name, []).append(h)
     mean = lambda per_name: {name: torch.cat(h).mean().item() for name, h in per_name.items()}  # noqa: E731
-    metrics: dict[str, Any] = mean(hits[None])
-    if prefixes:  # the headline is the full width; each prefix as well
-        metrics["per_dim"] = {str(d): mean(hits[d]) for d in prefixes}
-        metrics["per_dim"][str(scorer.dims[-1])] = mean(hits[None])
+    metrics: dict[str, Any] = mean(hits[widths[-1]])  # the headline: the full width
+    if len(widths) > 1:  # Matryoshka: every width as well
+        metrics["per_dim"] = {str(d): mean(hits[d]) for d in widths}
     metrics.update(
         block_size=block, num_blocks=len(blocks), num_queries=len(blocks) * block,
         chance_r1=1 / block, chance_r5=min(5, block) / block, chance_r10=min(10, block) / block,

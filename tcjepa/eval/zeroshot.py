@@ -102,8 +102,8 @@ def run_zeroshot(checkpoint: str | Path, data: str, val_data: str = "", cfg: Zer
     prompts = [[t.format(n) for t in cfg.templates] for n in names]
 
     scores, errors = [], []
-    prefixes = list(getattr(scorer, "dims", []))[:-1]  # Matryoshka widths below the full one
-    prefix_scores: dict[int, list[torch.Tensor]] = {d: [] for d in prefixes}
+    widths = list(getattr(scorer, "dims", []))  # a contrastive run's embedding widths, the full one last
+    width_scores: dict[int, list[torch.Tensor]] = {d: [] for d in widths}
     for i in tqdm(range(0, len(split), cfg.batch_size), desc="zero-shot", unit="batch", disable=not progress):
         images = normalize(split.images[i : i + cfg.batch_size])
         if isinstance(scorer, PredictorScorer):  # keep the raw errors too: they say whether text helps at all
@@ -111,11 +111,11 @@ def run_zeroshot(checkpoint: str | Path, data: str, val_data: str = "", cfg: Zer
             errors.append(err)
             per_prompt = err[:, :1] - err[:, 1:]
             scores.append(per_prompt.view(len(images), len(names), len(cfg.templates)).mean(-1))
-        elif prefixes:  # one forward serves every width
+        elif widths:  # one forward serves every width
             by_width = scorer.score_classes_by_width(images, prompts)
-            scores.append(by_width[scorer.dims[-1]])
-            for d in prefixes:
-                prefix_scores[d].append(by_width[d])
+            scores.append(by_width[widths[-1]])
+            for d in widths:
+                width_scores[d].append(by_width[d])
         else:
             scores.append(scorer.score_classes(images, prompts))
     scores = torch.cat(scores)
@@ -135,10 +135,10 @@ def run_zeroshot(checkpoint: str | Path, data: str, val_data: str = "", cfg: Zer
         "scorer": scorer.name,
         "skipped": split.skipped,
     }
-    if prefixes:  # the headline is the full width; each prefix as well
-        widths = {d: torch.cat(v) for d, v in prefix_scores.items()} | {scorer.dims[-1]: scores}
+    if len(widths) > 1:  # Matryoshka: the headline is the full width; every width as well
         metrics["per_dim"] = {str(d): {"top1": topk_hits(s, labels, 1).mean().item(),
-                                       "top5": topk_hits(s, labels, 5).mean().item()} for d, s in widths.items()}
+                                       "top5": topk_hits(s, labels, 5).mean().item()}
+                              for d, s in ((d, torch.cat(v)) for d, v in width_scores.items())}
     if errors:
         err = torch.cat(errors)
         per_class_err = err[:, 1:].view(len(split), len(names), len(cfg.templates)).mean(-1)

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from data_pipelines.loader import MEAN, STD
-from tcjepa.checkpoint import load_encoder
+from tcjepa.checkpoint import load_encoder, load_state_exactly
 from tcjepa.config import ConfigError
+from tcjepa.export import make_out_dir
 from tcjepa.models.vit import VisionTransformer
 
 IMAGE_TOKEN = "<image>"
@@ -60,7 +61,7 @@ def ijepa_config(encoder: VisionTransformer) -> Any:
         intermediate_size=encoder.blocks[0].mlp.fc1.out_features,
         hidden_act="gelu",  # nn.GELU(): the exact (erf) form, as Hugging Face's "gelu"
         layer_norm_eps=eps.pop(),
-        image_size=encoder.grid[0] * patch,
+        image_size=encoder.image_size,
         patch_size=patch,
         num_channels=encoder.patch_embed.proj.in_channels,
         qkv_bias=encoder.blocks[0].attn.qkv.bias is not None,
@@ -105,12 +106,7 @@ def to_hf_model(encoder: VisionTransformer) -> Any:
     config = ijepa_config(encoder)
     with torch.device("meta"):  # no random initialisation of weights that are replaced at once
         model = IJepaModel(config)
-    state = hf_state_dict(encoder, set(model.state_dict()))
-    want = set(model.state_dict())
-    if want != set(state):
-        raise ValueError(f"IJepaModel keys differ: missing {sorted(want - set(state))[:10]}, "
-                         f"unexpected {sorted(set(state) - want)[:10]}")
-    model.load_state_dict(state, strict=True, assign=True)
+    load_state_exactly(model, hf_state_dict(encoder, set(model.state_dict())), "IJepaModel", assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"IJepaModel tensors not set by the export: {left[:10]}")
@@ -133,23 +129,14 @@ def image_processor(image_size: int) -> Any:
     )
 
 
-def _out_dir(out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot create it ({e.strerror or e})") from e
-    return out
-
-
 def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "auto") -> Path:
     """Write ``run_dir``'s encoder (``which``: auto | teacher | student, as ``load_encoder``) as a
     directory ``transformers.IJepaModel.from_pretrained`` loads: ``config.json``,
     ``model.safetensors`` and ``preprocessor_config.json``. Returns ``out_dir``."""
     encoder = load_encoder(run_dir, which)
-    out = _out_dir(out_dir)
+    out = make_out_dir(out_dir)
     to_hf_model(encoder).save_pretrained(out)
-    image_processor(encoder.grid[0] * encoder.patch_size).save_pretrained(out)
+    image_processor(encoder.image_size).save_pretrained(out)
     return out
 
 
@@ -252,11 +239,11 @@ def export_llava(run_dir: str | Path, out_dir: str | Path, language_model_path: 
     image_token_id = _add_image_token(tokenizer, lm)
     model = build_llava(encoder, lm, image_token_id)
     processor = LlavaProcessor(
-        image_processor=image_processor(encoder.grid[0] * encoder.patch_size), tokenizer=tokenizer,
+        image_processor=image_processor(encoder.image_size), tokenizer=tokenizer,
         patch_size=encoder.patch_size, vision_feature_select_strategy="full", num_additional_image_tokens=0,
         image_token=IMAGE_TOKEN, chat_template=getattr(tokenizer, "chat_template", None),
     )
-    out = _out_dir(out_dir)
+    out = make_out_dir(out_dir)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

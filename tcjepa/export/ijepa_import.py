@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from tcjepa.checkpoint import FINAL, load_state_exactly, save_final
+from tcjepa.checkpoint import FINAL, IMPORT_RECORD, load_state_exactly, save_final
 from tcjepa.config import Config, ConfigError, ModelConfig, save_config, validate
+from tcjepa.export import make_out_dir
 from tcjepa.models.vit import ARCHS, ViTArch, parse_encoder_name, sincos_pos_embed_2d
 from tcjepa.resume import CHECKPOINTS
 
-IMPORT_RECORD = "import.json"
 STATE_DICTS = ("encoder", "predictor", "target_encoder")
 OFFICIAL_ARCHS = ("tiny", "small", "base", "large", "huge", "giant")  # the vit_* of the official vision_transformer.py
 POS_EMBED_TOLERANCE = 1e-5
@@ -176,8 +176,8 @@ def convert(ckpt: dict[str, Any], arch: str | None, where: str) -> tuple[Config,
     states = {k: strip_module_prefix(ckpt[k], f"{where} {k}") for k in STATE_DICTS}
     model = infer_model_config(states["encoder"], states["predictor"], arch, where)
     cfg = imported_config(model, ckpt, where)
-    grid = model.image_size // parse_encoder_name(model.encoder).patch_size
-    width = parse_encoder_name(model.encoder).width
+    spec = parse_encoder_name(model.encoder)
+    grid, width = model.image_size // spec.patch_size, spec.width
     for name in ("encoder", "target_encoder"):
         check_pos_embed(_need(states[name], "pos_embed", 3, f"{where} {name}"), width, grid, f"{where} {name}.pos_embed")
         del states[name]["pos_embed"]
@@ -210,13 +210,6 @@ def _check_out(out_dir: Path) -> None:
         raise ConfigError(f"--out {out_dir} already holds a run; choose another directory")
 
 
-def _make_out(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out_dir}: cannot create it ({e.strerror or e})") from e
-
-
 def import_ijepa(ckpt_path: str | Path, out_dir: str | Path, arch: str | None = None) -> Path:
     """Convert the official checkpoint ``ckpt_path`` into the finished run directory ``out_dir``
     (``--arch``: e.g. ``vit_huge`` or ``vit_huge_14``; inferred from the shapes when None).
@@ -227,14 +220,14 @@ def import_ijepa(ckpt_path: str | Path, out_dir: str | Path, arch: str | None = 
     ckpt = read_checkpoint(ckpt_path)
     cfg, states = convert(ckpt, arch, where)
     modules = build_modules(cfg, states, where)
-    _make_out(out)
+    make_out_dir(out)
     save_final(out, modules, cfg)
     save_config(cfg, out / "config.yaml")
     record = {
         "format": "facebookresearch/ijepa", "source": str(Path(ckpt_path).resolve()),
         "encoder": cfg.model.encoder, "image_size": cfg.model.image_size,
         **{k: ckpt[k] for k in ("epoch", "loss", "lr", "batch_size", "world_size") if isinstance(ckpt.get(k), (int, float))},
-        "not_imported": sorted(str(k) for k in ckpt if k not in STATE_DICTS and k in ("opt", "scaler")),
+        "not_imported": sorted(str(k) for k in ckpt if k in ("opt", "scaler")),
     }
     (out / IMPORT_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return out

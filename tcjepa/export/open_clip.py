@@ -38,6 +38,7 @@ import torch
 from data_pipelines.loader import MEAN, STD
 from tcjepa.checkpoint import load_dual_encoder
 from tcjepa.config import Config, ConfigError, resolved_tokenizer
+from tcjepa.export import make_out_dir
 from tcjepa.methods.contrastive import DualEncoder
 from tcjepa.models.text import HFTextEncoder, OpenCLIPTextEncoder
 from tcjepa.models.vit import VisionTransformer
@@ -54,7 +55,7 @@ def mlp_ratio(hidden: int, width: int) -> float:
 
 def timm_config(encoder: VisionTransformer) -> dict[str, Any]:
     """timm's ``config.json`` (``local-dir:`` source) for a ViT that computes what ``encoder`` does."""
-    size = encoder.grid[0] * encoder.patch_size
+    size = encoder.image_size
     model_args = {
         "img_size": size, "patch_size": encoder.patch_size, "embed_dim": encoder.embed_dim,
         "depth": len(encoder.blocks), "num_heads": encoder.num_heads,
@@ -115,10 +116,7 @@ def _hf_tokenizer(model: DualEncoder, cfg: Config) -> Any:
     if kind != "hf":
         raise ConfigError(f"export open_clip: a Hugging Face text tower tokenized with {kind!r}; open_clip pairs "
                           "its Hugging Face text towers with their Hugging Face tokenizer (conditioner.tokenizer: hf)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"export open_clip: cannot load the run's tokenizer from {path} ({str(e).splitlines()[0]})") from e
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # loaded once already by load_dual_encoder
     pad = model.text.model.config.pad_token_id
     if tokenizer.pad_token_id != pad:
         raise ConfigError(f"export open_clip: the tokenizer pads with id {tokenizer.pad_token_id} but the model's "
@@ -151,7 +149,7 @@ def open_clip_config(model: DualEncoder, cfg: Config, out: Path) -> tuple[dict[s
     """The open_clip model config and state dict for ``model``, exported to ``out`` (the config
     names files there by absolute path)."""
     vision_cfg = {
-        "image_size": model.encoder.grid[0] * model.encoder.patch_size,
+        "image_size": model.encoder.image_size,
         "timm_model_name": f"local-dir:{out / 'timm'}", "timm_model_pretrained": False,
         "timm_pool": "avg", "timm_proj": "linear", "timm_proj_bias": False,
     }
@@ -196,10 +194,7 @@ def export_open_clip(run_dir: str | Path, out_dir: str | Path, name: str = "") -
     tokenizer = check_exportable(model, cfg, name)
     out = Path(out_dir).resolve()
     model_cfg, state = open_clip_config(model, cfg, out)
-    try:
-        (out / "timm").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot create it ({e.strerror or e})") from e
+    make_out_dir(out / "timm")
     (out / "timm" / "config.json").write_text(json.dumps(timm_config(model.encoder), indent=2))
     if tokenizer is not None:
         model.text.model.config.save_pretrained(out / "text")

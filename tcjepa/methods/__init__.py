@@ -26,12 +26,12 @@ from tcjepa.config import Config, ConfigError
 def load_frozen_teacher(cfg: Config) -> Any:
     """The trained encoder of ``teacher.checkpoint``, checked against this run's patch grid
     before anything trains (a wrong or unfinished run directory is a ``ConfigError``)."""
-    from tcjepa.checkpoint import load_encoder, load_run_config
+    from tcjepa.checkpoint import FINAL, WEIGHTS, load_encoder, load_run_config
     from tcjepa.models.vit import parse_encoder_name
 
     run = Path(cfg.teacher.checkpoint)
-    if not (run / "final" / "model.safetensors").is_file():
-        raise ConfigError(f"teacher.checkpoint: {run} is not a finished run directory (no final/model.safetensors); "
+    if not (run / FINAL / WEIGHTS).is_file():
+        raise ConfigError(f"teacher.checkpoint: {run} is not a finished run directory (no {FINAL}/{WEIGHTS}); "
                           "train the teacher first (e.g. recipes/salt_stage1_quickstart.yaml)")
     t = load_run_config(run).model
     mine = (cfg.model.image_size, parse_encoder_name(cfg.model.encoder).patch_size)

@@ -29,6 +29,7 @@ from torch import nn
 from data_pipelines.tokenizers import Tokenizer, Tokens
 from tcjepa.config import Config
 from tcjepa.masks import MaskBatch
+from tcjepa.methods.jepa import autocast, build_text_encoder_for, build_tokenizer_for
 from tcjepa.models.text import OpenCLIPTextEncoder, TextEncoder
 from tcjepa.models.vit import VisionTransformer, build_encoder
 
@@ -102,8 +103,6 @@ class DualEncoder(nn.Module):
 def build_dual_encoder(cfg: Config, tokenizer: Tokenizer) -> DualEncoder:
     """The image encoder draws its weights exactly as the JEPA student's does; the text tower and
     head come from a forked RNG stream."""
-    from tcjepa.methods.jepa import build_text_encoder_for
-
     m, c = cfg.model, cfg.contrastive
     encoder = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
     with torch.random.fork_rng(devices=[]):
@@ -172,8 +171,6 @@ class Contrastive:
     teacher = None
 
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1):
-        from tcjepa.methods.jepa import build_tokenizer_for
-
         self.cfg = cfg
         self.tokenizer = build_tokenizer_for(cfg)
         self.model = build_dual_encoder(cfg, self.tokenizer)
@@ -192,9 +189,7 @@ class Contrastive:
              health: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if tokens is None:
             raise ValueError("contrastive training needs captions")
-        autocast = (torch.autocast(images.device.type, enabled=False) if self.autocast_dtype is None
-                    else torch.autocast(images.device.type, dtype=self.autocast_dtype))
-        with autocast:
+        with autocast(images.device, self.autocast_dtype):
             image, text, scale, bias = engine(images, tokens)
         loss, per_dim = self.criterion(image.float(), text.float(), scale.float(),
                                        None if bias is None else bias.float())

@@ -141,6 +141,14 @@ def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     ]
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device`` (``train.precision: bf16``), or explicitly off (fp32:
+    also when the caller itself runs under an autocast region)."""
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher <- m * teacher + (1 - m) * student, with fused foreach kernels."""
@@ -243,6 +251,4 @@ class JEPA:
         return {"momentum": m}
 
     def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return torch.autocast(device.type, enabled=False)
-        return torch.autocast(device.type, dtype=self.autocast_dtype)
+        return autocast(device, self.autocast_dtype)

@@ -22,7 +22,7 @@ from data_pipelines.tokenizers import Tokens
 from tcjepa.config import Config
 from tcjepa.distributed import mean_count_over_ranks
 from tcjepa.masks import MaskBatch
-from tcjepa.methods.jepa import masked_mean
+from tcjepa.methods.jepa import autocast, masked_mean
 from tcjepa.models.predictor import Predictor
 from tcjepa.models.vit import VisionTransformer, build_encoder, gather_tokens
 
@@ -114,7 +114,7 @@ class MAE:
     def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch, tokens: Tokens | None = None,
              health: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         count = mean_count_over_ranks(masks.target_valid) if masks.padded else None
-        with _autocast(images.device, self.autocast_dtype):
+        with autocast(images.device, self.autocast_dtype):
             loss = engine(images, masks, count)
         if health:
             from tcjepa.eval.health import rankme
@@ -132,9 +132,3 @@ class MAE:
 
     def final_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         return {"encoder": model.encoder, "decoder": model.decoder}
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)

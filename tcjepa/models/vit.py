@@ -231,6 +231,11 @@ class VisionTransformer(nn.Module):
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    @property
+    def image_size(self) -> int:
+        """The (square) input size the encoder was built for."""
+        return self.grid[0] * self.patch_size
+
     def forward(
         self, images: torch.Tensor, idx: torch.Tensor | None = None, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
