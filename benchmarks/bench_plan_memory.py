@@ -47,8 +47,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tcjepa.config import Config, load_config  # noqa: E402
-from tcjepa.plan import estimate_for_masks, probe_step, saved_tensor_bytes  # noqa: E402
+from tcjepa.config import load_config  # noqa: E402
+from tcjepa.plan import StepProbe, estimate_for_masks, probe_step, saved_tensor_bytes  # noqa: E402
 
 MIB = 2**20
 QUICK = str(ROOT / "recipes" / "ijepa_quickstart.yaml")
@@ -76,12 +76,12 @@ CASES = [
 ]
 
 
-def profiler_peak(cfg: Config, batch: int, seed: int, checkpointing: bool) -> int:
-    """Peak bytes of non-model-state tensors over one step (targets, forward, backward)."""
+def profiler_peak(probe: StepProbe) -> int:
+    """Peak bytes of non-model-state tensors over one step of ``probe`` (targets, forward,
+    backward)."""
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action, Category
 
-    probe = probe_step(cfg, batch, seed, checkpointing)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         images = probe.images.clone()  # allocated inside the profile, like every activation
         probe.run(images).backward()
@@ -116,7 +116,7 @@ def run_case(case: Case, checkpointing: bool, seed: int, peak: bool) -> dict:
         "saved_ratio": est.saved / saved,
     }
     if peak:
-        measured_peak = profiler_peak(cfg, case.batch, seed, checkpointing)
+        measured_peak = profiler_peak(probe)  # the same model and micro-batch: the forward above changed nothing
         row.update(measured_peak_bytes=measured_peak, estimated_peak_bytes=est.peak,
                    peak_ratio=est.peak / measured_peak)
     row["seconds"] = time.perf_counter() - t0

@@ -124,7 +124,7 @@ def _hf_text_on_meta(path: str) -> tuple[nn.Module, Tower]:
 
 def _text_on_meta(cfg: Config, vocab_size: int, predictor_width: int) -> tuple[nn.Module, TextShape]:
     from tcjepa.config import resolved_text_path
-    from tcjepa.models.text import build_text_encoder
+    from tcjepa.models.text import TextTower, build_text_encoder
 
     c = cfg.conditioner
     frozen = c.text_frozen if c.text_frozen is not None else c.text_encoder == "hf"
@@ -140,8 +140,7 @@ def _text_on_meta(cfg: Config, vocab_size: int, predictor_width: int) -> tuple[n
         else:
             t = encoder.model
             tower = Tower(t.transformer.layers, t.width, t.transformer.resblocks[0].mlp.c_fc.out_features, t.heads)
-    proj = nn.Sequential(nn.Linear(tower.width, predictor_width), nn.LayerNorm(predictor_width))  # TextTower's
-    return nn.ModuleList([encoder, proj]), TextShape(c.text_encoder, tower, c.context_length, not frozen)
+    return TextTower(encoder, predictor_width), TextShape(c.text_encoder, tower, c.context_length, not frozen)
 
 
 def _teacher_model(cfg: Config) -> Any:
@@ -179,7 +178,7 @@ def inventory(cfg: Config) -> ModelInventory:
         heads = m.predictor_heads or encoder.num_heads
         mlp_ratio = m.predictor_mlp_ratio or encoder.arch.mlp_ratio
         predictor = Predictor(encoder.embed_dim, encoder.grid, m.predictor_width, m.predictor_depth, heads,
-                              mlp_ratio, m.init_std)
+                              mlp_ratio, m.init_std, out_dim=teacher.embed_dim)  # a frozen teacher's width (SALT)
         student = nn.ModuleList([encoder, predictor])
         text, cond_layers, cond_heads = None, 0, 0
         if c.enabled:
@@ -192,8 +191,7 @@ def inventory(cfg: Config) -> ModelInventory:
             student.append(text_module)
             cond_layers = len(conditioned_blocks(m.predictor_depth, c.every))
     trainable, frozen, largest = count_params(student)
-    out_extra = (m.predictor_width + 1) * (teacher.embed_dim - encoder.embed_dim)
-    trainable += out_extra  # the predictor projects to a frozen teacher's width (SALT stage 2)
+
     def n(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
@@ -202,7 +200,7 @@ def inventory(cfg: Config) -> ModelInventory:
         predictor=Tower(m.predictor_depth, m.predictor_width, int(m.predictor_width * mlp_ratio), heads),
         teacher=_vit_tower(teacher), out_dim=teacher.embed_dim, text=text, cond_layers=cond_layers,
         cond_heads=cond_heads, top_k=c.top_k, sparsity=c.sparsity, trainable=trainable, frozen=frozen,
-        encoder_params=n(encoder), predictor_params=n(predictor) + out_extra,
+        encoder_params=n(encoder), predictor_params=n(predictor),
         text_params=n(student[2]) if c.enabled else 0, teacher_params=n(teacher), largest_layer=largest,
     )
 
@@ -642,6 +640,7 @@ class Plan:
     mfu: float
     gpu_tflops: float
     configured_stage: int
+    checkpointing: bool  # the recipe's model.activation_checkpointing
     min_gpus: int | None  # fewest GPUs (dividing the global batch) at which some stage fits; None: none does
 
     @property
@@ -718,16 +717,16 @@ def plan_run(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_memory_gb: float = 
         global_batch=cfg.train.batch_size, micro_batch=micro, precision=cfg.train.precision, inventory=inv,
         tokens=tok, flops=flops, stages=tuple(stages), samples=samples,
         steps=cfg.train.steps, mfu=mfu, gpu_tflops=gpu_tflops, configured_stage=cfg.deepspeed.zero_stage,
-        min_gpus=_min_gpus(cfg, inv, zero, usable, counts),
+        checkpointing=cfg.model.activation_checkpointing, min_gpus=_min_gpus(cfg, inv, zero, usable, counts),
     )
 
 
 def _min_gpus(cfg: Config, inv: ModelInventory, zero: dict[str, Any], usable: float, counts: MaskCounts) -> int | None:
-    """Fewest GPUs, among divisors of the global batch, at which some stage fits the recipe
-    without activation checkpointing (more GPUs: smaller micro-batches and partitions)."""
-    batch = cfg.train.batch_size
+    """Fewest GPUs, among divisors of the global batch, at which some stage fits the recipe as it
+    is (with or without its activation checkpointing; more GPUs: smaller micro-batches and partitions)."""
+    batch, ckpt = cfg.train.batch_size, cfg.model.activation_checkpointing
     for world in (w for w in range(1, batch + 1) if batch % w == 0):
-        act = activation_memory(inv, counts.batch(batch // world), cfg.train.precision).peak
+        act = activation_memory(inv, counts.batch(batch // world), cfg.train.precision, ckpt).peak
         if any(model_states(inv, s, world, FP32_MASTER, zero).total + act <= usable for s in (0, 1, 2, 3)):
             return world
     return None
@@ -815,10 +814,13 @@ def format_plan(plan: Plan) -> str:
 
 
 def _verdict(plan: Plan) -> str:
-    fits, fits_ckpt = plan.fitting(False), plan.fitting(True)
+    """Whether the recipe fits as configured (its activation checkpointing included), and what to
+    change if not."""
+    ckpt = plan.checkpointing
+    fits, fits_ckpt = plan.fitting(ckpt), plan.fitting(True)
     c, m = plan.configured_stage, plan.micro_batch
     if c in fits:
-        total = plan.stages[c].total / GIB
+        total = (plan.stages[c].total_ckpt if ckpt else plan.stages[c].total) / GIB
         return (f"fits: the recipe's ZeRO-{c} with micro-batch {m} ({total:.1f} of {plan.usable / GIB:.1f} GiB); "
                 f"stages that fit: {', '.join(map(str, fits))}")
     if fits:
@@ -826,11 +828,11 @@ def _verdict(plan: Plan) -> str:
         return (f"the recipe's ZeRO-{c} does not fit micro-batch {m}; use --set deepspeed.zero_stage={best} "
                 f"(stages that fit: {', '.join(map(str, fits))})")
     text = f"does not fit: micro-batch {m} needs more than {plan.usable / GIB:.1f} GiB at every ZeRO stage"
-    if fits_ckpt:
+    if fits_ckpt and not ckpt:
         text += (f"; with activation checkpointing ZeRO-{fits_ckpt[0]} would fit "
                  "(--set model.activation_checkpointing=true)")
     if plan.min_gpus is not None:
-        text += (f"; without checkpointing it fits from {plan.min_gpus} GPUs (micro-batch "
+        text += (f"; {'with' if ckpt else 'without'} checkpointing it fits from {plan.min_gpus} GPUs (micro-batch "
                  f"{plan.global_batch // plan.min_gpus})")
     else:
         text += "; no GPU count fits even one image per GPU: use a larger card"

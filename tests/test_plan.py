@@ -176,6 +176,22 @@ def test_plan_vith14_on_8_and_64_gpus():
     assert many.stages[3].states.total < many.stages[2].states.total < many.stages[0].states.total
 
 
+def test_verdict_reads_the_recipes_own_checkpointing():
+    """A recipe that already checkpoints is judged with it: never told to turn it on, and its
+    GPU count is the one with checkpointing."""
+    from tcjepa.plan import format_plan
+
+    plain = plan_run(load_config(VITH), gpus=8, nodes=1, gpu_memory_gb=80)
+    ckpt = plan_run(load_config(VITH, ["model.activation_checkpointing=true"]), gpus=8, nodes=1, gpu_memory_gb=80)
+    assert "--set model.activation_checkpointing=true" in format_plan(plain)
+    verdict = format_plan(ckpt).splitlines()
+    assert not any("--set model.activation_checkpointing=true" in line for line in verdict)
+    assert ckpt.checkpointing and not plain.checkpointing
+    assert ckpt.min_gpus is not None and ckpt.min_gpus <= plain.min_gpus
+    if ckpt.fitting(True):
+        assert any(line.startswith(("fits:", "the recipe's ZeRO")) for line in verdict)
+
+
 def test_cli_plan_prints_a_plan(capsys):
     assert main(["plan", str(VITH), "--gpus", "8", "--nodes", "8", "--samples", "1281167"]) == 0
     out = capsys.readouterr().out
