@@ -376,12 +376,12 @@ def matmul_peak(threads: int, n: int = 1024, reps: int = 5) -> float:
     return best
 
 
-def step_flops(runner: Any, masks: Any) -> float:
+def step_flops(runner: Any, inv: Any, masks: Any) -> float:
     """Model FLOPs per image of a step on these masks: analytic, real tokens only
-    (``tcjepa.plan.model_flops``, the count that equals torch's FLOP counter on unpadded masks)."""
-    from tcjepa.plan import TokenStats, inventory, model_flops, stats_of_masks
+    (``tcjepa.plan.model_flops``, the count that equals torch's FLOP counter on unpadded masks);
+    ``inv``: the runner's ``tcjepa.plan.inventory``."""
+    from tcjepa.plan import TokenStats, model_flops, stats_of_masks
 
-    inv = inventory(runner.cfg)
     full = inv.grid ** 2
     if isinstance(runner, Ours):
         return model_flops(inv, stats_of_masks(masks, full)).train
@@ -438,6 +438,9 @@ def bench_model(encoder: str, args: argparse.Namespace, mods: dict[str, Any] | N
     stats: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     sample_secs: dict[str, list[float]] = {n: [] for n in names}
     flops: dict[str, list[float]] = {n: [] for n in names}
+    from tcjepa.plan import inventory
+
+    inventories = {r.name: inventory(r.cfg) for r in runners}  # built once: it depends on the config only
 
     for r in runners:  # warm-up (allocator, oneDNN primitive caches)
         masks, _, _ = sample_many(r, B, args.warmup)
@@ -446,7 +449,7 @@ def bench_model(encoder: str, args: argparse.Namespace, mods: dict[str, Any] | N
         batches = {}
         for r in runners:  # masks first, outside the timed region
             masks, st, secs = sample_many(r, B, args.steps)
-            flops[r.name] += [step_flops(r, m) for m in masks]
+            flops[r.name] += [step_flops(r, inventories[r.name], m) for m in masks]
             batches[r.name] = masks
             stats[r.name] += st
             sample_secs[r.name] += secs
