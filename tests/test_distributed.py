@@ -14,6 +14,7 @@ import torch
 
 from tcjepa.checkpoint import load_final_state
 from tcjepa.config import project_root
+from tests.conftest import free_port
 
 ROOT = project_root()
 DRIVER = str(Path(__file__).with_name("dist_driver.py"))
@@ -55,7 +56,7 @@ def test_two_processes_reproduce_one_under_every_zero_stage(stage, reference, tm
     """Padded multi-block masks give the ranks different numbers of target tokens; the loss is
     normalised by the global count, so the averaged gradient is the single-process one."""
     run = tmp_path / f"z{stage}"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29640 + stage),
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
           DRIVER, str(ROOT / "recipes/ijepa_quickstart.yaml"), str(run), *SMALL, f"deepspeed.zero_stage={stage}"])
     ref = reference["ijepa"]
     assert _losses(run) == pytest.approx(_losses(ref), rel=1e-5, abs=1e-6)
@@ -68,7 +69,7 @@ def test_two_processes_reproduce_one_under_every_zero_stage(stage, reference, tm
 @pytest.mark.slow
 def test_two_processes_reproduce_one_for_pixel_reconstruction(reference, tmp_path):
     run = tmp_path / "mae"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29645",
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
           DRIVER, str(ROOT / "recipes/salt_stage1_quickstart.yaml"), str(run), *SMALL, "deepspeed.zero_stage=2"])
     assert _losses(run) == pytest.approx(_losses(reference["salt_stage1"]), rel=1e-5, abs=1e-6)
     a, b = load_final_state(reference["salt_stage1"]), load_final_state(run)
@@ -86,7 +87,7 @@ def test_a_checkpoint_resumes_with_another_world_size(first, second, stage, refe
 
     def launch(n: int, *extra: str) -> None:
         head = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-                 str(29650 + n)] if n > 1 else [sys.executable])
+                 str(free_port())] if n > 1 else [sys.executable])
         _run([*head, DRIVER, recipe, str(run), *settings, *extra])
 
     launch(first, "--stop-at", "2")
@@ -110,7 +111,7 @@ def test_ranks_read_disjoint_data_in_evaluation_mode(shards, workers, tmp_path):
     per = n // shards
     for i in range(shards):
         write_tar(data / f"{i:06d}.tar", labelled_members(i * per, per, size=16))
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29660 + shards),
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
           str(Path(__file__).with_name("dist_keys.py")), str(data), str(tmp_path), str(workers)])
     a, b = (set(json.loads((tmp_path / f"rank_{r}.json").read_text())) for r in (0, 1))
     assert a and b and not (a & b)

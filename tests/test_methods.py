@@ -19,6 +19,7 @@ from tcjepa.config import ConfigError, load_config, project_root
 from tcjepa.methods.contrastive import MatryoshkaLoss, build_loss, pool_text
 from tcjepa.methods.mae import patchify, pixel_targets, unpatchify
 from tcjepa.train import train
+from tests.conftest import free_port
 from tests.eval_runs import write_colour_shards
 
 ROOT = project_root()
@@ -333,7 +334,7 @@ def test_every_quickstart_recipe_shares_encoder_batch_and_steps():
 def test_two_process_torchrun(name, extra, stage1, shards, tmp_path):
     run = tmp_path / name
     extra = [e.replace("STAGE1", str(stage1)) for e in extra]
-    port = 29630 + ["salt_stage1", "salt_stage2", "clip", "siglip"].index(name)
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "tcjepa", "train", str(ROOT / f"recipes/{name}_quickstart.yaml"), "--data", str(shards), "--steps", "3",
            "--out", str(run), "--set", *SMALL, *extra, "deepspeed.zero_stage=1"]

@@ -17,6 +17,7 @@ from tcjepa.checkpoint import load_final_state
 from tcjepa.config import project_root
 from tcjepa.resume import list_checkpoints
 from tcjepa.train import DivergenceError, train
+from tests.conftest import free_port
 from tests.test_train import SMALL, cfg_for, records
 
 
@@ -312,17 +313,17 @@ def test_two_process_sigterm_then_resume_matches_the_uninterrupted_run(shards64,
                 *cli_train(shards64, out)[1:], "deepspeed.zero_stage=1", *extra]
 
     env = {**clean_env(), "OMP_NUM_THREADS": "1"}
-    ref = subprocess.run(torchrun(tmp_path / "ref", 29631), env=env, capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(torchrun(tmp_path / "ref", free_port()), env=env, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / "pre"
-    proc = subprocess.Popen(torchrun(run, 29632), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(torchrun(run, free_port()), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(run, 3, proc, timeout=300)
     for pid in children(proc.pid):
         os.kill(pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert err.count("stopped by signal 15 after step") == 1  # rank 0 reports
-    resumed = subprocess.run(torchrun(run, 29633) + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(torchrun(run, free_port()) + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for (sa, la), (sb, lb) in zip(losses(run), losses(tmp_path / "ref"), strict=True):
         assert sa == sb and la == pytest.approx(lb, rel=1e-5)

@@ -12,7 +12,7 @@ import torch
 from tcjepa.checkpoint import load_encoder, load_final_state
 from tcjepa.config import ConfigError, load_config, project_root
 from tcjepa.train import deepspeed_config, train
-from tests.conftest import labelled_members, write_tar
+from tests.conftest import free_port, labelled_members, write_tar
 
 RECIPE = project_root() / "recipes/ijepa_quickstart.yaml"
 SMALL = ["model.encoder=vit_micro_8", "model.depth=2", "model.predictor_depth=1", "model.predictor_width=48",
@@ -85,7 +85,7 @@ def test_deepspeed_config_from_recipe():
 @pytest.mark.slow
 def test_two_process_zero2_with_torchrun(shards64, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "tcjepa", "train", str(RECIPE), "--data", str(shards64), "--steps", "4", "--out", str(run),
            "--set", *SMALL, "deepspeed.zero_stage=2", "checkpoint.every=2"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -106,7 +106,7 @@ def test_two_process_zero2_with_torchrun(shards64, tmp_path):
 def test_two_process_with_the_deepspeed_launcher(shards64, tmp_path):
     """`deepspeed --module tcjepa ...` passes --local_rank=N before the subcommand."""
     run = tmp_path / "ds"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29618",
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "tcjepa", "train", str(RECIPE), "--data", str(shards64), "--steps", "2", "--out", str(run),
            "--set", *SMALL, "deepspeed.zero_stage=1", "checkpoint.every=0"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
