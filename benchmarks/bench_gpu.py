@@ -18,6 +18,8 @@ budget) is recorded and the rest still runs:
                            AdamW with ``init_opt``'s groups, per-parameter EMA loop;
 * ``ours/pad``             tcjepa, ``mask.policy=pad`` (every context patch kept; rows padded, so
                            attention gets a key-padding mask and SDPA cannot pick flash);
+* ``ours/pad+1group``      ``ours/pad`` with attention over the whole padded rows (one group), the
+                           layout before length-grouped attention (``tcjepa.models.vit.Packing``);
 * ``ours/official``        tcjepa, ``mask.policy=official`` (contexts truncated to the batch minimum as
                            the official collator does; no mask, so SDPA can pick flash attention;
                            the kernel that ran is reported per eager variant);
@@ -30,7 +32,7 @@ Ours steps as ``tcjepa.train`` does (``JEPA.targets`` under autocast, student un
 backward, AdamW(foreach) on ``param_groups``, foreach EMA), without DeepSpeed and without
 GradScaler (bf16 needs none). No variant copies the loss to the host inside the timed steps
 (``tcjepa.train`` syncs once per logging window; the official loop's per-step ``float(loss)`` is
-logging); syncs the code itself needs (GradScaler's inf check, ``nonzero`` in our padded path) stay.
+logging); syncs the code itself needs (GradScaler's inf check, the lengths in our padded path) stay.
 
 Timing: masks are sampled on the CPU and moved to the GPU before timing (in training the loader
 workers do this); images are one fixed random batch on the GPU. ``--warmup`` untimed steps, then
@@ -59,9 +61,10 @@ Dp, c_b context tokens of image b and n_bt tokens of its target block t:
 "Model" FLOPs (used for MFU) count real tokens only, so padding never counts as useful work and
 ours/pad (which keeps every context patch) does more useful work per image than the truncating
 variants. "Executed" FLOPs count what the implementation computes: ours/pad runs per-token layers
-on real tokens only but attention, ``predictor_embed`` and ``predictor_proj`` on padded rows.
+on real tokens only, attention on length groups each padded to its longest (whole padded rows when
+compiled), ``predictor_embed`` and ``predictor_proj`` on padded rows.
 Cross-check with ``torch.utils.flop_counter.FlopCounterMode`` (run at every start on the CPU in a
-tiny config: vit_tiny_16, 224 px, batch 3, predictor depth 2 width 96, fp32, math SDPA so that
+tiny config: vit_tiny_16, 224 px, batch 17, predictor depth 2 width 96, fp32, math SDPA so that
 attention shows up as counted ``bmm``; and on the device for one extra step of every eager
 variant): the analytic executed FLOPs agree with the counter exactly (ratio 1.000000) for
 ours/pad, ours/official and official on the CPU. On CUDA the counter also counts the flash and
@@ -114,13 +117,14 @@ try:  # only tcjepa.config, tcjepa.masks and tcjepa.methods.jepa (no deepspeed, 
     from tcjepa.config import Config
     from tcjepa.masks import MaskBatch, sample_masks
     from tcjepa.methods.jepa import ema_update
-    from tcjepa.models.vit import parse_encoder_name
+    from tcjepa.models.vit import grouped_layout, parse_encoder_name
 except ImportError as e:  # pragma: no cover - depends on the machine
     print(f"error: {e}; bench_gpu.py needs torch, numpy, pyyaml and this checkout's tcjepa "
           "(tcjepa.config, tcjepa.masks, tcjepa.methods.jepa); install the missing module", file=sys.stderr)
     sys.exit(2)
 
 VARIANTS = ("official", "ours/pad", "ours/official", "ours/official+compile", "ours/pad+compile")
+EXTRA_VARIANTS = ("ours/pad+1group",)  # only when named in --variants
 # Datasheet dense bf16 peaks (no sparsity), matched against torch.cuda.get_device_name in this order.
 SPEC_PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
                   ("A100", 312e12), ("L40S", 362e12))
@@ -296,15 +300,20 @@ def step_flops(d: StepDims, c: TokenCounts) -> dict[str, int]:
     return parts
 
 
-def counts_ours(m: MaskBatch, executed: bool) -> TokenCounts:
+def counts_ours(m: MaskBatch, executed: bool, grouped: bool = True) -> TokenCounts:
     """Token counts of a tcjepa mask batch: real tokens, or (``executed``) what our padded path
-    computes: per-token layers on real tokens, attention/embed/proj on padded rows."""
+    computes: per-token layers on real tokens, attention on length groups padded to their longest
+    (``tcjepa.models.vit.Packing``; one group, the whole padded rows, when not ``grouped``: under
+    ``torch.compile``), embed/proj on padded rows."""
     B, Nc = m.context_idx.shape
     T, Nt = m.target_idx.shape[1:]
     ctx = m.num_context()  # [B]
     seq = ctx[:, None] + m.num_target()  # [B, T]
-    if executed and m.padded:
+    if executed and m.padded and not grouped:
         return TokenCounts(int(ctx.sum()), B * Nc * Nc, B * Nc, int(seq.sum()), B * T * (Nc + Nt) ** 2, B * T * Nt)
+    if executed and m.padded:
+        enc_sq, pred_sq = grouped_layout(ctx.tolist())[1], grouped_layout(seq.flatten().tolist())[1]
+        return TokenCounts(int(ctx.sum()), enc_sq, B * Nc, int(seq.sum()), pred_sq, B * T * Nt)
     return TokenCounts(int(ctx.sum()), int((ctx**2).sum()), int(ctx.sum()), int(seq.sum()), int((seq**2).sum()),
                        int(m.num_target().sum()))
 
@@ -327,8 +336,8 @@ def count_step(step: Any, *args: Any) -> tuple[int, list[str]]:
 def check_flops_cpu(mods: dict[str, Any] | None, seed: int) -> dict[str, Any]:
     """Analytic executed FLOPs against ``FlopCounterMode`` for one fp32 CPU step of each runner of
     ``bench_train_step`` in a tiny config (math SDPA, so attention is counted as ``bmm``)."""
-    out: dict[str, Any] = {"config": "vit_tiny_16, 224 px, batch 3, predictor depth 2 width 96, fp32, math SDPA"}
-    B = 3
+    B = 17  # two length groups in the encoder, eight in the predictor (tcjepa.models.vit.length_groups)
+    out: dict[str, Any] = {"config": f"vit_tiny_16, 224 px, batch {B}, predictor depth 2 width 96, fp32, math SDPA"}
     images = torch.randn(B, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
     runners: list[Any] = [Ours(make_config("vit_tiny_16", 224, 2, 96, B, pol), seed) for pol in ("pad", "official")]
     if mods is not None:
@@ -359,9 +368,9 @@ def _check_on(opt: torch.optim.Optimizer, device: torch.device, who: str) -> Non
 class GPUOurs(Ours):
     """tcjepa's step on a device, bf16 autocast, optionally compiled."""
 
-    def __init__(self, cfg: Config, seed: int, device: torch.device, compile_: bool):
-        super().__init__(cfg, seed)
-        self.name = f"ours/{cfg.mask.policy}" + ("+compile" if compile_ else "")
+    def __init__(self, cfg: Config, seed: int, device: torch.device, compile_: bool, one_group: bool = False):
+        super().__init__(cfg, seed, one_group=one_group)
+        self.name = f"ours/{cfg.mask.policy}" + ("+compile" if compile_ else "") + ("+1group" if one_group else "")
         self.device, self.compiled = device, compile_
         self.bf16 = cfg.train.precision == "bf16"
         self.student.to(device)
@@ -380,7 +389,7 @@ class GPUOurs(Ours):
         for _ in range(n):
             m = sample_masks(self.cfg.train.batch_size, self.grid, self.gen, **kwargs)
             model.append(counts_ours(m, executed=False))
-            executed.append(counts_ours(m, executed=True))
+            executed.append(counts_ours(m, executed=True, grouped=not (self.compiled or self.one_group)))
             m = m.to(self.device, non_blocking=True)
             if self.compiled:  # context and target lengths change every batch: compile one dynamic graph
                 for t in (m.context_idx, m.context_valid):
@@ -391,12 +400,18 @@ class GPUOurs(Ours):
         return batches, model, executed
 
     def step(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
-        targets = self.method.targets(images, masks)  # autocast inside, per train.precision
-        if self.compiled:
-            torch._dynamo.maybe_mark_dynamic(targets, 2)  # [B, T, Nt, D]
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.forward(images, masks, targets)
-        loss.backward()
+        import tcjepa.models.vit as vit
+
+        default, vit.MAX_GROUPS = vit.MAX_GROUPS, 1 if self.one_group else vit.MAX_GROUPS
+        try:
+            targets = self.method.targets(images, masks)  # autocast inside, per train.precision
+            if self.compiled:
+                torch._dynamo.maybe_mark_dynamic(targets, 2)  # [B, T, Nt, D]
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.forward(images, masks, targets)
+            loss.backward()
+        finally:
+            vit.MAX_GROUPS = default
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         ema_update(self.ema_teacher, self.student.encoder, MOMENTUM)
@@ -467,7 +482,7 @@ def make_runner(variant: str, encoder: str, args: argparse.Namespace, mods: dict
         if mods is None:
             raise ValueError("the official variant needs --official PATH")
         return GPUOfficial(mods, cfg, args.seed, device)
-    return GPUOurs(cfg, args.seed, device, compile_=variant.endswith("+compile"))
+    return GPUOurs(cfg, args.seed, device, compile_=variant.endswith("+compile"), one_group=variant.endswith("+1group"))
 
 
 def time_steps(runner: Any, images: torch.Tensor, batches: list[Any]) -> tuple[list[float], float, list[torch.Tensor]]:
@@ -717,7 +732,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--official", type=Path, default=None, help="checkout (or exported tree) of facebookresearch/ijepa")
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     p.add_argument("--models", default="vit_base_16,vit_small_16", help="comma-separated encoders, run in this order")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, run in this order: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, run in this order: {', '.join(VARIANTS + EXTRA_VARIANTS)}")
     p.add_argument("--batch-size", type=int, default=256, help="global batch (one device)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--pred-depth", type=int, default=6)
@@ -750,9 +766,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.warmup < 0:
         fail("--warmup must be >= 0")
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in args.variant_list if v not in VARIANTS]
+    bad = [v for v in args.variant_list if v not in VARIANTS + EXTRA_VARIANTS]
     if bad:
-        fail(f"--variants: unknown {bad[0]!r}; choose from {', '.join(VARIANTS)}")
+        fail(f"--variants: unknown {bad[0]!r}; choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
     if args.no_compile:
         args.variant_list = [v for v in args.variant_list if not v.endswith("+compile")]
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]

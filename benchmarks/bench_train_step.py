@@ -106,10 +106,11 @@ def make_config(encoder: str, image_size: int, pred_depth: int, pred_width: int,
 class Ours:
     """tcjepa: JEPA targets, JEPAStudent loss, AdamW(foreach) on param_groups, foreach EMA."""
 
-    def __init__(self, cfg: Config, seed: int, checkpointing: bool = False):
+    def __init__(self, cfg: Config, seed: int, checkpointing: bool = False, one_group: bool = False):
         from tcjepa.models.vit import set_activation_checkpointing
 
-        self.name = f"ours/{cfg.mask.policy}" + ("+ckpt" if checkpointing else "")
+        self.name = f"ours/{cfg.mask.policy}" + ("+ckpt" if checkpointing else "") + ("+1group" if one_group else "")
+        self.one_group = one_group  # attention over whole padded rows, as before length grouping
         self.cfg = cfg
         torch.manual_seed(seed)
         self.method = JEPA(cfg)
@@ -141,9 +142,15 @@ class Ours:
         return masks, stats
 
     def step(self, images: torch.Tensor, masks: Any) -> float:
-        targets = self.method.targets(images, masks)
-        loss = self.student(images, masks, targets)
-        loss.backward()
+        import tcjepa.models.vit as vit
+
+        default, vit.MAX_GROUPS = vit.MAX_GROUPS, 1 if self.one_group else vit.MAX_GROUPS
+        try:
+            targets = self.method.targets(images, masks)
+            loss = self.student(images, masks, targets)
+            loss.backward()
+        finally:
+            vit.MAX_GROUPS = default
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         ema_update(self.method.teacher, self.student.encoder, MOMENTUM)
@@ -172,11 +179,18 @@ def import_official(root: Path) -> dict[str, Any]:
 
 
 def official_commit(root: Path) -> str:
+    """The checkout's commit: its own git HEAD, or the ``COMMIT`` file of an exported tree (a tree
+    inside another repository must not report that repository's HEAD)."""
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        if Path(out[0]).resolve() == root.resolve():
+            return out[1]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        pass
+    if (root / "COMMIT").is_file():
+        return (root / "COMMIT").read_text().strip()
+    return "unknown (not a git checkout)"
 
 
 class Official:
@@ -426,6 +440,9 @@ def bench_model(encoder: str, args: argparse.Namespace, mods: dict[str, Any] | N
     if args.checkpointing:  # model.activation_checkpointing: its time and memory beside plain pad
         runners.append(Ours(make_config(encoder, args.image_size, args.pred_depth, args.pred_width, B, "pad"),
                             args.seed, checkpointing=True))
+    if args.one_group:  # attention over whole padded rows: the layout before length grouping
+        runners.append(Ours(make_config(encoder, args.image_size, args.pred_depth, args.pred_width, B, "pad"),
+                            args.seed, one_group=True))
     if mods is not None:
         runners.append(Official(mods, runners[0].cfg, args.seed))
     names = [r.name for r in runners]
@@ -584,6 +601,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpointing", action="store_true",
                    help="also time ours/pad with model.activation_checkpointing (variant ours/pad+ckpt)")
     p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny_16, batch 8, 2 rounds of 2 steps")
+    p.add_argument("--one-group", action="store_true",
+                   help="also time ours/pad with attention over whole padded rows (variant ours/pad+1group), "
+                        "the layout before length-grouped attention")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps per variant")
     p.add_argument("--profile-rows", type=int, default=20)
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the figures here")

@@ -229,6 +229,16 @@ class TokenStats:
     def target_real(self) -> int:
         return sum(map(sum, self.target))
 
+    def attention_layout(self) -> tuple[int, int]:
+        """Padded positions attention runs on in the encoder and in the predictor: per length
+        group (``tcjepa.models.vit.Packing``) when rows differ, else every row whole."""
+        from tcjepa.models.vit import grouped_layout
+
+        if not self.padded:
+            return self.batch * self.context_pad, self.batch * self.targets * (self.context_pad + self.target_pad)
+        seqs = [c + t for c, row in zip(self.context, self.target) for t in row]
+        return grouped_layout(list(self.context))[0], grouped_layout(seqs)[0]
+
 
 @dataclass(frozen=True)
 class MaskCounts:
@@ -301,9 +311,9 @@ def act_bytes(precision: str, device: str = "cuda") -> ActBytes:
 
 @dataclass(frozen=True)
 class Seqs:
-    """Sequences through a tower: ``real`` tokens; ``layout`` positions in the padded [B, N]
-    layout attention runs on; ``packed``: per-token layers run on the real tokens only
-    (``tcjepa.models.vit.Packing``)."""
+    """Sequences through a tower: ``real`` tokens; ``layout`` positions in the padded layout
+    attention runs on (per length group for a tower's blocks, [B, N] for the conditioners);
+    ``packed``: per-token layers run on the real tokens only (``tcjepa.models.vit.Packing``)."""
 
     real: int
     layout: int
@@ -400,14 +410,15 @@ def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, chec
     D, Dout, W = e.width, inv.out_dim, p.width
     # encoder over the context: conv input, the gathered patch tokens, gather/pack indices, blocks,
     # final norm input and (packed) output, the unpacked features (predictor_embed's input)
-    ctx = Seqs(tok.context_real, B * tok.context_pad, tok.padded)
+    ctx_layout, pred_layout = tok.attention_layout()
+    ctx = Seqs(tok.context_real, ctx_layout, tok.padded)
     enc = B * 3 * inv.image_size**2 * dt.low + B * tok.full * D * dt.low + B * tok.context_pad * 8
     enc += tower_bytes(ctx, e, dt, dt.wide, dt.low, checkpointing)
     enc += ctx.real * D * dt.wide * (2 if ctx.packed else 1) + ctx.real * 8 * ctx.packed
     enc += B * tok.context_pad * D * dt.low
     # predictor: one sequence per target block, context + that block's mask tokens
-    layout = B * T * (tok.context_pad + tok.target_pad)
-    seq = Seqs(T * tok.context_real + tok.target_real, layout, tok.padded)
+    layout = B * T * (tok.context_pad + tok.target_pad)  # the [B * T, N] layout (conditioners, head)
+    seq = Seqs(T * tok.context_real + tok.target_real, pred_layout, tok.padded)
     pred = B * T * tok.target_pad * 8 + seq.real * 8 * seq.packed
     pred += tower_bytes(seq, p, dt, dt.wide, dt.wide, checkpointing)
     head = seq.real * W * dt.wide * seq.packed  # packed output, before the unpack
@@ -424,7 +435,7 @@ def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, chec
             text += B * L * 8 + tower_bytes(tseq, tt, dt, 4, 4, checkpointing) + B * L * tt.width * 4
             text_block = block_bytes(tseq, tt, dt, 4)
         text += B * L * tt.width * dt.low + B * L * W * 4  # TextTower proj input, norm input
-        one_cond = _conditioner_bytes(inv, seq, B, dt)
+        one_cond = _conditioner_bytes(inv, Seqs(seq.real, layout, seq.packed), B, dt)
         cond = inv.cond_layers * one_cond
     targets = B * T * tok.target_pad * Dout * 4
     recompute = 0.0

@@ -114,12 +114,68 @@ def test_packing_roundtrip_keeps_real_tokens_only():
 
     valid = torch.tensor([[True, True, False], [True, False, False]])
     x = torch.arange(18, dtype=torch.float32).view(2, 3, 3)
+    one = Packing(valid, max_groups=1)  # the [B, N] layout's order
+    assert torch.equal(one.pack(x), torch.stack([x[0, 0], x[0, 1], x[1, 0]]))
+    grouped = Packing(valid)  # samples by ascending length
+    assert torch.equal(grouped.pack(x), torch.stack([x[1, 0], x[0, 0], x[0, 1]]))
+    for p in (one, grouped):
+        back = p.unpack(p.pack(x))
+        assert torch.equal(back[valid], x[valid]) and torch.all(back[~valid] == 0)
+
+
+def test_length_groups_and_layout():
+    from tcjepa.models.vit import MIN_GROUP, Packing, grouped_layout, length_groups
+
+    assert length_groups(MIN_GROUP * 2 - 1) == [(0, MIN_GROUP * 2 - 1)]  # too few for two groups
+    groups = length_groups(100)
+    assert len(groups) == 8 and groups[0][0] == 0 and groups[-1][1] == 100
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    assert max(e - f for f, e in groups) - min(e - f for f, e in groups) <= 1
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 30, (45,), generator=gen)
+    valid = torch.arange(30)[None] < lengths[:, None]
+    valid = valid[:, torch.randperm(30, generator=gen)]  # real tokens need not come first
     p = Packing(valid)
-    packed = p.pack(x)
-    assert packed.shape == (3, 3)
-    assert torch.equal(packed, torch.stack([x[0, 0], x[0, 1], x[1, 0]]))
-    back = p.unpack(packed)
-    assert torch.equal(back[valid], x[valid]) and torch.all(back[~valid] == 0)
+    positions, squares = grouped_layout(lengths.tolist())
+    assert positions == sum(g.batch * g.length for g in p.groups) < 45 * 30
+    assert squares == sum(g.batch * g.length**2 for g in p.groups)
+    assert [g.length for g in p.groups] == sorted(g.length for g in p.groups)
+    assert sum(g.end - g.start for g in p.groups) == int(valid.sum())
+
+
+def test_grouped_attention_equals_one_padded_batch():
+    """Attention over length groups (each padded to its own longest) gives the encoder's and the
+    predictor's outputs and gradients of one padded batch."""
+    from tcjepa.models.vit import Packing
+
+    torch.manual_seed(0)
+    B, N = 20, 16
+    enc = build_encoder("vit_micro_8", 32).double()
+    pred = Predictor(embed_dim=96, grid=(4, 4), width=48, depth=2, num_heads=3).double()
+    x = torch.randn(B, 3, 32, 32, dtype=torch.float64)
+    lengths = torch.randint(3, N + 1, (B,))
+    idx = torch.stack([torch.randperm(N) for _ in range(B)])
+    valid = torch.arange(N)[None] < lengths[:, None]
+    tgt_idx = torch.randint(0, N, (B, 2, 4))
+    tgt_valid = torch.rand(B, 2, 4) < 0.7
+    tgt_valid[..., 0] = True
+    assert len(Packing(valid).groups) == 2
+    results = []
+    for max_groups in (1, None):
+        import tcjepa.models.vit as vit
+
+        default = vit.MAX_GROUPS
+        vit.MAX_GROUPS = max_groups or default
+        try:
+            enc.zero_grad(), pred.zero_grad()
+            z = enc(x, idx, valid)
+            out = pred(z, idx, tgt_idx, valid, tgt_valid)
+            (z.square().sum() + out[tgt_valid].square().sum()).backward()
+        finally:
+            vit.MAX_GROUPS = default
+        results.append((z, out, enc.blocks[0].attn.qkv.weight.grad.clone(), pred.predictor_blocks[0].attn.qkv.weight.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_attention_backends_leave_out_cudnn():
