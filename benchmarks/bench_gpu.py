@@ -86,6 +86,7 @@ import time
 _T0 = time.monotonic()  # the time budget counts from here: imports included
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -117,7 +118,7 @@ try:  # only tcjepa.config, tcjepa.masks and tcjepa.methods.jepa (no deepspeed, 
     from tcjepa.config import Config
     from tcjepa.masks import MaskBatch, sample_masks
     from tcjepa.methods.jepa import ema_update
-    from tcjepa.models.vit import grouped_layout, parse_encoder_name
+    from tcjepa.models.vit import grouped_layout, parse_encoder_name, whole_row_attention
 except ImportError as e:  # pragma: no cover - depends on the machine
     print(f"error: {e}; bench_gpu.py needs torch, numpy, pyyaml and this checkout's tcjepa "
           "(tcjepa.config, tcjepa.masks, tcjepa.methods.jepa); install the missing module", file=sys.stderr)
@@ -400,18 +401,13 @@ class GPUOurs(Ours):
         return batches, model, executed
 
     def step(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
-        import tcjepa.models.vit as vit
-
-        default, vit.MAX_GROUPS = vit.MAX_GROUPS, 1 if self.one_group else vit.MAX_GROUPS
-        try:
+        with whole_row_attention() if self.one_group else contextlib.nullcontext():
             targets = self.method.targets(images, masks)  # autocast inside, per train.precision
             if self.compiled:
                 torch._dynamo.maybe_mark_dynamic(targets, 2)  # [B, T, Nt, D]
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = self.forward(images, masks, targets)
             loss.backward()
-        finally:
-            vit.MAX_GROUPS = default
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         ema_update(self.ema_teacher, self.student.encoder, MOMENTUM)

@@ -44,6 +44,7 @@ the ratio of the medians is in the JSON too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -62,6 +63,7 @@ import torch.nn.functional as F
 from tcjepa.config import Config, load_config
 from tcjepa.masks import sample_block_masks, sample_masks
 from tcjepa.methods.jepa import JEPA, ema_update, param_groups
+from tcjepa.models.vit import whole_row_attention
 
 MOMENTUM = 0.996  # EMA momentum (the official schedule starts here)
 LR = 1e-3
@@ -110,7 +112,7 @@ class Ours:
         from tcjepa.models.vit import set_activation_checkpointing
 
         self.name = f"ours/{cfg.mask.policy}" + ("+ckpt" if checkpointing else "") + ("+1group" if one_group else "")
-        self.one_group = one_group  # attention over whole padded rows, as before length grouping
+        self.one_group = one_group  # attention over the whole padded rows, as before length groups
         self.cfg = cfg
         torch.manual_seed(seed)
         self.method = JEPA(cfg)
@@ -142,15 +144,10 @@ class Ours:
         return masks, stats
 
     def step(self, images: torch.Tensor, masks: Any) -> float:
-        import tcjepa.models.vit as vit
-
-        default, vit.MAX_GROUPS = vit.MAX_GROUPS, 1 if self.one_group else vit.MAX_GROUPS
-        try:
+        with whole_row_attention() if self.one_group else contextlib.nullcontext():
             targets = self.method.targets(images, masks)
             loss = self.student(images, masks, targets)
             loss.backward()
-        finally:
-            vit.MAX_GROUPS = default
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         ema_update(self.method.teacher, self.student.encoder, MOMENTUM)

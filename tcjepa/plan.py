@@ -229,12 +229,13 @@ class TokenStats:
     def target_real(self) -> int:
         return sum(map(sum, self.target))
 
-    def attention_layout(self) -> tuple[int, int]:
+    def attention_layout(self, grouped: bool = True) -> tuple[int, int]:
         """Padded positions attention runs on in the encoder and in the predictor: per length
-        group (``tcjepa.models.vit.Packing``) when rows differ, else every row whole."""
+        group (``tcjepa.models.vit.Packing``) when rows differ, else (and under ``torch.compile``,
+        ``grouped=False``) the whole padded rows."""
         from tcjepa.models.vit import grouped_layout
 
-        if not self.padded:
+        if not (self.padded and grouped):
             return self.batch * self.context_pad, self.batch * self.targets * (self.context_pad + self.target_pad)
         seqs = [c + t for c, row in zip(self.context, self.target) for t in row]
         return grouped_layout(list(self.context))[0], grouped_layout(seqs)[0]
@@ -396,21 +397,22 @@ def _conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: ActBytes) -
 
 
 def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, checkpointing: bool = False,
-                      device: str = "cuda") -> Activations:
+                      device: str = "cuda", grouped: bool = True) -> Activations:
     """Analytic activation bytes of one training step on a micro-batch with token counts ``tok``.
 
     The terms follow the code in ``tcjepa.models`` and ``tcjepa.methods.jepa`` (see
     :func:`block_bytes`). Under bf16 autocast on CUDA the encoder's residual stream is bf16 (the
     patch embedding's output) and LayerNorm saves an fp32 cast of it; the predictor's is fp32
     (it starts from the encoder's fp32 LayerNorm output); the text tower's is fp32 (embeddings).
-    Checkpointing is per transformer block; conditioners and each tower's ends are not."""
+    Checkpointing is per transformer block; conditioners and each tower's ends are not.
+    ``grouped``: attention on length groups (eager), not whole padded rows (``train.compile``)."""
     dt = act_bytes(precision, device)
     B, T = tok.batch, tok.targets
     e, p = inv.encoder, inv.predictor
     D, Dout, W = e.width, inv.out_dim, p.width
     # encoder over the context: conv input, the gathered patch tokens, gather/pack indices, blocks,
     # final norm input and (packed) output, the unpacked features (predictor_embed's input)
-    ctx_layout, pred_layout = tok.attention_layout()
+    ctx_layout, pred_layout = tok.attention_layout(grouped)
     ctx = Seqs(tok.context_real, ctx_layout, tok.padded)
     enc = B * 3 * inv.image_size**2 * dt.low + B * tok.full * D * dt.low + B * tok.context_pad * 8
     enc += tower_bytes(ctx, e, dt, dt.wide, dt.low, checkpointing)
@@ -714,7 +716,7 @@ def plan_run(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_memory_gb: float = 
     counts = draw_mask_counts(cfg, max(MICRO_LIMIT, cfg.train.batch_size))
 
     def acts(m: int, ckpt: bool) -> Activations:
-        return activation_memory(inv, counts.batch(m), cfg.train.precision, ckpt)
+        return activation_memory(inv, counts.batch(m), cfg.train.precision, ckpt, grouped=not cfg.train.compile)
 
     stages = []
     for stage in (0, 1, 2, 3):
@@ -737,7 +739,8 @@ def _min_gpus(cfg: Config, inv: ModelInventory, zero: dict[str, Any], usable: fl
     is (with or without its activation checkpointing; more GPUs: smaller micro-batches and partitions)."""
     batch, ckpt = cfg.train.batch_size, cfg.model.activation_checkpointing
     for world in (w for w in range(1, batch + 1) if batch % w == 0):
-        act = activation_memory(inv, counts.batch(batch // world), cfg.train.precision, ckpt).peak
+        act = activation_memory(inv, counts.batch(batch // world), cfg.train.precision, ckpt,
+                                grouped=not cfg.train.compile).peak
         if any(model_states(inv, s, world, FP32_MASTER, zero).total + act <= usable for s in (0, 1, 2, 3)):
             return world
     return None

@@ -110,15 +110,16 @@ def test_ema_update():
 
 
 def test_packing_roundtrip_keeps_real_tokens_only():
-    from tcjepa.models.vit import Packing
+    from tcjepa.models.vit import Packing, whole_row_attention
 
     valid = torch.tensor([[True, True, False], [True, False, False]])
     x = torch.arange(18, dtype=torch.float32).view(2, 3, 3)
-    one = Packing(valid, max_groups=1)  # the [B, N] layout's order
-    assert torch.equal(one.pack(x), torch.stack([x[0, 0], x[0, 1], x[1, 0]]))
+    with whole_row_attention():
+        rows = Packing(valid)  # the [B, N] layout's order
+    assert rows.groups is None and torch.equal(rows.pack(x), torch.stack([x[0, 0], x[0, 1], x[1, 0]]))
     grouped = Packing(valid)  # samples by ascending length
     assert torch.equal(grouped.pack(x), torch.stack([x[1, 0], x[0, 0], x[0, 1]]))
-    for p in (one, grouped):
+    for p in (rows, grouped):
         back = p.unpack(p.pack(x))
         assert torch.equal(back[valid], x[valid]) and torch.all(back[~valid] == 0)
 
@@ -141,41 +142,79 @@ def test_length_groups_and_layout():
     assert squares == sum(g.batch * g.length**2 for g in p.groups)
     assert [g.length for g in p.groups] == sorted(g.length for g in p.groups)
     assert sum(g.end - g.start for g in p.groups) == int(valid.sum())
+    assert all(g.attn_mask is not None for g in p.groups)
+    same = Packing(torch.ones(40, 7, dtype=torch.bool))  # one length: one group, nothing to mask
+    assert [(g.batch, g.length, g.attn_mask) for g in same.groups] == [(40, 7, None)]
 
 
-def test_grouped_attention_equals_one_padded_batch():
+def _grouped_vs_whole_rows(run):
+    """``run()`` (a tuple of tensors) with grouped attention and with whole padded rows."""
+    from tcjepa.models.vit import whole_row_attention
+
+    grouped = run()
+    with whole_row_attention():
+        rows = run()
+    for a, b in zip(grouped, rows):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("lengths", [[5, 16, 3, 9, 12, 7, 16, 4, 8, 11, 6, 13, 15, 10, 14, 3, 2, 9, 16, 5], [7], [9] * 20])
+def test_grouped_attention_equals_whole_padded_rows(lengths, monkeypatch):
     """Attention over length groups (each padded to its own longest) gives the encoder's and the
-    predictor's outputs and gradients of one padded batch."""
+    predictor's outputs and gradients of one batch padded to its longest row; the models take
+    the grouped path."""
     from tcjepa.models.vit import Packing
 
+    groups_seen = []
+    padded = Packing.padded
+
+    def spy(self, x, fn):
+        groups_seen.append(len(self.groups or []))
+        return padded(self, x, fn)
+
+    monkeypatch.setattr(Packing, "padded", spy)
     torch.manual_seed(0)
-    B, N = 20, 16
+    B, N = len(lengths), 16
     enc = build_encoder("vit_micro_8", 32).double()
     pred = Predictor(embed_dim=96, grid=(4, 4), width=48, depth=2, num_heads=3).double()
     x = torch.randn(B, 3, 32, 32, dtype=torch.float64)
-    lengths = torch.randint(3, N + 1, (B,))
     idx = torch.stack([torch.randperm(N) for _ in range(B)])
-    valid = torch.arange(N)[None] < lengths[:, None]
+    valid = torch.arange(N)[None] < torch.tensor(lengths)[:, None]
     tgt_idx = torch.randint(0, N, (B, 2, 4))
     tgt_valid = torch.rand(B, 2, 4) < 0.7
     tgt_valid[..., 0] = True
-    assert len(Packing(valid).groups) == 2
-    results = []
-    for max_groups in (1, None):
-        import tcjepa.models.vit as vit
 
-        default = vit.MAX_GROUPS
-        vit.MAX_GROUPS = max_groups or default
-        try:
-            enc.zero_grad(), pred.zero_grad()
-            z = enc(x, idx, valid)
-            out = pred(z, idx, tgt_idx, valid, tgt_valid)
-            (z.square().sum() + out[tgt_valid].square().sum()).backward()
-        finally:
-            vit.MAX_GROUPS = default
-        results.append((z, out, enc.blocks[0].attn.qkv.weight.grad.clone(), pred.predictor_blocks[0].attn.qkv.weight.grad.clone()))
-    for a, b in zip(*results):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    def run():
+        enc.zero_grad(), pred.zero_grad()
+        z = enc(x, idx, valid)
+        out = pred(z, idx, tgt_idx, valid, tgt_valid)
+        (z.square().sum() + out[tgt_valid].square().sum()).backward()
+        return z, out, enc.blocks[0].attn.qkv.weight.grad.clone(), pred.predictor_blocks[0].attn.qkv.weight.grad.clone()
+
+    _grouped_vs_whole_rows(run)
+    if B >= 16 and len(set(lengths)) > 1:
+        assert max(groups_seen) > 1  # the encoder and the predictor ran grouped
+
+
+def test_grouped_attention_skips_sequences_without_tokens():
+    from tcjepa.models.vit import Attention, Packing
+
+    torch.manual_seed(0)
+    attn = Attention(24, 3).double()
+    lengths = torch.tensor([0, 3, 0, 6, 0, 0, 1, 0, 2, 0, 4, 0, 5, 0, 6, 0, 2])  # the shortest group: no tokens
+    valid = torch.arange(6)[None] < lengths[:, None]
+    x = torch.randn(*valid.shape, 24, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        x.grad = None
+        p = Packing(valid)
+        out = p.unpack(attn(p.pack(x), p))  # the packed orders differ, the [B, N] layout does not
+        out.square().sum().backward()
+        return out, x.grad.clone()
+
+    _grouped_vs_whole_rows(run)
+    p = Packing(valid)
+    assert len(p.groups) == 1 and p.groups[0].length == 6
 
 
 def test_attention_backends_leave_out_cudnn():

@@ -11,10 +11,12 @@ tokens only, and attention on groups of similar-length sequences with padded key
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -81,24 +83,35 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
 # (benchmarks/RESULTS.md, "length-grouped attention").
 MAX_GROUPS = 8
 MIN_GROUP = 8
+_WHOLE_ROWS: ContextVar[bool] = ContextVar("whole_row_attention", default=False)
 
 
-def length_groups(n: int, max_groups: int | None = None, min_group: int = MIN_GROUP) -> list[tuple[int, int]]:
+@contextlib.contextmanager
+def whole_row_attention() -> Iterator[None]:
+    """Attention over whole padded rows (one [B, N] batch, the layout before length groups and
+    the one compiled code runs), for benchmarks and tests that compare the two."""
+    token = _WHOLE_ROWS.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE_ROWS.reset(token)
+
+
+def length_groups(n: int, max_groups: int = MAX_GROUPS, min_group: int = MIN_GROUP) -> list[tuple[int, int]]:
     """Split ``n`` sequences, sorted by length, into contiguous groups of near-equal count:
-    ``[(first, end), ...]`` over the sorted order (at most ``max_groups``, default MAX_GROUPS)."""
-    max_groups = MAX_GROUPS if max_groups is None else max_groups
+    ``[(first, end), ...]`` over the sorted order."""
     k = max(1, min(max_groups, n // max(1, min_group)))
     bounds = [round(i * n / k) for i in range(k + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(k)]
 
 
-def grouped_layout(lengths: list[int], max_groups: int | None = None) -> tuple[int, int]:
-    """(positions, positions x keys) of the padded layout :class:`Packing` runs attention on for
-    sequences of these lengths. Pure, so the run planner and the benchmarks count what the model
-    computes."""
+def grouped_layout(lengths: list[int]) -> tuple[int, int]:
+    """(positions, positions x keys) of the padded layout grouped attention (:class:`Packing`)
+    runs on for sequences of these lengths. Pure, so the run planner and the benchmarks count
+    what the model computes. (Whole padded rows are simply rows x the longest row.)"""
     s = sorted(lengths)
     positions = squares = 0
-    for first, end in length_groups(len(s), max_groups):
+    for first, end in length_groups(len(s)):
         positions += (end - first) * s[end - 1]
         squares += (end - first) * s[end - 1] ** 2
     return positions, squares
@@ -111,7 +124,7 @@ class _Group:
     index: torch.Tensor  # their positions in the group's padded [batch * length] layout
     batch: int
     length: int
-    attn_mask: torch.Tensor  # SDPA boolean key mask [batch, 1, 1, length]
+    attn_mask: torch.Tensor | None  # SDPA boolean key mask [batch, 1, 1, length]; None: no padding
 
 
 class Packing:
@@ -124,34 +137,46 @@ class Packing:
     does little work on padding. The packed order is samples by ascending length (each group a
     contiguous slice); :meth:`pack` and :meth:`unpack` convert from and to the [B, N] layout.
 
-    Under ``torch.compile`` one group is used: the grouping needs the lengths on the host, which
-    would split the graph and specialise it on every batch's sizes.
+    Under ``torch.compile`` attention runs on the whole padded rows: grouping needs the lengths
+    on the host, which would split the graph and specialise it on every batch's sizes.
     """
 
-    def __init__(self, valid: torch.Tensor, max_groups: int | None = None):
+    def __init__(self, valid: torch.Tensor):
         self.batch, self.length = valid.shape
         self.attn_mask = valid[:, None, None, :]  # [B, 1, 1, N], in the [B, N] layout
-        max_groups = MAX_GROUPS if max_groups is None else max_groups
-        if max_groups == 1 or torch.compiler.is_compiling():
+        self.groups: list[_Group] | None = None
+        if torch.compiler.is_compiling() or _WHOLE_ROWS.get() or valid.numel() == 0:
             self.index = valid.reshape(-1).nonzero().squeeze(1)  # flat positions of the real tokens
-            self.groups = None
             return
+        dev = valid.device
         lengths = valid.sum(1)
-        host = sorted(lengths.tolist())  # the one host sync, as many as nonzero() costs
+        host = sorted(lengths.tolist())  # the one host sync, as the whole-rows path's nonzero()
         starts = [0, *itertools.accumulate(host)]  # packed offset of each sorted sequence
         order = torch.argsort(lengths, stable=True)
-        flat = torch.nonzero_static(valid[order].reshape(-1), size=starts[-1]).squeeze(1)  # sample after sample
-        self.index = order[flat // self.length] * self.length + flat % self.length
         sorted_lengths = lengths[order]
+        # packed token t is real token `rank` of sorted sequence `row`; a stable sort of the
+        # padding flags lists each row's real columns first, in order
+        row = torch.repeat_interleave(torch.arange(self.batch, device=dev), sorted_lengths, output_size=starts[-1])
+        first_token = torch.repeat_interleave(torch.cumsum(sorted_lengths, 0) - sorted_lengths, sorted_lengths,
+                                              output_size=starts[-1])
+        rank = torch.arange(starts[-1], device=dev) - first_token
+        cols = torch.argsort((~valid[order]).to(torch.uint8), dim=1, stable=True)
+        self.index = order[row] * self.length + cols[row, rank]
+        spans: list[list[int]] = []
+        for first, end in length_groups(len(host)):
+            if spans and host[end - 1] == host[spans[-1][1] - 1]:
+                spans[-1][1] = end  # the same longest row: one group
+            else:
+                spans.append([first, end])
         self.groups = []
-        for first, end in length_groups(len(host), max_groups):
-            longest, count = host[end - 1], starts[end] - starts[first]
-            lens = sorted_lengths[first:end]
-            row_start = torch.cumsum(lens, 0) - lens  # where each sequence begins among the group's tokens
-            slot = torch.arange(end - first, device=valid.device) * longest - row_start
-            index = torch.repeat_interleave(slot, lens, output_size=count) + torch.arange(count, device=valid.device)
-            mask = torch.arange(longest, device=valid.device)[None] < lens[:, None]
-            self.groups.append(_Group(starts[first], starts[end], index, end - first, longest, mask[:, None, None, :]))
+        for first, end in spans:
+            longest, a, b = host[end - 1], starts[first], starts[end]
+            if longest == 0:
+                continue  # sequences without tokens: nothing to attend
+            mask = None
+            if host[first] < longest:
+                mask = (torch.arange(longest, device=dev)[None] < sorted_lengths[first:end, None])[:, None, None, :]
+            self.groups.append(_Group(a, b, (row[a:b] - first) * longest + rank[a:b], end - first, longest, mask))
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [T, C]"""
@@ -162,10 +187,10 @@ class Packing:
         out = x.new_zeros(self.batch * self.length, x.size(-1))
         return out.index_copy(0, self.index, x).view(self.batch, self.length, -1)
 
-    def padded(self, x: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Packed [T, C] -> ``fn(padded [b, L, C], key mask [b, 1, 1, L])`` -> [b, L, C'] per group
-        of similar-length sequences (real keys first in each row) -> packed [T, C']."""
-        if self.groups is None:
+    def padded(self, x: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+        """Packed [T, C] -> ``fn(padded [b, L, C], key mask [b, 1, 1, L] or None)`` -> [b, L, C'] per
+        group of similar-length sequences (real keys first in each row) -> packed [T, C']."""
+        if self.groups is None or not self.groups:
             return self.pack(fn(self.unpack(x), self.attn_mask))
         outs = []
         # split, not slices: a slice's backward zero-fills a gradient of all of x, once per group
