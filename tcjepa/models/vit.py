@@ -108,7 +108,7 @@ def length_groups(n: int, max_groups: int = MAX_GROUPS, min_group: int = MIN_GRO
 def grouped_layout(lengths: list[int]) -> tuple[int, int]:
     """(positions, positions x keys) of the padded layout grouped attention (:class:`Packing`)
     runs on for sequences of these lengths. Pure, so the run planner and the benchmarks count
-    what the model computes. (Whole padded rows are simply rows x the longest row.)"""
+    what the model computes. (Whole padded rows are rows x the padded length.)"""
     s = sorted(lengths)
     positions = squares = 0
     for first, end in length_groups(len(s)):
