@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-
-
-def free_port() -> int:
-    """A port nothing listens on now: fixed launcher ports collide with whatever else runs."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_bytes(color: tuple[int, int, int], size: int = 32) -> bytes:

@@ -14,7 +14,7 @@ import torch
 
 from tcjepa.checkpoint import load_final_state
 from tcjepa.config import project_root
-from tests.conftest import free_port
+from tcjepa.distributed import free_port
 
 ROOT = project_root()
 DRIVER = str(Path(__file__).with_name("dist_driver.py"))

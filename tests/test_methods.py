@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 from tcjepa.checkpoint import load_dual_encoder, load_encoder, load_final_state, load_run_config
 from tcjepa.config import ConfigError, load_config, project_root
+from tcjepa.distributed import free_port
 from tcjepa.methods.contrastive import MatryoshkaLoss, build_loss, pool_text
 from tcjepa.methods.mae import patchify, pixel_targets, unpatchify
 from tcjepa.train import train
-from tests.conftest import free_port
 from tests.eval_runs import write_colour_shards
 
 ROOT = project_root()

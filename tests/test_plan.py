@@ -234,14 +234,13 @@ def test_attention_layout_is_what_packing_runs():
     """The planner's attention positions equal the groups the encoder's and the predictor's
     Packing build for the same masks (eager), and the whole padded rows under train.compile."""
     from tcjepa.masks import sample_masks
+    from tcjepa.models.predictor import sequence_valid
     from tcjepa.models.vit import Packing
 
     cfg = load_config(QUICK)
     m = sample_masks(40, (8, 8), torch.Generator().manual_seed(1), **dataclasses.asdict(cfg.mask))
     tok = stats_of_masks(m, 64)
-    B, T, Nc = m.batch_size, m.num_targets, m.context_idx.shape[1]
-    pred_valid = torch.cat([m.context_valid.unsqueeze(1).expand(B, T, Nc).reshape(B * T, Nc),
-                            m.target_valid.reshape(B * T, -1)], 1)  # as Predictor.forward builds it
+    pred_valid = sequence_valid(m.context_valid, m.target_valid)  # what Predictor.forward packs
     packed = [sum(g.batch * g.length for g in Packing(v).groups) for v in (m.context_valid, pred_valid)]
     assert tok.padded and tok.attention_layout() == tuple(packed)
     assert tok.attention_layout(grouped=False) == (m.context_valid.numel(), pred_valid.numel())

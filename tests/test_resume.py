@@ -15,9 +15,9 @@ import torch
 
 from tcjepa.checkpoint import load_final_state
 from tcjepa.config import project_root
+from tcjepa.distributed import free_port
 from tcjepa.resume import list_checkpoints
 from tcjepa.train import DivergenceError, train
-from tests.conftest import free_port
 from tests.test_train import SMALL, cfg_for, records
 
 

@@ -12,7 +12,8 @@ import torch
 from tcjepa.checkpoint import load_encoder, load_final_state
 from tcjepa.config import ConfigError, load_config, project_root
 from tcjepa.train import deepspeed_config, train
-from tests.conftest import free_port, labelled_members, write_tar
+from tcjepa.distributed import free_port
+from tests.conftest import labelled_members, write_tar
 
 RECIPE = project_root() / "recipes/ijepa_quickstart.yaml"
 SMALL = ["model.encoder=vit_micro_8", "model.depth=2", "model.predictor_depth=1", "model.predictor_width=48",

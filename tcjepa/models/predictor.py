@@ -67,7 +67,7 @@ class Predictor(nn.Module):
         if context_valid is not None or target_valid is not None:
             cv = context_valid if context_valid is not None else torch.ones(B, Nc, dtype=torch.bool, device=x.device)
             tv = target_valid if target_valid is not None else torch.ones(B, T, Nt, dtype=torch.bool, device=x.device)
-            packing = Packing(torch.cat([cv.unsqueeze(1).expand(B, T, Nc).reshape(B * T, Nc), tv.reshape(B * T, Nt)], 1))
+            packing = Packing(sequence_valid(cv, tv))
             x = packing.pack(x)
 
         for i, block in enumerate(self.predictor_blocks):
@@ -78,3 +78,10 @@ class Predictor(nn.Module):
             x = packing.unpack(x)
         x = self.predictor_proj(self.predictor_norm(x[:, Nc:]))
         return x.reshape(B, T, Nt, -1)
+
+
+def sequence_valid(context_valid: torch.Tensor, target_valid: torch.Tensor) -> torch.Tensor:
+    """Real entries of the predictor's sequences: context [B, Nc] and target [B, T, Nt] masks ->
+    [B * T, Nc + Nt], one sequence per target block (context, then that block's mask tokens)."""
+    (B, Nc), (T, Nt) = context_valid.shape, target_valid.shape[1:]
+    return torch.cat([context_valid.unsqueeze(1).expand(B, T, Nc).reshape(B * T, Nc), target_valid.reshape(B * T, Nt)], 1)

@@ -190,7 +190,7 @@ class Packing:
     def padded(self, x: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
         """Packed [T, C] -> ``fn(padded [b, L, C], key mask [b, 1, 1, L] or None)`` -> [b, L, C'] per
         group of similar-length sequences (real keys first in each row) -> packed [T, C']."""
-        if self.groups is None or not self.groups:
+        if not self.groups:  # whole rows (or every sequence empty)
             return self.pack(fn(self.unpack(x), self.attn_mask))
         outs = []
         # split, not slices: a slice's backward zero-fills a gradient of all of x, once per group
