@@ -20,6 +20,8 @@ budget) is recorded and the rest still runs:
                            attention gets a key-padding mask and SDPA cannot pick flash);
 * ``ours/pad+1group``      ``ours/pad`` with attention over the whole padded rows (one group), the
                            layout before length-grouped attention (``tcjepa.models.vit.Packing``);
+* ``ours/pad+varlen``      ``ours/pad`` under ``tcjepa.models.vit.varlen_attention()``: torch's varlen
+                           flash attention (torch >= 2.10) on the packed real tokens, no padding;
 * ``ours/official``        tcjepa, ``mask.policy=official`` (contexts truncated to the batch minimum as
                            the official collator does; no mask, so SDPA can pick flash attention;
                            the kernel that ran is reported per eager variant);
@@ -118,14 +120,15 @@ try:  # only tcjepa.config, tcjepa.masks and tcjepa.methods.jepa (no deepspeed, 
     from tcjepa.config import Config
     from tcjepa.masks import MaskBatch, sample_masks
     from tcjepa.methods.jepa import ema_update
-    from tcjepa.models.vit import grouped_layout, parse_encoder_name, whole_row_attention
+    from tcjepa.models.vit import (_varlen_kernel, grouped_layout, parse_encoder_name, varlen_attention,
+                                   whole_row_attention)
 except ImportError as e:  # pragma: no cover - depends on the machine
     print(f"error: {e}; bench_gpu.py needs torch, numpy, pyyaml and this checkout's tcjepa "
           "(tcjepa.config, tcjepa.masks, tcjepa.methods.jepa); install the missing module", file=sys.stderr)
     sys.exit(2)
 
 VARIANTS = ("official", "ours/pad", "ours/official", "ours/official+compile", "ours/pad+compile")
-EXTRA_VARIANTS = ("ours/pad+1group",)  # only when named in --variants
+EXTRA_VARIANTS = ("ours/pad+1group", "ours/pad+varlen")  # only when named in --variants
 # Datasheet dense bf16 peaks (no sparsity), matched against torch.cuda.get_device_name in this order.
 SPEC_PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
                   ("A100", 312e12), ("L40S", 362e12))
@@ -224,7 +227,7 @@ class AttentionOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = str(func.overloadpacket)
-        if "attention" in name and "backward" not in name:
+        if ("attention" in name or "varlen_attn" in name) and "backward" not in name:
             self.seen.add(name.removeprefix("aten."))
         return func(*args, **(kwargs or {}))
 
@@ -301,17 +304,21 @@ def step_flops(d: StepDims, c: TokenCounts) -> dict[str, int]:
     return parts
 
 
-def counts_ours(m: MaskBatch, executed: bool, grouped: bool = True) -> TokenCounts:
+def counts_ours(m: MaskBatch, executed: bool, attention: str = "groups") -> TokenCounts:
     """Token counts of a tcjepa mask batch: real tokens, or (``executed``) what our padded path
-    computes: per-token layers on real tokens, attention on length groups padded to their longest
-    (``tcjepa.models.vit.Packing``; one group, the whole padded rows, when not ``grouped``: under
-    ``torch.compile``), embed/proj on padded rows."""
+    computes: per-token layers on real tokens, embed/proj on padded rows, and attention on
+    ``attention``: "groups", length groups padded to their longest (``tcjepa.models.vit.Packing``);
+    "rows", the whole padded rows (under ``torch.compile``); "varlen", the real tokens only."""
+    if attention not in ("groups", "rows", "varlen"):
+        raise ValueError(f"attention: {attention!r}")
     B, Nc = m.context_idx.shape
     T, Nt = m.target_idx.shape[1:]
     ctx = m.num_context()  # [B]
     seq = ctx[:, None] + m.num_target()  # [B, T]
-    if executed and m.padded and not grouped:
+    if executed and m.padded and attention == "rows":
         return TokenCounts(int(ctx.sum()), B * Nc * Nc, B * Nc, int(seq.sum()), B * T * (Nc + Nt) ** 2, B * T * Nt)
+    if executed and m.padded and attention == "varlen":
+        return TokenCounts(int(ctx.sum()), int((ctx**2).sum()), B * Nc, int(seq.sum()), int((seq**2).sum()), B * T * Nt)
     if executed and m.padded:
         enc_sq, pred_sq = grouped_layout(ctx.tolist())[1], grouped_layout(seq.flatten().tolist())[1]
         return TokenCounts(int(ctx.sum()), enc_sq, B * Nc, int(seq.sum()), pred_sq, B * T * Nt)
@@ -369,10 +376,17 @@ def _check_on(opt: torch.optim.Optimizer, device: torch.device, who: str) -> Non
 class GPUOurs(Ours):
     """tcjepa's step on a device, bf16 autocast, optionally compiled."""
 
-    def __init__(self, cfg: Config, seed: int, device: torch.device, compile_: bool, one_group: bool = False):
+    def __init__(self, cfg: Config, seed: int, device: torch.device, compile_: bool, one_group: bool = False,
+                 varlen: bool = False):
         super().__init__(cfg, seed, one_group=one_group)
-        self.name = f"ours/{cfg.mask.policy}" + ("+compile" if compile_ else "") + ("+1group" if one_group else "")
-        self.device, self.compiled = device, compile_
+        self.name = (f"ours/{cfg.mask.policy}" + ("+compile" if compile_ else "") + ("+1group" if one_group else "")
+                     + ("+varlen" if varlen else ""))
+        self.device, self.compiled, self.varlen = device, compile_, varlen
+        if varlen and compile_:
+            raise ValueError("varlen attention runs eager only (compiled code attends over whole padded rows)")
+        if varlen and not (device.type == "cuda" and self.bf16 and _varlen_kernel() is not None):
+            raise ValueError(f"varlen attention needs CUDA, bf16 and torch >= 2.10 (torch {torch.__version__}, "
+                             f"{device.type}, {cfg.train.precision})")
         self.bf16 = cfg.train.precision == "bf16"
         self.student.to(device)
         self.method.to(device)
@@ -390,7 +404,8 @@ class GPUOurs(Ours):
         for _ in range(n):
             m = sample_masks(self.cfg.train.batch_size, self.grid, self.gen, **kwargs)
             model.append(counts_ours(m, executed=False))
-            executed.append(counts_ours(m, executed=True, grouped=not (self.compiled or self.one_group)))
+            attention = "rows" if self.compiled or self.one_group else "varlen" if self.varlen else "groups"
+            executed.append(counts_ours(m, executed=True, attention=attention))
             m = m.to(self.device, non_blocking=True)
             if self.compiled:  # context and target lengths change every batch: compile one dynamic graph
                 for t in (m.context_idx, m.context_valid):
@@ -401,7 +416,8 @@ class GPUOurs(Ours):
         return batches, model, executed
 
     def step(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
-        with whole_row_attention() if self.one_group else contextlib.nullcontext():
+        layout = whole_row_attention() if self.one_group else varlen_attention() if self.varlen else contextlib.nullcontext()
+        with layout:
             targets = self.method.targets(images, masks)  # autocast inside, per train.precision
             if self.compiled:
                 torch._dynamo.maybe_mark_dynamic(targets, 2)  # [B, T, Nt, D]
@@ -478,7 +494,8 @@ def make_runner(variant: str, encoder: str, args: argparse.Namespace, mods: dict
         if mods is None:
             raise ValueError("the official variant needs --official PATH")
         return GPUOfficial(mods, cfg, args.seed, device)
-    return GPUOurs(cfg, args.seed, device, compile_=variant.endswith("+compile"), one_group=variant.endswith("+1group"))
+    return GPUOurs(cfg, args.seed, device, compile_=variant.endswith("+compile"), one_group=variant.endswith("+1group"),
+                   varlen=variant.endswith("+varlen"))
 
 
 def time_steps(runner: Any, images: torch.Tensor, batches: list[Any]) -> tuple[list[float], float, list[torch.Tensor]]:

@@ -217,6 +217,78 @@ def test_grouped_attention_skips_sequences_without_tokens():
     assert len(p.groups) == 1 and p.groups[0].length == 6
 
 
+def _reference_varlen(calls):
+    """A stand-in for torch's CUDA-only varlen flash attention: SDPA per sequence of the packed
+    tokens, checking the offsets it is given."""
+    import torch.nn.functional as F
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k):
+        bounds = cu_q.tolist()
+        assert cu_q.dtype == torch.int32 and cu_q is cu_k and max_q == max_k
+        assert bounds[0] == 0 and bounds[-1] == q.size(0) and all(a < b for a, b in zip(bounds, bounds[1:]))
+        assert max_q == max(b - a for a, b in zip(bounds, bounds[1:]))
+        calls.append(len(bounds) - 1)
+        heads_first = [t.transpose(0, 1) for t in (q, k, v)]  # [H, T, d]
+        return torch.cat([F.scaled_dot_product_attention(*(t[:, a:b] for t in heads_first)).transpose(0, 1)
+                          for a, b in zip(bounds, bounds[1:])])
+
+    return kernel
+
+
+def test_varlen_attention_equals_length_groups(monkeypatch):
+    """Under varlen_attention() the encoder and predictor hand the packed tokens and their sequence
+    offsets (empty sequences left out) to the varlen kernel, and get the grouped path's outputs
+    and gradients. The kernel itself is CUDA-only: a per-sequence SDPA stands in for it here."""
+    from tcjepa.models import vit
+
+    calls = []
+    monkeypatch.setattr(vit, "_varlen_kernel", lambda: _reference_varlen(calls))
+    monkeypatch.setattr(vit, "varlen_can_run", lambda qkv, head_dim: True)
+    torch.manual_seed(0)
+    lengths = [5, 16, 0, 9, 12, 7, 16, 4, 8, 11, 6, 13, 15, 10, 14, 3, 2, 9, 16, 5]
+    B, N = len(lengths), 16
+    enc = build_encoder("vit_micro_8", 32).double()
+    pred = Predictor(embed_dim=96, grid=(4, 4), width=48, depth=2, num_heads=3).double()
+    x = torch.randn(B, 3, 32, 32, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(N) for _ in range(B)])
+    valid = torch.arange(N)[None] < torch.tensor(lengths)[:, None]
+    tgt_idx = torch.randint(0, N, (B, 2, 4))
+    tgt_valid = torch.rand(B, 2, 4) < 0.7
+    tgt_valid[..., 0] = True
+
+    def run():
+        enc.zero_grad(), pred.zero_grad()
+        z = enc(x, idx, valid)
+        out = pred(z, idx, tgt_idx, valid, tgt_valid)
+        (z.square().sum() + out[tgt_valid].square().sum()).backward()
+        return z, out, enc.blocks[0].attn.qkv.weight.grad.clone(), pred.predictor_blocks[0].attn.qkv.weight.grad.clone()
+
+    grouped = run()
+    assert calls == []  # off by default
+    with vit.varlen_attention():
+        varlen = run()
+    assert calls == [B - 1] * len(enc.blocks) + [B * 2] * len(pred.predictor_blocks)
+    for a, b in zip(varlen, grouped):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_varlen_attention_runs_only_where_its_kernel_can():
+    from tcjepa.models.vit import Attention, Packing, varlen_attention, varlen_can_run
+
+    assert not varlen_can_run(torch.zeros(4, 3 * 64, dtype=torch.bfloat16), 64)  # CPU: the kernel is CUDA-only
+    assert not varlen_can_run(torch.zeros(4, 3 * 64), 64)
+    attn = Attention(24, 3)
+    valid = torch.arange(5)[None] < torch.tensor([[2], [5], [3]])
+    x = torch.randn(3, 5, 24)
+    with varlen_attention():
+        p = Packing(valid)
+    assert p.cu_seqlens.tolist() == [0, 2, 5, 10] and p.max_length == 5
+    assert p.varlen(attn.qkv(p.pack(x)), 3) is None  # falls back to the length groups
+    out = p.unpack(attn(p.pack(x), p))
+    ref = p.unpack(attn(p.pack(x), Packing(valid)))  # the same packed order either way
+    assert torch.allclose(out, ref)
+
+
 def test_attention_backends_leave_out_cudnn():
     """cuDNN attention made the H200 step 1.74x slower (benchmarks/RESULTS.md): keep it out."""
     import torch.nn.functional as F

@@ -84,6 +84,7 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
 MAX_GROUPS = 8
 MIN_GROUP = 8
 _WHOLE_ROWS: ContextVar[bool] = ContextVar("whole_row_attention", default=False)
+_VARLEN: ContextVar[bool] = ContextVar("varlen_attention", default=False)
 
 
 @contextlib.contextmanager
@@ -95,6 +96,34 @@ def whole_row_attention() -> Iterator[None]:
         yield
     finally:
         _WHOLE_ROWS.reset(token)
+
+
+@contextlib.contextmanager
+def varlen_attention() -> Iterator[None]:
+    """Attention of packed sequences by ``torch.nn.attention.varlen.varlen_attn`` (flash attention
+    over the packed real tokens: no padding, no unpack/pack copies) wherever it can run: CUDA,
+    bf16/fp16, torch >= 2.10, eager (:func:`varlen_can_run`); elsewhere the length groups. Opt-in
+    until timed against them on a GPU (``benchmarks/bench_gpu.py --variants ours/pad,ours/pad+varlen``)."""
+    token = _VARLEN.set(True)
+    try:
+        yield
+    finally:
+        _VARLEN.reset(token)
+
+
+def _varlen_kernel() -> Callable[..., torch.Tensor] | None:
+    """torch's varlen flash attention, or None where this torch has none (< 2.10)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_can_run(qkv: torch.Tensor, head_dim: int) -> bool:
+    """Whether varlen flash attention takes these activations (its kernel is CUDA-only, half precision)."""
+    return (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
+            and head_dim <= 256 and _varlen_kernel() is not None)
 
 
 def length_groups(n: int, max_groups: int = MAX_GROUPS, min_group: int = MIN_GROUP) -> list[tuple[int, int]]:
@@ -136,6 +165,7 @@ class Packing:
     sequences of similar length, each padded to its own longest with padded keys masked, so it
     does little work on padding. The packed order is samples by ascending length (each group a
     contiguous slice); :meth:`pack` and :meth:`unpack` convert from and to the [B, N] layout.
+    Under :func:`varlen_attention`, :meth:`varlen` runs attention on the packed tokens directly.
 
     Under ``torch.compile`` attention runs on the whole padded rows: grouping needs the lengths
     on the host, which would split the graph and specialise it on every batch's sizes.
@@ -145,6 +175,8 @@ class Packing:
         self.batch, self.length = valid.shape
         self.attn_mask = valid[:, None, None, :]  # [B, 1, 1, N], in the [B, N] layout
         self.groups: list[_Group] | None = None
+        self.cu_seqlens: torch.Tensor | None = None  # sequence offsets in the packed tokens, under varlen_attention()
+        self.max_length = 0
         if torch.compiler.is_compiling() or _WHOLE_ROWS.get() or valid.numel() == 0:
             self.index = valid.reshape(-1).nonzero().squeeze(1)  # flat positions of the real tokens
             return
@@ -162,6 +194,11 @@ class Packing:
         rank = torch.arange(starts[-1], device=dev) - first_token
         cols = torch.argsort((~valid[order]).to(torch.uint8), dim=1, stable=True)
         self.index = order[row] * self.length + cols[row, rank]
+        if _VARLEN.get() and host[-1] > 0:
+            # packed sequences are contiguous; empty ones (sorted first) are left out of the offsets
+            nonempty = sorted_lengths[host.count(0):]
+            self.cu_seqlens = F.pad(torch.cumsum(nonempty, 0, dtype=torch.int32), (1, 0))
+            self.max_length = host[-1]
         spans: list[list[int]] = []
         for first, end in length_groups(len(host)):
             if spans and host[end - 1] == host[spans[-1][1] - 1]:
@@ -186,6 +223,17 @@ class Packing:
         """[T, C] -> [B, N, C], zeros at padded positions."""
         out = x.new_zeros(self.batch * self.length, x.size(-1))
         return out.index_copy(0, self.index, x).view(self.batch, self.length, -1)
+
+    def varlen(self, qkv: torch.Tensor, num_heads: int) -> torch.Tensor | None:
+        """Packed [T, 3C] -> [T, C] by varlen flash attention, or None where it cannot run (not
+        under :func:`varlen_attention`, or :func:`varlen_can_run` says no): use :meth:`padded`."""
+        T, C3 = qkv.shape
+        head_dim = C3 // 3 // num_heads
+        if self.cu_seqlens is None or not varlen_can_run(qkv, head_dim):
+            return None
+        q, k, v = qkv.view(T, 3, num_heads, head_dim).unbind(1)  # [T, H, d] each, no copy
+        out = _varlen_kernel()(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_length, self.max_length)
+        return out.reshape(T, C3 // 3)
 
     def padded(self, x: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
         """Packed [T, C] -> ``fn(padded [b, L, C], key mask [b, 1, 1, L] or None)`` -> [b, L, C'] per
@@ -225,8 +273,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
         """x: [B, N, C], or [T, C] packed real tokens when ``packing`` is given."""
         qkv = self.qkv(x)
-        out = self._attend(qkv) if packing is None else packing.padded(qkv, self._attend)
-        return self.proj(out)
+        if packing is None:
+            return self.proj(self._attend(qkv))
+        out = packing.varlen(qkv, self.num_heads)
+        return self.proj(out if out is not None else packing.padded(qkv, self._attend))
 
     def _attend(self, qkv: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N, 3C] -> [B, N, C]"""
