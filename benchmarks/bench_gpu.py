@@ -110,7 +110,6 @@ for _path in (_HERE.parent, _HERE):  # tcjepa from this checkout (no install nee
         sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -450,36 +449,6 @@ class GPUOfficial(Official):
             batches.append(([u.to(self.device, non_blocking=True) for u in masks_enc],
                             [u.to(self.device, non_blocking=True) for u in masks_pred]))
         return batches, counts, counts
-
-    def step(self, imgs: torch.Tensor, masks: Any) -> torch.Tensor:
-        masks_enc, masks_pred = masks
-        apply_masks, repeat_interleave_batch = self.apply_masks, self.repeat_interleave_batch
-        # -- src/train.py train_step, Step 1. Forward
-        with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            with torch.no_grad():  # forward_target
-                h = self.target_encoder(imgs)
-                h = F.layer_norm(h, (h.size(-1),))
-                B = len(h)
-                h = apply_masks(h, masks_pred)
-                h = repeat_interleave_batch(h, B, repeat=len(masks_enc))
-            z = self.encoder(imgs, masks_enc)  # forward_context
-            z = self.predictor(z, masks_enc, masks_pred)
-            loss = F.smooth_l1_loss(z, h)  # loss_fn (AllReduce: identity in one process)
-        # -- Step 2. Backward & step
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.opt.step()
-        self.opt.zero_grad()
-        # -- Step 3. momentum update of target encoder
-        with torch.no_grad():
-            m = MOMENTUM
-            for param_q, param_k in zip(self.encoder.parameters(), self.target_encoder.parameters()):
-                param_k.data.mul_(m).add_((1.0 - m) * param_q.detach().data)
-        return loss.detach()
 
 
 # ----------------------------------------------------------------------------- one variant

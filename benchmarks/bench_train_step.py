@@ -231,6 +231,7 @@ class Official:
             {"params": [p for n, p in pred if not decayed(n, p)], "WD_exclude": True, "weight_decay": 0},
         ]
         self.opt = torch.optim.AdamW(groups, lr=LR)  # as init_opt: no foreach argument
+        self.bf16, self.scaler = False, None  # the fp32 branch of train_step (bench_gpu.py sets both)
         m = MASK
         self.collator = _recording_collator(mods["MaskCollator"])(
             input_size=(cfg.model.image_size, cfg.model.image_size),
@@ -254,30 +255,37 @@ class Official:
         }
         return (masks_enc, masks_pred), stats
 
-    def step(self, imgs: torch.Tensor, masks: Any) -> float:
+    def step(self, imgs: torch.Tensor, masks: Any) -> torch.Tensor:
+        """``train_step`` of its ``src/train.py``: the fp32 branch, or under ``self.bf16`` the bf16 one
+        (autocast around targets, context and loss; ``self.scaler``, a GradScaler, if set)."""
         masks_enc, masks_pred = masks
         apply_masks, repeat_interleave_batch = self.apply_masks, self.repeat_interleave_batch
-        # -- src/train.py train_step: forward_target
-        with torch.no_grad():
-            h = self.target_encoder(imgs)
-            h = F.layer_norm(h, (h.size(-1),))
-            B = len(h)
-            h = apply_masks(h, masks_pred)
-            h = repeat_interleave_batch(h, B, repeat=len(masks_enc))
-        # -- forward_context, loss_fn
-        z = self.encoder(imgs, masks_enc)
-        z = self.predictor(z, masks_enc, masks_pred)
-        loss = F.smooth_l1_loss(z, h)
-        # -- backward & step (fp32 branch)
-        loss.backward()
-        self.opt.step()
+        # -- Step 1. Forward
+        with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with torch.no_grad():  # forward_target
+                h = self.target_encoder(imgs)
+                h = F.layer_norm(h, (h.size(-1),))
+                B = len(h)
+                h = apply_masks(h, masks_pred)
+                h = repeat_interleave_batch(h, B, repeat=len(masks_enc))
+            z = self.encoder(imgs, masks_enc)  # forward_context
+            z = self.predictor(z, masks_enc, masks_pred)
+            loss = F.smooth_l1_loss(z, h)  # loss_fn (AllReduce: identity in one process)
+        # -- Step 2. Backward & step
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
         self.opt.zero_grad()
-        # -- momentum update of target encoder
+        # -- Step 3. momentum update of target encoder
         with torch.no_grad():
             m = MOMENTUM
             for param_q, param_k in zip(self.encoder.parameters(), self.target_encoder.parameters()):
                 param_k.data.mul_(m).add_((1.0 - m) * param_q.detach().data)
-        return float(loss.detach())
+        return loss.detach()
 
 
 def _recording_collator(base: type) -> type:
