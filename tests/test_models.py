@@ -158,21 +158,10 @@ def _grouped_vs_whole_rows(run):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("lengths", [[5, 16, 3, 9, 12, 7, 16, 4, 8, 11, 6, 13, 15, 10, 14, 3, 2, 9, 16, 5], [7], [9] * 20])
-def test_grouped_attention_equals_whole_padded_rows(lengths, monkeypatch):
-    """Attention over length groups (each padded to its own longest) gives the encoder's and the
-    predictor's outputs and gradients of one batch padded to its longest row; the models take
-    the grouped path."""
-    from tcjepa.models.vit import Packing
-
-    groups_seen = []
-    padded = Packing.padded
-
-    def spy(self, x, fn):
-        groups_seen.append(len(self.groups or []))
-        return padded(self, x, fn)
-
-    monkeypatch.setattr(Packing, "padded", spy)
+def _padded_encoder_predictor(lengths):
+    """A float64 encoder + predictor step on context sequences of these lengths (16 patches, 2
+    targets of up to 4): ``run()`` -> (context features, predictions, first qkv gradients of each),
+    and the two models."""
     torch.manual_seed(0)
     B, N = len(lengths), 16
     enc = build_encoder("vit_micro_8", 32).double()
@@ -190,6 +179,27 @@ def test_grouped_attention_equals_whole_padded_rows(lengths, monkeypatch):
         out = pred(z, idx, tgt_idx, valid, tgt_valid)
         (z.square().sum() + out[tgt_valid].square().sum()).backward()
         return z, out, enc.blocks[0].attn.qkv.weight.grad.clone(), pred.predictor_blocks[0].attn.qkv.weight.grad.clone()
+
+    return run, enc, pred
+
+
+@pytest.mark.parametrize("lengths", [[5, 16, 3, 9, 12, 7, 16, 4, 8, 11, 6, 13, 15, 10, 14, 3, 2, 9, 16, 5], [7], [9] * 20])
+def test_grouped_attention_equals_whole_padded_rows(lengths, monkeypatch):
+    """Attention over length groups (each padded to its own longest) gives the encoder's and the
+    predictor's outputs and gradients of one batch padded to its longest row; the models take
+    the grouped path."""
+    from tcjepa.models.vit import Packing
+
+    groups_seen = []
+    padded = Packing.padded
+
+    def spy(self, x, fn):
+        groups_seen.append(len(self.groups or []))
+        return padded(self, x, fn)
+
+    monkeypatch.setattr(Packing, "padded", spy)
+    run, _, _ = _padded_encoder_predictor(lengths)
+    B = len(lengths)
 
     _grouped_vs_whole_rows(run)
     if B >= 16 and len(set(lengths)) > 1:
@@ -244,24 +254,9 @@ def test_varlen_attention_equals_length_groups(monkeypatch):
     calls = []
     monkeypatch.setattr(vit, "_varlen_kernel", lambda: _reference_varlen(calls))
     monkeypatch.setattr(vit, "varlen_can_run", lambda qkv, head_dim: True)
-    torch.manual_seed(0)
     lengths = [5, 16, 0, 9, 12, 7, 16, 4, 8, 11, 6, 13, 15, 10, 14, 3, 2, 9, 16, 5]
-    B, N = len(lengths), 16
-    enc = build_encoder("vit_micro_8", 32).double()
-    pred = Predictor(embed_dim=96, grid=(4, 4), width=48, depth=2, num_heads=3).double()
-    x = torch.randn(B, 3, 32, 32, dtype=torch.float64)
-    idx = torch.stack([torch.randperm(N) for _ in range(B)])
-    valid = torch.arange(N)[None] < torch.tensor(lengths)[:, None]
-    tgt_idx = torch.randint(0, N, (B, 2, 4))
-    tgt_valid = torch.rand(B, 2, 4) < 0.7
-    tgt_valid[..., 0] = True
-
-    def run():
-        enc.zero_grad(), pred.zero_grad()
-        z = enc(x, idx, valid)
-        out = pred(z, idx, tgt_idx, valid, tgt_valid)
-        (z.square().sum() + out[tgt_valid].square().sum()).backward()
-        return z, out, enc.blocks[0].attn.qkv.weight.grad.clone(), pred.predictor_blocks[0].attn.qkv.weight.grad.clone()
+    run, enc, pred = _padded_encoder_predictor(lengths)
+    B = len(lengths)
 
     grouped = run()
     assert calls == []  # off by default
