@@ -22,6 +22,9 @@ budget) is recorded and the rest still runs:
                            layout before length-grouped attention (``tcjepa.models.vit.Packing``);
 * ``ours/pad+varlen``      ``ours/pad`` under ``tcjepa.models.vit.varlen_attention()``: torch's varlen
                            flash attention (torch >= 2.10) on the packed real tokens, no padding;
+* ``ours/official+stocknorm``  ``ours/official`` with the blocks' norms turned back into
+                           ``nn.LayerNorm``, which CUDA autocast runs in fp32 (bf16 -> fp32 -> bf16
+                           copies around every norm); ours (``tcjepa.models.vit.LayerNorm``) keeps bf16;
 * ``ours/official``        tcjepa, ``mask.policy=official`` (contexts truncated to the batch minimum as
                            the official collator does; no mask, so SDPA can pick flash attention;
                            the kernel that ran is reported per eager variant);
@@ -91,6 +94,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import itertools
 import json
 import os
 import platform
@@ -119,6 +123,7 @@ try:  # only tcjepa.config, tcjepa.masks and tcjepa.methods.jepa (no deepspeed, 
     from tcjepa.config import Config
     from tcjepa.masks import MaskBatch, sample_masks
     from tcjepa.methods.jepa import ema_update
+    from tcjepa.models.vit import LayerNorm as BlockLayerNorm
     from tcjepa.models.vit import (_varlen_kernel, grouped_layout, parse_encoder_name, varlen_attention,
                                    whole_row_attention)
 except ImportError as e:  # pragma: no cover - depends on the machine
@@ -127,7 +132,7 @@ except ImportError as e:  # pragma: no cover - depends on the machine
     sys.exit(2)
 
 VARIANTS = ("official", "ours/pad", "ours/official", "ours/official+compile", "ours/pad+compile")
-EXTRA_VARIANTS = ("ours/pad+1group", "ours/pad+varlen")  # only when named in --variants
+EXTRA_VARIANTS = ("ours/pad+1group", "ours/pad+varlen", "ours/official+stocknorm")  # only when named in --variants
 # Datasheet dense bf16 peaks (no sparsity), matched against torch.cuda.get_device_name in this order.
 SPEC_PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
                   ("A100", 312e12), ("L40S", 362e12))
@@ -376,10 +381,14 @@ class GPUOurs(Ours):
     """tcjepa's step on a device, bf16 autocast, optionally compiled."""
 
     def __init__(self, cfg: Config, seed: int, device: torch.device, compile_: bool, one_group: bool = False,
-                 varlen: bool = False):
+                 varlen: bool = False, stock_norm: bool = False):
         super().__init__(cfg, seed, one_group=one_group)
         self.name = (f"ours/{cfg.mask.policy}" + ("+compile" if compile_ else "") + ("+1group" if one_group else "")
-                     + ("+varlen" if varlen else ""))
+                     + ("+varlen" if varlen else "") + ("+stocknorm" if stock_norm else ""))
+        if stock_norm:  # same parameters, nn.LayerNorm's forward (fp32 under CUDA autocast)
+            for m in itertools.chain(self.student.modules(), self.method.teacher.modules()):  # and the EMA teacher
+                if isinstance(m, BlockLayerNorm):
+                    m.__class__ = torch.nn.LayerNorm
         self.device, self.compiled, self.varlen = device, compile_, varlen
         if varlen and compile_:
             raise ValueError("varlen attention runs eager only (compiled code attends over whole padded rows)")
@@ -456,7 +465,7 @@ class GPUOfficial(Official):
 
 def make_runner(variant: str, encoder: str, args: argparse.Namespace, mods: dict[str, Any] | None,
                 device: torch.device) -> Any:
-    policy = "official" if variant in ("official", "ours/official", "ours/official+compile") else "pad"
+    policy = "official" if variant == "official" or variant.startswith("ours/official") else "pad"
     cfg = make_config(encoder, args.image_size, args.pred_depth, args.pred_width, args.batch_size, policy)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=args.precision))
     if variant == "official":
@@ -464,7 +473,7 @@ def make_runner(variant: str, encoder: str, args: argparse.Namespace, mods: dict
             raise ValueError("the official variant needs --official PATH")
         return GPUOfficial(mods, cfg, args.seed, device)
     return GPUOurs(cfg, args.seed, device, compile_=variant.endswith("+compile"), one_group=variant.endswith("+1group"),
-                   varlen=variant.endswith("+varlen"))
+                   varlen=variant.endswith("+varlen"), stock_norm=variant.endswith("+stocknorm"))
 
 
 def time_steps(runner: Any, images: torch.Tensor, batches: list[Any]) -> tuple[list[float], float, list[torch.Tensor]]:

@@ -284,6 +284,72 @@ def test_varlen_attention_runs_only_where_its_kernel_can():
     assert torch.allclose(out, ref)
 
 
+def test_block_layer_norm_keeps_half_precision_under_autocast():
+    """The blocks' LayerNorm returns bf16 for a bf16 input under autocast (statistics in fp32
+    inside), equal to fp32 layer norm rounded to bf16, with fp32 gradients for its parameters;
+    without autocast it is nn.LayerNorm."""
+    import torch.nn.functional as F
+
+    from tcjepa.models.vit import LayerNorm
+
+    torch.manual_seed(0)
+    norm = LayerNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    x = (3 * torch.randn(8, 64) + 1).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    ref = F.layer_norm(x.float(), (64,), norm.weight, norm.bias, 1e-6)
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), ref, atol=0.02, rtol=0.02)
+    y.float().square().sum().backward()
+    assert norm.weight.grad.dtype == torch.float32 and norm.weight.grad.abs().sum() > 0
+    x32 = torch.randn(8, 64)
+    assert torch.equal(norm(x32), F.layer_norm(x32, (64,), norm.weight, norm.bias, 1e-6))
+
+
+def test_block_layer_norm_skips_cuda_autocasts_fp32_round_trip():
+    """Under CUDA autocast (simulated on fake CUDA tensors: no GPU here) nn.LayerNorm returns fp32
+    for the blocks' bf16 input, which the next Linear casts back; the blocks' norms return bf16,
+    so the step copies fewer activation bytes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CopiedElements(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if "copy" in str(func.overloadpacket):
+                self.n += out.numel()
+            return out
+
+    def forward(encoder):
+        seen = {}
+        encoder.blocks[0].norm1.register_forward_hook(lambda m, i, o: seen.update(dtype=o.dtype))
+        torch.set_autocast_dtype("cuda", torch.bfloat16)
+        torch.set_autocast_enabled("cuda", True)
+        torch.autocast_increment_nesting()
+        try:
+            with CopiedElements() as copies:
+                encoder(torch.empty(32, 3, 64, 64, device="cuda"))
+        finally:
+            torch.set_autocast_enabled("cuda", False)
+            torch.autocast_decrement_nesting()
+        return seen["dtype"], copies.n
+
+    ours, stock = build_encoder("vit_tiny_16", 64), build_encoder("vit_tiny_16", 64)
+    for block in stock.blocks:
+        block.norm1, block.norm2 = torch.nn.LayerNorm(192, eps=1e-6), torch.nn.LayerNorm(192, eps=1e-6)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        ours, stock = forward(ours.to_empty(device="cuda")), forward(stock.to_empty(device="cuda"))
+    assert ours[0] == torch.bfloat16 and stock[0] == torch.float32
+    tokens, width, norms = 32 * 16, 192, 24
+    assert stock[1] - ours[1] == 2 * norms * tokens * width - 2 * norms * width  # minus the bf16 affine params
+
+
 def test_attention_backends_leave_out_cudnn():
     """cuDNN attention made the H200 step 1.74x slower (benchmarks/RESULTS.md): keep it out."""
     import torch.nn.functional as F

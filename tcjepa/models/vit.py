@@ -298,12 +298,30 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that keeps a half-precision input's dtype under autocast.
+
+    CUDA autocast runs layer norm in fp32: a bf16 input is cast up, and the fp32 output is cast
+    back down by the Linear after it, two copies of the activations per norm (copies were 20 % of
+    an H200 step's CUDA time, benchmarks/RESULTS.md). The kernel accumulates its statistics in
+    fp32 either way and the next Linear reads bf16 either way, so keeping the dtype skips the
+    copies; only the affine parameters are rounded to bf16 first. For the norms whose output
+    feeds a Linear (the blocks'), not the final ones whose output is the features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
+
+
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.checkpointing = False  # see set_activation_checkpointing
 
