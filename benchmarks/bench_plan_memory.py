@@ -23,7 +23,10 @@ which keeps LayerNorm and softmax in bf16, where CUDA autocast keeps them in fp3
 (plain PyTorch, bf16 autocast, AdamW, one GPU; peak = ``torch.cuda.max_memory_allocated`` over
 steady steps) and sets the planner's ZeRO-0, one-GPU total (weights, gradients, AdamW, teacher,
 activations) for the same encoder, predictor, batch and mask policy beside each measured peak,
-over several mask draws (the measured peak is the largest of its timed steps).
+over several mask draws (the measured peak is the largest of its timed steps). For
+``mask.policy=official`` rows it also traces one step on fake CUDA tensors under CUDA autocast
+(``tcjepa.plan.measure_activations_cuda_bf16``: CUDA's dtype rules, flash attention's saves, no
+GPU) and sets the bytes it saves beside the planner's saved estimate for the same masks.
 
     python benchmarks/bench_plan_memory.py                 # all cases (~1 min on 2 CPU cores)
     python benchmarks/bench_plan_memory.py --quick         # one case
@@ -46,6 +49,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_train_step: the configs bench_gpu.py ran
 
 from tcjepa.config import load_config  # noqa: E402
 from tcjepa.plan import StepProbe, estimate_for_masks, probe_step, saved_tensor_bytes  # noqa: E402
@@ -141,38 +145,67 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def gpu_rows(path: str, draws: int = 8) -> list[dict]:
-    """Planned vs measured peak memory for each tcjepa variant of a bench_gpu.py JSON."""
-    from tcjepa.plan import GIB, activation_memory, draw_mask_counts, inventory, model_states
+def gpu_rows(path: str) -> list[dict]:
+    """Planned vs measured peak memory for each eager tcjepa variant of a bench_gpu.py JSON, on
+    the very mask batches its timed steps ran (bench_gpu draws them from ``--seed`` after the
+    warm-up's): the measured peak is the largest over those steps, so the plan's is too."""
+    import dataclasses
+    import itertools
+
+    from bench_train_step import make_config
+    from tcjepa.masks import sample_masks
+    from tcjepa.models.vit import LayerNorm as BlockLayerNorm
+    from tcjepa.plan import (GIB, activation_memory, inventory, measure_activations_cuda_bf16, model_states,
+                             stats_of_masks)
 
     run = json.loads(Path(path).read_text())
     st, env = run["settings"], run["environment"]
     rows = []
     for r in run["results"]:
-        if not r["variant"].startswith("ours/") or "compile" in r["variant"] or r.get("peak_mem_gib") is None:
+        if r["variant"] not in ("ours/official", "ours/pad") or r.get("peak_mem_gib") is None:
             continue
         policy = r["variant"].split("/")[1]
-        cfg = load_config(QUICK, [f"model.encoder={r['encoder']}", f"model.image_size={st['image_size']}",
-                                  "model.depth=null", f"model.predictor_depth={st['pred_depth']}",
-                                  f"model.predictor_width={st['pred_width']}", f"mask.policy={policy}",
-                                  f"train.precision={st['precision']}", f"train.batch_size={st['batch_size']}"])
+        cfg = make_config(r["encoder"], st["image_size"], st["pred_depth"], st["pred_width"], st["batch_size"], policy)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=st["precision"]))
         inv = inventory(cfg)
         states = model_states(inv, 0, 1).total
-        planned = [(states + activation_memory(inv, draw_mask_counts(cfg, st["batch_size"], seed).batch(st["batch_size"]),
-                                               st["precision"]).peak) / GIB for seed in range(draws)]
-        rows.append({"device": env.get("device_name"), "torch": env.get("torch"), "encoder": r["encoder"],
-                     "variant": r["variant"], "batch": st["batch_size"], "measured_gib": r["peak_mem_gib"],
-                     "planned_gib_min": min(planned), "planned_gib_max": max(planned),
-                     "planned_gib_mean": sum(planned) / draws, "ratio": sum(planned) / draws / r["peak_mem_gib"]})
+        gen, grid = torch.Generator().manual_seed(st["seed"]), (cfg.model.image_size // 16,) * 2
+        draws = [sample_masks(st["batch_size"], grid, gen, **dataclasses.asdict(cfg.mask))
+                 for _ in range(st["warmup"] + st["steps"])][st["warmup"]:]
+        acts = [activation_memory(inv, stats_of_masks(m, grid[0] * grid[1]), st["precision"]) for m in draws]
+        planned = [(states + a.peak) / GIB for a in acts]
+        row = {"device": env.get("device_name"), "torch": env.get("torch"), "encoder": r["encoder"],
+               "variant": r["variant"], "batch": st["batch_size"], "measured_gib": r["peak_mem_gib"],
+               "planned_gib_max": max(planned), "planned_gib_mean": sum(planned) / len(planned),
+               "ratio": max(planned) / r["peak_mem_gib"], "states_gib": states / GIB}
+        if policy == "official" and st["precision"] == "bf16":
+            worst = max(range(len(acts)), key=lambda i: acts[i].saved)
+            traced = {}
+            for code in ("now", "as run"):  # as run: the blocks' norms were nn.LayerNorm before 2026-11-26
+                probe = probe_step(cfg, st["batch_size"], seed=0)
+                probe.masks = draws[worst]
+                if code == "as run":
+                    for m in itertools.chain(probe.method.model.modules(), probe.method.teacher.modules()):
+                        if isinstance(m, BlockLayerNorm):
+                            m.__class__ = torch.nn.LayerNorm
+                traced[code] = measure_activations_cuda_bf16(probe) / GIB
+            row.update(saved_planned_gib=acts[worst].saved / GIB, saved_traced_gib=traced["now"],
+                       saved_traced_as_run_gib=traced["as run"])
+        rows.append(row)
     return rows
 
 
 def gpu_table(rows: list[dict]) -> str:
-    lines = ["| device | encoder | variant | batch | measured peak GiB | planned GiB (mean; min-max over mask draws) | planned/measured |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| device | encoder | variant | batch | measured peak GiB | planned GiB: max (mean) over the timed steps' masks "
+             "| planned max/measured | model states GiB | worst step's saved GiB: planned / traced now / traced as run |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        saved = "n/a"
+        if "saved_traced_gib" in r:
+            saved = f"{r['saved_planned_gib']:.2f} / {r['saved_traced_gib']:.2f} / {r['saved_traced_as_run_gib']:.2f}"
         lines.append(f"| {r['device']} | {r['encoder']} | {r['variant']} | {r['batch']} | {r['measured_gib']:.1f} | "
-                     f"{r['planned_gib_mean']:.1f} ({r['planned_gib_min']:.1f}-{r['planned_gib_max']:.1f}) | {r['ratio']:.3f} |")
+                     f"{r['planned_gib_max']:.1f} ({r['planned_gib_mean']:.1f}) | {r['ratio']:.3f} "
+                     f"| {r['states_gib']:.2f} | {saved} |")
     return "\n".join(lines)
 
 

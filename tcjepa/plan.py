@@ -24,6 +24,7 @@ The model is built on the ``meta`` device: parameters are counted without alloca
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -402,8 +403,9 @@ def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, chec
 
     The terms follow the code in ``tcjepa.models`` and ``tcjepa.methods.jepa`` (see
     :func:`block_bytes`). Under bf16 autocast on CUDA the encoder's residual stream is bf16 (the
-    patch embedding's output) and LayerNorm saves an fp32 cast of it; the predictor's is fp32
-    (it starts from the encoder's fp32 LayerNorm output); the text tower's is fp32 (embeddings).
+    patch embedding's output) and its blocks' norms keep it bf16 (``tcjepa.models.vit.LayerNorm``);
+    the predictor's is fp32 (it starts from the encoder's fp32 final LayerNorm output), so its
+    blocks' norms run in fp32 as autocast's do; the text tower's is fp32 (embeddings).
     Checkpointing is per transformer block; conditioners and each tower's ends are not.
     ``grouped``: attention on length groups (eager), not whole padded rows (``train.compile``)."""
     dt = act_bytes(precision, device)
@@ -415,7 +417,7 @@ def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, chec
     ctx_layout, pred_layout = tok.attention_layout(grouped)
     ctx = Seqs(tok.context_real, ctx_layout, tok.padded)
     enc = B * 3 * inv.image_size**2 * dt.low + B * tok.full * D * dt.low + B * tok.context_pad * 8
-    enc += tower_bytes(ctx, e, dt, dt.wide, dt.low, checkpointing)
+    enc += tower_bytes(ctx, e, dt, dt.low, dt.low, checkpointing)
     enc += ctx.real * D * dt.wide * (2 if ctx.packed else 1) + ctx.real * 8 * ctx.packed
     enc += B * tok.context_pad * D * dt.low
     # predictor: one sequence per target block, context + that block's mask tokens
@@ -443,7 +445,7 @@ def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, chec
     recompute = 0.0
     if checkpointing:  # what each tower's first re-run block adds, less what backward freed before it
         turns = [block_bytes(seq, p, dt, dt.wide) - one_cond,
-                 block_bytes(ctx, e, dt, dt.wide) - pred - cond - text - targets]
+                 block_bytes(ctx, e, dt, dt.low) - pred - cond - text - targets]
         if text_block is not None:
             turns.append(text_block - pred - cond)
         recompute = max(0.0, *turns)
@@ -501,10 +503,10 @@ def model_flops(inv: ModelInventory, tok: TokenStats) -> Flops:
     return Flops(enc, pred, text, cond, teacher, trained)
 
 
-def mean_flops(inv: ModelInventory, counts: MaskCounts, micro: int) -> Flops:
-    """:func:`model_flops` averaged over every micro-batch of the draw: per-image FLOPs should not
+def mean_flops(inv: ModelInventory, draws: list[MaskCounts], micro: int) -> Flops:
+    """:func:`model_flops` averaged over every micro-batch of the draws: per-image FLOPs should not
     depend on which few images the recipe's micro-batch happens to hold."""
-    parts = [model_flops(inv, counts.batch(micro, i)) for i in range(0, len(counts.context) - micro + 1, micro)]
+    parts = [model_flops(inv, d.batch(micro, i)) for d in draws for i in range(0, len(d.context) - micro + 1, micro)]
     keys = ("encoder", "predictor", "text", "conditioner", "teacher")
     return Flops(*(sum(getattr(f, k) for f in parts) / len(parts) for k in keys), text_trained=parts[0].text_trained)
 
@@ -692,6 +694,10 @@ def _largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
 
 
 MICRO_LIMIT = 4096  # the micro-batch search stops here
+# Independent mask draws the plan takes the worst micro-batch of: a run's peak memory is its
+# largest step's, and under mask.policy=official the sizes are drawn once per batch, so one
+# draw's activations can be 13 % under the largest of 20 steps' (ViT-B/16, batch 256).
+MASK_DRAWS = 8
 
 
 def plan_run(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_memory_gb: float = 80.0, samples: int | None = None,
@@ -713,34 +719,42 @@ def plan_run(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_memory_gb: float = 
     zero = zero_settings(cfg)
     usable = gpu_memory_gb * GIB * (1 - reserve)
     micro = cfg.train.batch_size // world
-    counts = draw_mask_counts(cfg, max(MICRO_LIMIT, cfg.train.batch_size))
+    draws = [draw_mask_counts(cfg, max(MICRO_LIMIT, cfg.train.batch_size), seed) for seed in range(MASK_DRAWS)]
 
     def acts(m: int, ckpt: bool) -> Activations:
-        return activation_memory(inv, counts.batch(m), cfg.train.precision, ckpt, grouped=not cfg.train.compile)
+        return worst_activations(cfg, inv, draws, m, ckpt)[0]
 
     stages = []
     for stage in (0, 1, 2, 3):
         st = model_states(inv, stage, world, FP32_MASTER, zero)
         best = [_largest_fitting(lambda m, c=c: st.total + acts(m, c).peak <= usable, MICRO_LIMIT) for c in (False, True)]
         stages.append(StagePlan(stage, st, acts(micro, False), acts(micro, True), best[0], best[1]))
-    tok = counts.batch(micro)
-    flops = mean_flops(inv, counts, micro)
+    tok = worst_activations(cfg, inv, draws, micro, False)[1]
+    flops = mean_flops(inv, draws, micro)
     return Plan(
         recipe=recipe, gpus=gpus, nodes=nodes, gpu_memory=gpu_memory_gb * GIB, usable=usable,
         global_batch=cfg.train.batch_size, micro_batch=micro, precision=cfg.train.precision, inventory=inv,
         tokens=tok, flops=flops, stages=tuple(stages), samples=samples,
         steps=cfg.train.steps, mfu=mfu, gpu_tflops=gpu_tflops, configured_stage=cfg.deepspeed.zero_stage,
-        checkpointing=cfg.model.activation_checkpointing, min_gpus=_min_gpus(cfg, inv, zero, usable, counts),
+        checkpointing=cfg.model.activation_checkpointing, min_gpus=_min_gpus(cfg, inv, zero, usable, draws),
     )
 
 
-def _min_gpus(cfg: Config, inv: ModelInventory, zero: dict[str, Any], usable: float, counts: MaskCounts) -> int | None:
+def worst_activations(cfg: Config, inv: ModelInventory, draws: list[MaskCounts], micro: int,
+                      checkpointing: bool) -> tuple[Activations, TokenStats]:
+    """The activations (and token counts) of the micro-batch, among the first ``micro`` images of
+    each draw, with the highest peak."""
+    plans = [(activation_memory(inv, tok, cfg.train.precision, checkpointing, grouped=not cfg.train.compile), tok)
+             for tok in (d.batch(micro) for d in draws)]
+    return max(plans, key=lambda p: p[0].peak)
+
+
+def _min_gpus(cfg: Config, inv: ModelInventory, zero: dict[str, Any], usable: float, draws: list[MaskCounts]) -> int | None:
     """Fewest GPUs, among divisors of the global batch, at which some stage fits the recipe as it
     is (with or without its activation checkpointing; more GPUs: smaller micro-batches and partitions)."""
     batch, ckpt = cfg.train.batch_size, cfg.model.activation_checkpointing
     for world in (w for w in range(1, batch + 1) if batch % w == 0):
-        act = activation_memory(inv, counts.batch(batch // world), cfg.train.precision, ckpt,
-                                grouped=not cfg.train.compile).peak
+        act = worst_activations(cfg, inv, draws, batch // world, ckpt)[0].peak
         if any(model_states(inv, s, world, FP32_MASTER, zero).total + act <= usable for s in (0, 1, 2, 3)):
             return world
     return None
@@ -954,3 +968,82 @@ def estimate_for_masks(cfg: Config, tok: TokenStats, checkpointing: bool = False
     compare its ``saved``)."""
     return activation_memory(inventory(cfg), tok, cfg.train.precision, checkpointing, device)
 
+
+
+class _FlashSaves(torch.autograd.Function):
+    """Keeps for backward what flash attention keeps (q, k, v, the output and the fp32 log-sum-exp)
+    and returns an output of the right shape; forward-only, for measuring on fake tensors."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> None:
+        raise RuntimeError("_FlashSaves only measures what a forward keeps")
+
+
+def measure_activations_cuda_bf16(probe: StepProbe) -> int:
+    """:func:`measure_activations` as on a GPU under bf16 autocast, without one: the probe's step
+    runs on fake CUDA tensors (shapes and dtypes, no data) with CUDA autocast switched on by hand,
+    so its dtype rules (fp32 LayerNorm and softmax, bf16 matmuls) decide what is saved. Attention
+    keeps what flash attention keeps (fake tensors cannot pick a fused kernel). Unpadded masks only
+    (``mask.policy: official``; packing reads the lengths) and no captions (their key masks).
+    Consumes the probe: its modules are left on fake CUDA storage."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tcjepa.models import vit
+
+    if probe.masks.padded or probe.tokens is not None:
+        raise ConfigError("measure_activations_cuda_bf16 needs unpadded masks (mask.policy=official) and no captions")
+
+    @contextlib.contextmanager
+    def cuda_autocast(_device: torch.device) -> Any:
+        before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        torch.set_autocast_dtype("cuda", torch.bfloat16)
+        torch.set_autocast_enabled("cuda", True)
+        torch.autocast_increment_nesting()
+        try:
+            yield
+        finally:
+            torch.set_autocast_enabled("cuda", before[0])
+            torch.set_autocast_dtype("cuda", before[1])
+            if torch.autocast_decrement_nesting() == 0:
+                torch.clear_autocast_cache()
+
+    def flash_saves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return _FlashSaves.apply(q, k, v)
+
+    storages: dict[int, int] = {}
+    masks = probe.masks
+    with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(vit, "attention", flash_saves), \
+            mock.patch.object(probe.method, "_autocast", cuda_autocast), warnings_off():
+        mods = (probe.method.model.to_empty(device="cuda"), probe.method.teacher.to_empty(device="cuda"))
+        states = {id(t) for m in mods for t in (*m.parameters(), *m.buffers())}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in states:  # fake storages have no address: key them by the storage object
+                storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        try:
+            probe.masks = masks.to("cuda")
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                probe.run(probe.images.to("cuda"))
+        finally:
+            probe.masks = masks
+    return sum(storages.values())
+
+
+@contextlib.contextmanager
+def warnings_off() -> Any:
+    """Silence torch's "CUDA is not available, disabling autocast" while on fake CUDA tensors."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield

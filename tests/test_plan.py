@@ -131,6 +131,25 @@ def test_activation_estimate_matches_saved_tensor_bytes(overrides, checkpointing
     assert abs(estimated / measured - 1) < 0.25, (estimated, measured)
 
 
+def test_cuda_bf16_estimate_matches_a_fake_cuda_step():
+    """The CUDA bf16 estimate follows CUDA autocast's dtype rules (fp32 LayerNorm and softmax)
+    and ours (the encoder blocks' bf16 norms): equal, to 0.5 %, to the bytes a step saves when
+    traced on fake CUDA tensors under CUDA autocast, no GPU needed (counting the encoder's norm
+    inputs as fp32 is 1.5 % off here)."""
+    from tcjepa.plan import measure_activations_cuda_bf16, probe_step
+
+    cfg = load_config(QUICK, ["model.encoder=vit_micro_8", "model.depth=3", "model.predictor_depth=3",
+                              "mask.policy=official", "train.precision=bf16"])
+    probe = probe_step(cfg, batch=8, seed=3)
+    tok = probe.token_stats
+    measured = measure_activations_cuda_bf16(probe)
+    estimated = estimate_for_masks(cfg, tok, device="cuda").saved
+    assert estimated != estimate_for_masks(cfg, tok, device="cpu").saved  # the CUDA rules differ from the CPU's
+    assert abs(estimated / measured - 1) < 0.005, (estimated, measured)
+    with pytest.raises(ConfigError, match="mask.policy=official"):
+        measure_activations_cuda_bf16(probe_step(load_config(QUICK, ["train.precision=bf16"]), batch=4))
+
+
 def test_activations_grow_with_batch_and_shrink_with_checkpointing():
     cfg = load_config(VITH)
     inv, counts = inventory(cfg), draw_mask_counts(cfg, 512)
