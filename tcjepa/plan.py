@@ -1001,27 +1001,13 @@ def measure_activations_cuda_bf16(probe: StepProbe) -> int:
     if probe.masks.padded or probe.tokens is not None:
         raise ConfigError("measure_activations_cuda_bf16 needs unpadded masks (mask.policy=official) and no captions")
 
-    @contextlib.contextmanager
-    def cuda_autocast(_device: torch.device) -> Any:
-        before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-        torch.set_autocast_dtype("cuda", torch.bfloat16)
-        torch.set_autocast_enabled("cuda", True)
-        torch.autocast_increment_nesting()
-        try:
-            yield
-        finally:
-            torch.set_autocast_enabled("cuda", before[0])
-            torch.set_autocast_dtype("cuda", before[1])
-            if torch.autocast_decrement_nesting() == 0:
-                torch.clear_autocast_cache()
-
     def flash_saves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return _FlashSaves.apply(q, k, v)
 
     storages: dict[int, int] = {}
     masks = probe.masks
     with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(vit, "attention", flash_saves), \
-            mock.patch.object(probe.method, "_autocast", cuda_autocast), warnings_off():
+            mock.patch.object(probe.method, "_autocast", lambda _device: simulated_cuda_autocast()), warnings_off():
         mods = (probe.method.model.to_empty(device="cuda"), probe.method.teacher.to_empty(device="cuda"))
         states = {id(t) for m in mods for t in (*m.parameters(), *m.buffers())}
 
@@ -1037,6 +1023,23 @@ def measure_activations_cuda_bf16(probe: StepProbe) -> int:
         finally:
             probe.masks = masks
     return sum(storages.values())
+
+
+@contextlib.contextmanager
+def simulated_cuda_autocast(dtype: torch.dtype = torch.bfloat16) -> Any:
+    """CUDA autocast switched on by hand, for fake CUDA tensors on a machine without a GPU
+    (``torch.autocast("cuda")`` turns itself off there)."""
+    before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_dtype("cuda", dtype)
+    torch.set_autocast_enabled("cuda", True)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", before[0])
+        torch.set_autocast_dtype("cuda", before[1])
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
 
 
 @contextlib.contextmanager

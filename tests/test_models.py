@@ -315,6 +315,8 @@ def test_block_layer_norm_skips_cuda_autocasts_fp32_round_trip():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from tcjepa.plan import simulated_cuda_autocast, warnings_off
+
     class CopiedElements(TorchDispatchMode):
         def __init__(self):
             super().__init__()
@@ -329,15 +331,8 @@ def test_block_layer_norm_skips_cuda_autocasts_fp32_round_trip():
     def forward(encoder):
         seen = {}
         encoder.blocks[0].norm1.register_forward_hook(lambda m, i, o: seen.update(dtype=o.dtype))
-        torch.set_autocast_dtype("cuda", torch.bfloat16)
-        torch.set_autocast_enabled("cuda", True)
-        torch.autocast_increment_nesting()
-        try:
-            with CopiedElements() as copies:
-                encoder(torch.empty(32, 3, 64, 64, device="cuda"))
-        finally:
-            torch.set_autocast_enabled("cuda", False)
-            torch.autocast_decrement_nesting()
+        with simulated_cuda_autocast(), warnings_off(), CopiedElements() as copies:
+            encoder(torch.empty(32, 3, 64, 64, device="cuda"))
         return seen["dtype"], copies.n
 
     ours, stock = build_encoder("vit_tiny_16", 64), build_encoder("vit_tiny_16", 64)
