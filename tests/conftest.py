@@ -12,6 +12,18 @@ import pytest
 from PIL import Image
 
 
+@pytest.fixture(autouse=True)
+def stock_linear():
+    """A ZeRO-3 engine replaces ``torch.nn.functional.linear`` process-wide (DeepSpeed's
+    ``zero3_linear_wrap``, which saves other tensors for backward) and never puts it back; put
+    it back after each test, so later tests in the same process see stock torch."""
+    import torch.nn.functional as F
+
+    linear = F.linear
+    yield
+    F.linear = linear
+
+
 def png_bytes(color: tuple[int, int, int], size: int = 32) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buf, format="PNG")
