@@ -390,12 +390,12 @@ class GPUOurs(Ours):
                 if isinstance(m, BlockLayerNorm):
                     m.__class__ = torch.nn.LayerNorm
         self.device, self.compiled, self.varlen = device, compile_, varlen
+        self.bf16 = cfg.train.precision == "bf16"
         if varlen and compile_:
             raise ValueError("varlen attention runs eager only (compiled code attends over whole padded rows)")
         if varlen and not (device.type == "cuda" and self.bf16 and _varlen_kernel() is not None):
             raise ValueError(f"varlen attention needs CUDA, bf16 and torch >= 2.10 (torch {torch.__version__}, "
                              f"{device.type}, {cfg.train.precision})")
-        self.bf16 = cfg.train.precision == "bf16"
         self.student.to(device)
         self.method.to(device)
         _check_on(self.opt, device, self.name)
