@@ -16,12 +16,14 @@ budget) is recorded and the rest still runs:
                            ``train_step`` in its ``src/train.py``: ``autocast(bfloat16)`` around targets,
                            context and loss, ``GradScaler`` (as ``src/helper.py`` creates for bf16),
                            AdamW with ``init_opt``'s groups, per-parameter EMA loop;
-* ``ours/pad``             tcjepa, ``mask.policy=pad`` (every context patch kept; rows padded, so
-                           attention gets a key-padding mask and SDPA cannot pick flash);
+* ``ours/pad``             tcjepa, ``mask.policy=pad`` (every context patch kept, so sequence lengths
+                           differ): per-token layers on the packed real tokens, attention by torch's
+                           varlen flash attention on them where it runs (CUDA, bf16, torch >= 2.10),
+                           else on length groups with padded keys masked;
+* ``ours/pad+groups``      ``ours/pad`` with varlen switched off (``varlen_attention(False)``): the
+                           length groups, the layout before varlen attention;
 * ``ours/pad+1group``      ``ours/pad`` with attention over the whole padded rows (one group), the
                            layout before length-grouped attention (``tcjepa.models.vit.Packing``);
-* ``ours/pad+varlen``      ``ours/pad`` under ``tcjepa.models.vit.varlen_attention()``: torch's varlen
-                           flash attention (torch >= 2.10) on the packed real tokens, no padding;
 * ``ours/official+stocknorm``  ``ours/official`` with the blocks' norms turned back into
                            ``nn.LayerNorm``, which CUDA autocast runs in fp32 (bf16 -> fp32 -> bf16
                            copies around every norm); ours (``tcjepa.models.vit.LayerNorm``) keeps bf16;
@@ -124,7 +126,7 @@ try:  # only tcjepa.config, tcjepa.masks and tcjepa.methods.jepa (no deepspeed, 
     from tcjepa.masks import MaskBatch, sample_masks
     from tcjepa.methods.jepa import ema_update
     from tcjepa.models.vit import LayerNorm as BlockLayerNorm
-    from tcjepa.models.vit import (_varlen_kernel, grouped_layout, parse_encoder_name, varlen_attention,
+    from tcjepa.models.vit import (grouped_layout, parse_encoder_name, varlen_attention, varlen_available,
                                    whole_row_attention)
 except ImportError as e:  # pragma: no cover - depends on the machine
     print(f"error: {e}; bench_gpu.py needs torch, numpy, pyyaml and this checkout's tcjepa "
@@ -132,7 +134,7 @@ except ImportError as e:  # pragma: no cover - depends on the machine
     sys.exit(2)
 
 VARIANTS = ("official", "ours/pad", "ours/official", "ours/official+compile", "ours/pad+compile")
-EXTRA_VARIANTS = ("ours/pad+1group", "ours/pad+varlen", "ours/official+stocknorm")  # only when named in --variants
+EXTRA_VARIANTS = ("ours/pad+groups", "ours/pad+1group", "ours/official+stocknorm")  # only when named in --variants
 # Datasheet dense bf16 peaks (no sparsity), matched against torch.cuda.get_device_name in this order.
 SPEC_PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
                   ("A100", 312e12), ("L40S", 362e12))
@@ -381,21 +383,19 @@ class GPUOurs(Ours):
     """tcjepa's step on a device, bf16 autocast, optionally compiled."""
 
     def __init__(self, cfg: Config, seed: int, device: torch.device, compile_: bool, one_group: bool = False,
-                 varlen: bool = False, stock_norm: bool = False):
+                 groups: bool = False, stock_norm: bool = False):
         super().__init__(cfg, seed, one_group=one_group)
         self.name = (f"ours/{cfg.mask.policy}" + ("+compile" if compile_ else "") + ("+1group" if one_group else "")
-                     + ("+varlen" if varlen else "") + ("+stocknorm" if stock_norm else ""))
+                     + ("+groups" if groups else "") + ("+stocknorm" if stock_norm else ""))
         if stock_norm:  # same parameters, nn.LayerNorm's forward (fp32 under CUDA autocast)
             for m in itertools.chain(self.student.modules(), self.method.teacher.modules()):  # and the EMA teacher
                 if isinstance(m, BlockLayerNorm):
                     m.__class__ = torch.nn.LayerNorm
-        self.device, self.compiled, self.varlen = device, compile_, varlen
+        self.device, self.compiled, self.groups = device, compile_, groups
         self.bf16 = cfg.train.precision == "bf16"
-        if varlen and compile_:
-            raise ValueError("varlen attention runs eager only (compiled code attends over whole padded rows)")
-        if varlen and not (device.type == "cuda" and self.bf16 and _varlen_kernel() is not None):
-            raise ValueError(f"varlen attention needs CUDA, bf16 and torch >= 2.10 (torch {torch.__version__}, "
-                             f"{device.type}, {cfg.train.precision})")
+        # what tcjepa.models.vit.Packing will run: varlen where its kernel can (eager), else groups
+        self.varlen = (not (compile_ or one_group or groups)
+                       and varlen_available(device, torch.bfloat16 if self.bf16 else torch.float32))
         self.student.to(device)
         self.method.to(device)
         _check_on(self.opt, device, self.name)
@@ -424,7 +424,7 @@ class GPUOurs(Ours):
         return batches, model, executed
 
     def step(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
-        layout = whole_row_attention() if self.one_group else varlen_attention() if self.varlen else contextlib.nullcontext()
+        layout = whole_row_attention() if self.one_group else varlen_attention(False) if self.groups else contextlib.nullcontext()
         with layout:
             targets = self.method.targets(images, masks)  # autocast inside, per train.precision
             if self.compiled:
@@ -473,7 +473,7 @@ def make_runner(variant: str, encoder: str, args: argparse.Namespace, mods: dict
             raise ValueError("the official variant needs --official PATH")
         return GPUOfficial(mods, cfg, args.seed, device)
     return GPUOurs(cfg, args.seed, device, compile_=variant.endswith("+compile"), one_group=variant.endswith("+1group"),
-                   varlen=variant.endswith("+varlen"), stock_norm=variant.endswith("+stocknorm"))
+                   groups=variant.endswith("+groups"), stock_norm=variant.endswith("+stocknorm"))
 
 
 def time_steps(runner: Any, images: torch.Tensor, batches: list[Any]) -> tuple[list[float], float, list[torch.Tensor]]:

@@ -155,6 +155,7 @@ def gpu_rows(path: str) -> list[dict]:
     from bench_train_step import make_config
     from tcjepa.masks import sample_masks
     from tcjepa.models.vit import LayerNorm as BlockLayerNorm
+    from tcjepa.models.vit import parse_encoder_name
     from tcjepa.plan import (GIB, activation_memory, inventory, measure_activations_cuda_bf16, model_states,
                              stats_of_masks)
 
@@ -162,17 +163,22 @@ def gpu_rows(path: str) -> list[dict]:
     st, env = run["settings"], run["environment"]
     rows = []
     for r in run["results"]:
-        if r["variant"] not in ("ours/official", "ours/pad") or r.get("peak_mem_gib") is None:
+        if r["variant"] not in ("ours/official", "ours/pad", "ours/pad+varlen", "ours/pad+groups") \
+                or r.get("peak_mem_gib") is None:
             continue
-        policy = r["variant"].split("/")[1]
+        policy = r["variant"].split("/")[1].split("+")[0]
+        # what ran: varlen where the step's attention kernels include it (the default since 2026-11-26)
+        attention = "varlen" if any("varlen" in op for op in r.get("attention_ops", [])) else "groups"
         cfg = make_config(r["encoder"], st["image_size"], st["pred_depth"], st["pred_width"], st["batch_size"], policy)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=st["precision"]))
         inv = inventory(cfg)
         states = model_states(inv, 0, 1).total
-        gen, grid = torch.Generator().manual_seed(st["seed"]), (cfg.model.image_size // 16,) * 2
+        patch = parse_encoder_name(r["encoder"]).patch_size
+        gen, grid = torch.Generator().manual_seed(st["seed"]), (cfg.model.image_size // patch,) * 2
         draws = [sample_masks(st["batch_size"], grid, gen, **dataclasses.asdict(cfg.mask))
                  for _ in range(st["warmup"] + st["steps"])][st["warmup"]:]
-        acts = [activation_memory(inv, stats_of_masks(m, grid[0] * grid[1]), st["precision"]) for m in draws]
+        acts = [activation_memory(inv, stats_of_masks(m, grid[0] * grid[1]), st["precision"], attention=attention)
+                for m in draws]
         planned = [(states + a.peak) / GIB for a in acts]
         row = {"device": env.get("device_name"), "torch": env.get("torch"), "encoder": r["encoder"],
                "variant": r["variant"], "batch": st["batch_size"], "measured_gib": r["peak_mem_gib"],

@@ -25,7 +25,7 @@ The model is built on the ``meta`` device: parameters are counted without alloca
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,14 +230,19 @@ class TokenStats:
     def target_real(self) -> int:
         return sum(map(sum, self.target))
 
-    def attention_layout(self, grouped: bool = True) -> tuple[int, int]:
-        """Padded positions attention runs on in the encoder and in the predictor: per length
-        group (``tcjepa.models.vit.Packing``) when rows differ, else (and under ``torch.compile``,
-        ``grouped=False``) the whole padded rows."""
+    def attention_layout(self, attention: str = "groups") -> tuple[int, int]:
+        """Positions attention runs on in the encoder and in the predictor when rows differ (see
+        :func:`attention_mode`): "groups", per length group padded to its longest
+        (``tcjepa.models.vit.Packing``); "varlen", the real tokens; "rows", the whole padded rows.
+        Unpadded batches run on their rows, whatever the mode."""
         from tcjepa.models.vit import grouped_layout
 
-        if not (self.padded and grouped):
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention: {attention!r}, expected one of {ATTENTION_MODES}")
+        if not self.padded or attention == "rows":
             return self.batch * self.context_pad, self.batch * self.targets * (self.context_pad + self.target_pad)
+        if attention == "varlen":
+            return self.context_real, self.targets * self.context_real + self.target_real
         seqs = [c + t for c, row in zip(self.context, self.target) for t in row]
         return grouped_layout(list(self.context))[0], grouped_layout(seqs)[0]
 
@@ -294,6 +299,22 @@ def stats_of_masks(masks: Any, full: int) -> TokenStats:
 # ----------------------------------------------------------------------------- activations
 
 
+ATTENTION_MODES = ("groups", "varlen", "rows")
+
+
+def attention_mode(cfg: Config, device: str = "cuda") -> str:
+    """How a run's padded batches attend (``tcjepa.models.vit.Packing``): whole padded rows when
+    compiled, varlen flash attention on the packed tokens where its kernel runs (CUDA, bf16, a
+    torch that has it), else length groups."""
+    from tcjepa.models.vit import _varlen_kernel
+
+    if cfg.train.compile:
+        return "rows"
+    if device == "cuda" and cfg.train.precision == "bf16" and _varlen_kernel() is not None:
+        return "varlen"
+    return "groups"
+
+
 @dataclass(frozen=True)
 class ActBytes:
     """Bytes per element of saved activations. ``low``: matmul inputs and outputs (bf16 under
@@ -315,11 +336,13 @@ def act_bytes(precision: str, device: str = "cuda") -> ActBytes:
 class Seqs:
     """Sequences through a tower: ``real`` tokens; ``layout`` positions in the padded layout
     attention runs on (per length group for a tower's blocks, [B, N] for the conditioners);
-    ``packed``: per-token layers run on the real tokens only (``tcjepa.models.vit.Packing``)."""
+    ``packed``: per-token layers run on the real tokens only (``tcjepa.models.vit.Packing``);
+    ``varlen``: packed, with attention on the packed tokens themselves (varlen flash attention)."""
 
     real: int
     layout: int
     packed: bool
+    varlen: bool = False
 
 
 def block_bytes(s: Seqs, t: Tower, dt: ActBytes, norm_in: int) -> float:
@@ -331,6 +354,8 @@ def block_bytes(s: Seqs, t: Tower, dt: ActBytes, norm_in: int) -> float:
     keep the packed qkv output (``index_copy`` saves its source) and the packed proj input."""
     C, H = t.width, t.hidden
     per_real = 2 * C * norm_in + 2 * 2 * 4 + dt.low * (2 * C + 2 * H)
+    if s.varlen:  # q/k/v (views of the packed qkv output), the output (the proj input) and the lse
+        return s.real * (per_real + dt.low * 4 * C + 4 * t.heads)
     per_layout = dt.low * 4 * C + 4 * t.heads
     if s.packed:
         per_real += dt.low * 4 * C
@@ -398,7 +423,7 @@ def _conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: ActBytes) -
 
 
 def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, checkpointing: bool = False,
-                      device: str = "cuda", grouped: bool = True) -> Activations:
+                      device: str = "cuda", attention: str = "groups") -> Activations:
     """Analytic activation bytes of one training step on a micro-batch with token counts ``tok``.
 
     The terms follow the code in ``tcjepa.models`` and ``tcjepa.methods.jepa`` (see
@@ -407,22 +432,23 @@ def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, chec
     the predictor's is fp32 (it starts from the encoder's fp32 final LayerNorm output), so its
     blocks' norms run in fp32 as autocast's do; the text tower's is fp32 (embeddings).
     Checkpointing is per transformer block; conditioners and each tower's ends are not.
-    ``grouped``: attention on length groups (eager), not whole padded rows (``train.compile``)."""
+    ``attention``: how padded batches attend (:func:`attention_mode`)."""
     dt = act_bytes(precision, device)
     B, T = tok.batch, tok.targets
     e, p = inv.encoder, inv.predictor
     D, Dout, W = e.width, inv.out_dim, p.width
     # encoder over the context: conv input, the gathered patch tokens, gather/pack indices, blocks,
     # final norm input and (packed) output, the unpacked features (predictor_embed's input)
-    ctx_layout, pred_layout = tok.attention_layout(grouped)
-    ctx = Seqs(tok.context_real, ctx_layout, tok.padded)
+    ctx_layout, pred_layout = tok.attention_layout(attention)
+    varlen = tok.padded and attention == "varlen"
+    ctx = Seqs(tok.context_real, ctx_layout, tok.padded, varlen)
     enc = B * 3 * inv.image_size**2 * dt.low + B * tok.full * D * dt.low + B * tok.context_pad * 8
     enc += tower_bytes(ctx, e, dt, dt.low, dt.low, checkpointing)
     enc += ctx.real * D * dt.wide * (2 if ctx.packed else 1) + ctx.real * 8 * ctx.packed
     enc += B * tok.context_pad * D * dt.low
     # predictor: one sequence per target block, context + that block's mask tokens
     layout = B * T * (tok.context_pad + tok.target_pad)  # the [B * T, N] layout (conditioners, head)
-    seq = Seqs(T * tok.context_real + tok.target_real, pred_layout, tok.padded)
+    seq = Seqs(T * tok.context_real + tok.target_real, pred_layout, tok.padded, varlen)
     pred = B * T * tok.target_pad * 8 + seq.real * 8 * seq.packed
     pred += tower_bytes(seq, p, dt, dt.wide, dt.wide, checkpointing)
     head = seq.real * W * dt.wide * seq.packed  # packed output, before the unpack
@@ -696,7 +722,9 @@ def _largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
 MICRO_LIMIT = 4096  # the micro-batch search stops here
 # Independent mask draws the plan takes the worst micro-batch of: a run's peak memory is its
 # largest step's, and under mask.policy=official the sizes are drawn once per batch, so one
-# draw's activations can be 13 % under the largest of 20 steps' (ViT-B/16, batch 256).
+# draw's activations can be 13 % under the largest of 20 steps' (ViT-B/16, batch 256). The worst
+# of 8 is a high percentile of the steps, not a bound (at ViT-H/14, batch 256, 2-9 % of draws
+# exceed it, by up to 6 %); the 10 % of the GPU the plan keeps back covers that.
 MASK_DRAWS = 8
 
 
@@ -744,7 +772,7 @@ def worst_activations(cfg: Config, inv: ModelInventory, draws: list[MaskCounts],
                       checkpointing: bool) -> tuple[Activations, TokenStats]:
     """The activations (and token counts) of the micro-batch, among the first ``micro`` images of
     each draw, with the highest peak."""
-    plans = [(activation_memory(inv, tok, cfg.train.precision, checkpointing, grouped=not cfg.train.compile), tok)
+    plans = [(activation_memory(inv, tok, cfg.train.precision, checkpointing, attention=attention_mode(cfg)), tok)
              for tok in (d.batch(micro) for d in draws)]
     return max(plans, key=lambda p: p[0].peak)
 
@@ -963,11 +991,11 @@ def measure_activations(cfg: Config, batch: int, seed: int = 0, checkpointing: b
     return nbytes, probe.token_stats
 
 
-def estimate_for_masks(cfg: Config, tok: TokenStats, checkpointing: bool = False, device: str = "cpu") -> Activations:
+def estimate_for_masks(cfg: Config, tok: TokenStats, checkpointing: bool = False, device: str = "cpu",
+                       attention: str = "groups") -> Activations:
     """The analytic estimate for exactly these token counts (what :func:`measure_activations` saw;
     compare its ``saved``)."""
-    return activation_memory(inventory(cfg), tok, cfg.train.precision, checkpointing, device)
-
+    return activation_memory(inventory(cfg), tok, cfg.train.precision, checkpointing, device, attention)
 
 
 class _FlashSaves(torch.autograd.Function):
@@ -1026,7 +1054,7 @@ def measure_activations_cuda_bf16(probe: StepProbe) -> int:
 
 
 @contextlib.contextmanager
-def simulated_cuda_autocast(dtype: torch.dtype = torch.bfloat16) -> Any:
+def simulated_cuda_autocast(dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
     """CUDA autocast switched on by hand, for fake CUDA tensors on a machine without a GPU
     (``torch.autocast("cuda")`` turns itself off there)."""
     before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
@@ -1043,10 +1071,10 @@ def simulated_cuda_autocast(dtype: torch.dtype = torch.bfloat16) -> Any:
 
 
 @contextlib.contextmanager
-def warnings_off() -> Any:
-    """Silence torch's "CUDA is not available, disabling autocast" while on fake CUDA tensors."""
+def warnings_off() -> Iterator[None]:
+    """Silence torch's "CUDA is not available ... Disabling autocast" while on fake CUDA tensors."""
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=".*CUDA is not available.*", category=UserWarning)
         yield

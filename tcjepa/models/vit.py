@@ -12,6 +12,7 @@ tokens only, and attention on groups of similar-length sequences with padded key
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import re
@@ -84,7 +85,7 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
 MAX_GROUPS = 8
 MIN_GROUP = 8
 _WHOLE_ROWS: ContextVar[bool] = ContextVar("whole_row_attention", default=False)
-_VARLEN: ContextVar[bool] = ContextVar("varlen_attention", default=False)
+_VARLEN: ContextVar[bool] = ContextVar("varlen_attention", default=True)
 
 
 @contextlib.contextmanager
@@ -99,12 +100,15 @@ def whole_row_attention() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def varlen_attention() -> Iterator[None]:
-    """Attention of packed sequences by ``torch.nn.attention.varlen.varlen_attn`` (flash attention
-    over the packed real tokens: no padding, no unpack/pack copies) wherever it can run: CUDA,
-    bf16/fp16, torch >= 2.10, eager (:func:`varlen_can_run`); elsewhere the length groups. Opt-in
-    until timed against them on a GPU (``benchmarks/bench_gpu.py --variants ours/pad,ours/pad+varlen``)."""
-    token = _VARLEN.set(True)
+def varlen_attention(enabled: bool = True) -> Iterator[None]:
+    """Switch varlen attention on (the default) or off (``False``: the length groups), for the
+    benchmarks and tests that compare the two. Varlen runs each layer's attention through
+    ``torch.nn.attention.varlen.varlen_attn`` on the packed real tokens: no padding, no
+    unpack/pack copies. It runs where its kernel can (:func:`varlen_can_run`: CUDA, bf16 or fp16,
+    sm80+, torch >= 2.10, eager); elsewhere the length groups do. On an H100 (torch 2.11, flash
+    kernel) the ViT-B/16 ``pad`` step ran 1.39x faster than with the groups (benchmarks/RESULTS.md).
+    Newer torch may pick cuDNN for sequences over 128 tokens on sm90+; not measured."""
+    token = _VARLEN.set(enabled)
     try:
         yield
     finally:
@@ -120,10 +124,20 @@ def _varlen_kernel() -> Callable[..., torch.Tensor] | None:
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=None)
+def _sm80_or_newer(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 8
+
+
+def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether varlen flash attention runs on ``device`` for activations of ``dtype``."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _varlen_kernel() is not None
+            and _sm80_or_newer(device.index if device.index is not None else torch.cuda.current_device()))
+
+
 def varlen_can_run(qkv: torch.Tensor, head_dim: int) -> bool:
-    """Whether varlen flash attention takes these activations (its kernel is CUDA-only, half precision)."""
-    return (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
-            and head_dim <= 256 and _varlen_kernel() is not None)
+    """Whether the varlen kernel takes these activations (also: head size a multiple of 8, <= 256)."""
+    return head_dim % 8 == 0 and head_dim <= 256 and varlen_available(qkv.device, qkv.dtype)
 
 
 def length_groups(n: int, max_groups: int = MAX_GROUPS, min_group: int = MIN_GROUP) -> list[tuple[int, int]]:
@@ -165,7 +179,7 @@ class Packing:
     sequences of similar length, each padded to its own longest with padded keys masked, so it
     does little work on padding. The packed order is samples by ascending length (each group a
     contiguous slice); :meth:`pack` and :meth:`unpack` convert from and to the [B, N] layout.
-    Under :func:`varlen_attention`, :meth:`varlen` runs attention on the packed tokens directly.
+    Where the varlen kernel runs (:func:`varlen_attention`), :meth:`varlen` attends over the packed tokens directly.
 
     Under ``torch.compile`` attention runs on the whole padded rows: grouping needs the lengths
     on the host, which would split the graph and specialise it on every batch's sizes.
@@ -175,7 +189,7 @@ class Packing:
         self.batch, self.length = valid.shape
         self.attn_mask = valid[:, None, None, :]  # [B, 1, 1, N], in the [B, N] layout
         self.groups: list[_Group] | None = None
-        self.cu_seqlens: torch.Tensor | None = None  # sequence offsets in the packed tokens, under varlen_attention()
+        self.cu_seqlens: torch.Tensor | None = None  # sequence offsets in the packed tokens, for varlen attention
         self.max_length = 0
         if torch.compiler.is_compiling() or _WHOLE_ROWS.get() or valid.numel() == 0:
             self.index = valid.reshape(-1).nonzero().squeeze(1)  # flat positions of the real tokens
@@ -225,8 +239,8 @@ class Packing:
         return out.index_copy(0, self.index, x).view(self.batch, self.length, -1)
 
     def varlen(self, qkv: torch.Tensor, num_heads: int) -> torch.Tensor | None:
-        """Packed [T, 3C] -> [T, C] by varlen flash attention, or None where it cannot run (not
-        under :func:`varlen_attention`, or :func:`varlen_can_run` says no): use :meth:`padded`."""
+        """Packed [T, 3C] -> [T, C] by varlen flash attention, or None (switched off by
+        :func:`varlen_attention`, or :func:`varlen_can_run` says no): then use :meth:`padded`."""
         T, C3 = qkv.shape
         head_dim = C3 // 3 // num_heads
         if self.cu_seqlens is None or not varlen_can_run(qkv, head_dim):
@@ -298,21 +312,29 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def layer_norm_in_dtype(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``norm(x)`` computed and returned in ``x``'s (half) dtype, outside autocast: the kernel keeps
+    its statistics in fp32, the affine parameters are rounded to ``x``'s dtype, and their
+    gradients are made in that dtype and summed into the fp32 ones (as autocast does for every
+    Linear's weight)."""
+    weight = None if norm.weight is None else norm.weight.to(x.dtype)
+    bias = None if norm.bias is None else norm.bias.to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+
+
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` that keeps a half-precision input's dtype under autocast.
+    """``nn.LayerNorm`` that keeps a bf16 input in bf16 under CUDA autocast.
 
     CUDA autocast runs layer norm in fp32: a bf16 input is cast up, and the fp32 output is cast
-    back down by the Linear after it, two copies of the activations per norm (copies were 20 % of
-    an H200 step's CUDA time, benchmarks/RESULTS.md). The kernel accumulates its statistics in
-    fp32 either way and the next Linear reads bf16 either way, so keeping the dtype skips the
-    copies; only the affine parameters are rounded to bf16 first. For the norms whose output
-    feeds a Linear (the blocks'), not the final ones whose output is the features."""
+    back down by the Linear after it, two copies of the activations per norm. Keeping bf16
+    (:func:`layer_norm_in_dtype`) made the ViT-B/16 I-JEPA step 1.08x faster on an H100
+    (benchmarks/RESULTS.md). For the norms whose output feeds a Linear (the blocks'), not the final
+    ones whose output is the features. CPU autocast already keeps bf16; elsewhere this is nn.LayerNorm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        if x.is_cuda and x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cuda"):
+            return layer_norm_in_dtype(x, self)
         return super().forward(x)
 
 
