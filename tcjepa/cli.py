@@ -157,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
             overrides.append(f"train.steps={args.steps}")
         cfg = load_config(args.recipe, overrides)
         out = args.out or str(Path("runs") / Path(args.recipe).stem)
+        from tcjepa.distributed import shutdown
+
         run_dir = train(cfg, out, resume=args.resume)
+        shutdown()
         if os.environ.get("RANK", "0") == "0" and (run_dir / "final").is_dir():  # not after a stop by signal
             print(f"finished: {out}")
     elif args.command == "eval":

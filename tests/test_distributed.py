@@ -130,3 +130,19 @@ def test_mean_count_over_ranks_is_the_local_count_in_one_process():
     # average of the two losses is the mean over all 6 tokens
     r1, r2 = masked_mean(x, valid, torch.tensor(3.0)), masked_mean(torch.tensor([[7.0]]), torch.tensor([[True]]), torch.tensor(3.0))
     assert ((r1 + r2) / 2).item() == pytest.approx((0 + 2 + 3 + 4 + 5 + 7) / 6)
+
+
+def test_shutdown_destroys_the_process_group_and_a_later_run_starts_again():
+    """`tcjepa train` destroys the process group before exiting (left to interpreter teardown, a
+    finished two-process run once aborted); a later run in the same process initialises anew."""
+    import torch.distributed as dist
+
+    from tcjepa.distributed import init_distributed, shutdown
+
+    init_distributed()
+    shutdown()
+    assert not dist.is_initialized()
+    assert init_distributed().world_size == 1
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == 1.0
