@@ -157,10 +157,7 @@ def run(args: argparse.Namespace) -> int:
             overrides.append(f"train.steps={args.steps}")
         cfg = load_config(args.recipe, overrides)
         out = args.out or str(Path("runs") / Path(args.recipe).stem)
-        from tcjepa.distributed import shutdown
-
         run_dir = train(cfg, out, resume=args.resume)
-        shutdown()
         if os.environ.get("RANK", "0") == "0" and (run_dir / "final").is_dir():  # not after a stop by signal
             print(f"finished: {out}")
     elif args.command == "eval":
@@ -267,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as e:  # not bad input: the run itself failed
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if argv is None:  # the process ends here (console script, python -m tcjepa); callers keep theirs
+            from tcjepa.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -58,13 +58,14 @@ def init_distributed() -> DistInfo:
 
 
 def shutdown() -> None:
-    """Destroy the process group before the process exits. Left to interpreter teardown, its
-    communication threads can be destroyed while still joinable: a finished two-process CPU run
-    once died with "terminate called without an active exception" (SIGABRT) after its last step."""
+    """Destroy the process group just before the process exits (``tcjepa`` as a program does).
+    Left to interpreter teardown, its communication threads can be destroyed while still
+    joinable: a finished two-process CPU run once died with "terminate called without an active
+    exception" (SIGABRT) after its last step. Not for a process that trains again: DeepSpeed keeps
+    references to the destroyed group."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
