@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--also", default="", help="more bench_gpu.py variants to time and profile, e.g. ours/pad")
     args = p.parse_args(argv)
     bargs = bench_gpu.parse_args(["--official", str(args.official), "--batch-size", str(args.batch_size)])
     device = torch.device("cuda")
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     runners = {}
-    for name in ("official", "ours/official"):
+    extra = [v for v in args.also.split(",") if v]
+    for name in ("official", "ours/official", *extra):
         r = bench_gpu.make_runner(name, args.encoder, bargs, mods, device)
         warm, _, _ = r.prepare(args.warmup)
         batches, _, _ = r.prepare(args.steps)
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     times["official"] = timed(r, images, batches)
     r, batches = runners["ours/official"]
     times["ours (default SDPA)"] = timed(r, images, batches)
+    for name in extra:
+        times[name] = timed(runners[name][0], images, runners[name][1])
     for label, backend in (("ours, SDPA flash", SDPBackend.FLASH_ATTENTION),
                            ("ours, SDPA efficient", SDPBackend.EFFICIENT_ATTENTION),
                            ("ours, SDPA math", SDPBackend.MATH)):
