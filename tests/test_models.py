@@ -252,15 +252,18 @@ def test_varlen_attention_equals_length_groups(monkeypatch):
     per-sequence SDPA stands in for it here."""
     from tcjepa.models import vit
 
-    calls = []
+    calls, packings = [], []
     monkeypatch.setattr(vit, "_varlen_kernel", lambda: _reference_varlen(calls))
     monkeypatch.setattr(vit, "varlen_can_run", lambda qkv, head_dim: True)
+    init = vit.Packing.__init__
+    monkeypatch.setattr(vit.Packing, "__init__", lambda self, valid: (packings.append(self), init(self, valid))[1])
     lengths = [5, 16, 0, 9, 12, 7, 16, 4, 8, 11, 6, 13, 15, 10, 14, 3, 2, 9, 16, 5]
     run, enc, pred = _padded_encoder_predictor(lengths)
     B = len(lengths)
 
     varlen = run()
     assert calls == [B - 1] * len(enc.blocks) + [B * 2] * len(pred.predictor_blocks)
+    assert packings and not any("groups" in vars(p) for p in packings)  # the groups were never built
     with vit.varlen_attention(False):
         grouped = run()
     assert len(calls) == len(enc.blocks) + len(pred.predictor_blocks)  # the groups ran

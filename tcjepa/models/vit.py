@@ -115,6 +115,7 @@ def varlen_attention(enabled: bool = True) -> Iterator[None]:
         _VARLEN.reset(token)
 
 
+@functools.lru_cache(maxsize=None)
 def _varlen_kernel() -> Callable[..., torch.Tensor] | None:
     """torch's varlen flash attention, or None where this torch has none (< 2.10)."""
     try:
@@ -188,11 +189,11 @@ class Packing:
     def __init__(self, valid: torch.Tensor):
         self.batch, self.length = valid.shape
         self.attn_mask = valid[:, None, None, :]  # [B, 1, 1, N], in the [B, N] layout
-        self.groups: list[_Group] | None = None
         self.cu_seqlens: torch.Tensor | None = None  # sequence offsets in the packed tokens, for varlen attention
         self.max_length = 0
         if torch.compiler.is_compiling() or _WHOLE_ROWS.get() or valid.numel() == 0:
             self.index = valid.reshape(-1).nonzero().squeeze(1)  # flat positions of the real tokens
+            self.groups = None  # attention on the whole rows
             return
         dev = valid.device
         lengths = valid.sum(1)
@@ -213,21 +214,29 @@ class Packing:
             nonempty = sorted_lengths[host.count(0):]
             self.cu_seqlens = F.pad(torch.cumsum(nonempty, 0, dtype=torch.int32), (1, 0))
             self.max_length = host[-1]
+        self._sorted = host, starts, sorted_lengths, row, rank  # for the groups, built on first use
+
+    @functools.cached_property
+    def groups(self) -> list[_Group]:
+        """The length groups :meth:`padded` attends over, built on first use: where varlen runs they
+        are never needed (None on the whole-rows path, set in ``__init__``)."""
+        host, starts, sorted_lengths, row, rank = self._sorted
         spans: list[list[int]] = []
         for first, end in length_groups(len(host)):
             if spans and host[end - 1] == host[spans[-1][1] - 1]:
                 spans[-1][1] = end  # the same longest row: one group
             else:
                 spans.append([first, end])
-        self.groups = []
+        groups = []
         for first, end in spans:
             longest, a, b = host[end - 1], starts[first], starts[end]
             if longest == 0:
                 continue  # sequences without tokens: nothing to attend
             mask = None
             if host[first] < longest:
-                mask = (torch.arange(longest, device=dev)[None] < sorted_lengths[first:end, None])[:, None, None, :]
-            self.groups.append(_Group(a, b, (row[a:b] - first) * longest + rank[a:b], end - first, longest, mask))
+                mask = (torch.arange(longest, device=row.device)[None] < sorted_lengths[first:end, None])[:, None, None, :]
+            groups.append(_Group(a, b, (row[a:b] - first) * longest + rank[a:b], end - first, longest, mask))
+        return groups
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [T, C]"""
