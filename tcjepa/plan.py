@@ -25,6 +25,7 @@ The model is built on the ``meta`` device: parameters are counted without alloca
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -749,22 +750,26 @@ def plan_run(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_memory_gb: float = 
     micro = cfg.train.batch_size // world
     draws = [draw_mask_counts(cfg, max(MICRO_LIMIT, cfg.train.batch_size), seed) for seed in range(MASK_DRAWS)]
 
+    @functools.lru_cache(maxsize=None)  # every stage's search asks for the same micro-batches
+    def worst(m: int, ckpt: bool) -> tuple[Activations, TokenStats]:
+        return worst_activations(cfg, inv, draws, m, ckpt)
+
     def acts(m: int, ckpt: bool) -> Activations:
-        return worst_activations(cfg, inv, draws, m, ckpt)[0]
+        return worst(m, ckpt)[0]
 
     stages = []
     for stage in (0, 1, 2, 3):
         st = model_states(inv, stage, world, FP32_MASTER, zero)
         best = [_largest_fitting(lambda m, c=c: st.total + acts(m, c).peak <= usable, MICRO_LIMIT) for c in (False, True)]
         stages.append(StagePlan(stage, st, acts(micro, False), acts(micro, True), best[0], best[1]))
-    tok = worst_activations(cfg, inv, draws, micro, False)[1]
+    tok = worst(micro, False)[1]
     flops = mean_flops(inv, draws, micro)
     return Plan(
         recipe=recipe, gpus=gpus, nodes=nodes, gpu_memory=gpu_memory_gb * GIB, usable=usable,
         global_batch=cfg.train.batch_size, micro_batch=micro, precision=cfg.train.precision, inventory=inv,
         tokens=tok, flops=flops, stages=tuple(stages), samples=samples,
         steps=cfg.train.steps, mfu=mfu, gpu_tflops=gpu_tflops, configured_stage=cfg.deepspeed.zero_stage,
-        checkpointing=cfg.model.activation_checkpointing, min_gpus=_min_gpus(cfg, inv, zero, usable, draws),
+        checkpointing=cfg.model.activation_checkpointing, min_gpus=_min_gpus(cfg, inv, zero, usable, acts),
     )
 
 
@@ -777,12 +782,13 @@ def worst_activations(cfg: Config, inv: ModelInventory, draws: list[MaskCounts],
     return max(plans, key=lambda p: p[0].peak)
 
 
-def _min_gpus(cfg: Config, inv: ModelInventory, zero: dict[str, Any], usable: float, draws: list[MaskCounts]) -> int | None:
+def _min_gpus(cfg: Config, inv: ModelInventory, zero: dict[str, Any], usable: float,
+              acts: Callable[[int, bool], Activations]) -> int | None:
     """Fewest GPUs, among divisors of the global batch, at which some stage fits the recipe as it
     is (with or without its activation checkpointing; more GPUs: smaller micro-batches and partitions)."""
     batch, ckpt = cfg.train.batch_size, cfg.model.activation_checkpointing
     for world in (w for w in range(1, batch + 1) if batch % w == 0):
-        act = worst_activations(cfg, inv, draws, batch // world, ckpt)[0].peak
+        act = acts(batch // world, ckpt).peak
         if any(model_states(inv, s, world, FP32_MASTER, zero).total + act <= usable for s in (0, 1, 2, 3)):
             return world
     return None
@@ -901,14 +907,15 @@ def _verdict(plan: Plan) -> str:
 def saved_tensor_bytes(fn: Callable[[], Any], exclude: list[torch.Tensor] | tuple[()] = ()) -> tuple[Any, int]:
     """Run ``fn`` and count the bytes autograd saves for backward: the unique storages of every
     saved tensor (views of one storage count once, as in memory), minus those of ``exclude``
-    (parameters and buffers: model states, not activations). Returns ``(fn(), bytes)``."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    (parameters and buffers: model states, not activations). Returns ``(fn(), bytes)``. Storages
+    are told apart by their C++ object, not their address: fake tensors have none."""
+    skip = {t.untyped_storage()._cdata for t in exclude}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            storages[s.data_ptr()] = s.nbytes()
+        if s._cdata not in skip:
+            storages[s._cdata] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -1032,25 +1039,17 @@ def measure_activations_cuda_bf16(probe: StepProbe) -> int:
     def flash_saves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return _FlashSaves.apply(q, k, v)
 
-    storages: dict[int, int] = {}
     masks = probe.masks
     with FakeTensorMode(allow_non_fake_inputs=True), mock.patch.object(vit, "attention", flash_saves), \
             mock.patch.object(probe.method, "_autocast", lambda _device: simulated_cuda_autocast()), warnings_off():
-        mods = (probe.method.model.to_empty(device="cuda"), probe.method.teacher.to_empty(device="cuda"))
-        states = {id(t) for m in mods for t in (*m.parameters(), *m.buffers())}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if id(t) not in states:  # fake storages have no address: key them by the storage object
-                storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-            return t
-
+        probe.method.model.to_empty(device="cuda")
+        probe.method.teacher.to_empty(device="cuda")
         try:
             probe.masks = masks.to("cuda")
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                probe.run(probe.images.to("cuda"))
+            _, nbytes = saved_tensor_bytes(lambda: probe.run(probe.images.to("cuda")), probe.model_tensors())
         finally:
             probe.masks = masks
-    return sum(storages.values())
+    return nbytes
 
 
 @contextlib.contextmanager
