@@ -96,7 +96,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import itertools
 import json
 import os
 import platform
@@ -121,11 +120,12 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 try:  # only tcjepa.config, tcjepa.masks and tcjepa.methods.jepa (no deepspeed, webdataset, open_clip)
-    from bench_train_step import MASK, MOMENTUM, Official, Ours, fail, import_official, make_config, official_commit
+    from bench_train_step import (MASK, MOMENTUM, Official, Ours, fail, import_official, make_config, official_commit,
+                                  stock_layer_norms)
     from tcjepa.config import Config
     from tcjepa.masks import MaskBatch, sample_masks
     from tcjepa.methods.jepa import ema_update
-    from tcjepa.models.vit import LayerNorm as BlockLayerNorm
+    from tcjepa.plan import ATTENTION_MODES
     from tcjepa.models.vit import (grouped_layout, parse_encoder_name, varlen_attention, varlen_available,
                                    whole_row_attention)
 except ImportError as e:  # pragma: no cover - depends on the machine
@@ -315,8 +315,8 @@ def counts_ours(m: MaskBatch, executed: bool, attention: str = "groups") -> Toke
     computes: per-token layers on real tokens, embed/proj on padded rows, and attention on
     ``attention``: "groups", length groups padded to their longest (``tcjepa.models.vit.Packing``);
     "rows", the whole padded rows (under ``torch.compile``); "varlen", the real tokens only."""
-    if attention not in ("groups", "rows", "varlen"):
-        raise ValueError(f"attention: {attention!r}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention: {attention!r}, expected one of {ATTENTION_MODES}")
     B, Nc = m.context_idx.shape
     T, Nt = m.target_idx.shape[1:]
     ctx = m.num_context()  # [B]
@@ -387,10 +387,8 @@ class GPUOurs(Ours):
         super().__init__(cfg, seed, one_group=one_group)
         self.name = (f"ours/{cfg.mask.policy}" + ("+compile" if compile_ else "") + ("+1group" if one_group else "")
                      + ("+groups" if groups else "") + ("+stocknorm" if stock_norm else ""))
-        if stock_norm:  # same parameters, nn.LayerNorm's forward (fp32 under CUDA autocast)
-            for m in itertools.chain(self.student.modules(), self.method.teacher.modules()):  # and the EMA teacher
-                if isinstance(m, BlockLayerNorm):
-                    m.__class__ = torch.nn.LayerNorm
+        if stock_norm:
+            stock_layer_norms(self.student, self.method.teacher)
         self.device, self.compiled, self.groups = device, compile_, groups
         self.bf16 = cfg.train.precision == "bf16"
         # what tcjepa.models.vit.Packing will run: varlen where its kernel can (eager), else groups

@@ -150,11 +150,9 @@ def gpu_rows(path: str) -> list[dict]:
     the very mask batches its timed steps ran (bench_gpu draws them from ``--seed`` after the
     warm-up's): the measured peak is the largest over those steps, so the plan's is too."""
     import dataclasses
-    import itertools
 
-    from bench_train_step import make_config
+    from bench_train_step import make_config, stock_layer_norms
     from tcjepa.masks import sample_masks
-    from tcjepa.models.vit import LayerNorm as BlockLayerNorm
     from tcjepa.models.vit import parse_encoder_name
     from tcjepa.plan import (GIB, activation_memory, inventory, measure_activations_cuda_bf16, model_states,
                              stats_of_masks)
@@ -191,9 +189,7 @@ def gpu_rows(path: str) -> list[dict]:
                 probe = probe_step(cfg, st["batch_size"], seed=0)
                 probe.masks = draws[worst]
                 if code == "as run":
-                    for m in itertools.chain(probe.method.model.modules(), probe.method.teacher.modules()):
-                        if isinstance(m, BlockLayerNorm):
-                            m.__class__ = torch.nn.LayerNorm
+                    stock_layer_norms(probe.method.model, probe.method.teacher)
                 traced[code] = measure_activations_cuda_bf16(probe) / GIB
             row.update(saved_planned_gib=acts[worst].saved / GIB, saved_traced_gib=traced["now"],
                        saved_traced_as_run_gib=traced["as run"])

@@ -102,6 +102,17 @@ def make_config(encoder: str, image_size: int, pred_depth: int, pred_width: int,
     ])
 
 
+def stock_layer_norms(*modules: torch.nn.Module) -> None:
+    """Turn the transformer blocks' norms back into ``nn.LayerNorm`` (same parameters), which CUDA
+    autocast runs in fp32: the layout before ``tcjepa.models.vit.LayerNorm``, for comparisons."""
+    from tcjepa.models.vit import LayerNorm
+
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, LayerNorm):
+                m.__class__ = torch.nn.LayerNorm
+
+
 # ----------------------------------------------------------------------------- ours
 
 
