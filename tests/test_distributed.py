@@ -30,9 +30,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def _losses(run: Path) -> list[float]:
@@ -77,24 +78,34 @@ def test_two_processes_reproduce_one_for_pixel_reconstruction(reference, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first, second, stage", [(2, 1, 1), (1, 2, 1), (2, 1, 2)])
+@pytest.mark.parametrize("first, second, stage", [(2, 1, 1), (1, 2, 1), (2, 1, 2), (2, 1, 3)])
 def test_a_checkpoint_resumes_with_another_world_size(first, second, stage, reference, tmp_path):
-    """ZeRO-1 partitions the optimiser state by world size; a checkpoint written by ``first``
-    processes continues under ``second`` and ends where the uninterrupted run ends."""
+    """ZeRO-1/2 partition the optimiser state by world size; a checkpoint written by ``first``
+    processes continues under ``second`` and ends where the uninterrupted run ends, with a warning
+    that the data stream restarts. ZeRO-3 loads the weights exactly (the first resumed step's loss
+    is the uninterrupted one's) but not the optimiser state (the README says so: a small
+    difference from the next step on)."""
     run = tmp_path / "run"
     recipe = str(ROOT / "recipes/ijepa_quickstart.yaml")
     settings = [*SMALL, f"deepspeed.zero_stage={stage}"]
 
-    def launch(n: int, *extra: str) -> None:
+    def launch(n: int, *extra: str) -> subprocess.CompletedProcess:
         head = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
                  str(free_port())] if n > 1 else [sys.executable])
-        _run([*head, DRIVER, recipe, str(run), *settings, *extra])
+        return _run([*head, DRIVER, recipe, str(run), *settings, *extra])
 
     launch(first, "--stop-at", "2")
-    assert not (run / "final").exists() and _losses(run) == pytest.approx(_losses(reference["ijepa"])[:2], rel=1e-5)
-    launch(second, "--resume")
-    assert _losses(run) == pytest.approx(_losses(reference["ijepa"]), rel=1e-5, abs=1e-6)
+    ref = _losses(reference["ijepa"])
+    assert not (run / "final").exists() and _losses(run) == pytest.approx(ref[:2], rel=1e-5)
+    resumed = launch(second, "--resume")
+    assert f"the checkpoint was written by {first} process(es), this run has {second}" in resumed.stderr
     a, b = load_final_state(reference["ijepa"]), load_final_state(run)
+    if stage == 3:
+        assert _losses(run)[:3] == pytest.approx(ref[:3], rel=1e-5, abs=1e-6)  # weights loaded exactly
+        assert _losses(run) == pytest.approx(ref, rel=1e-2)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-2
+        return
+    assert _losses(run) == pytest.approx(ref, rel=1e-5, abs=1e-6)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
@@ -113,9 +124,10 @@ def test_ranks_read_disjoint_data_in_evaluation_mode(shards, workers, tmp_path):
         write_tar(data / f"{i:06d}.tar", labelled_members(i * per, per, size=16))
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
           str(Path(__file__).with_name("dist_keys.py")), str(data), str(tmp_path), str(workers)])
-    a, b = (set(json.loads((tmp_path / f"rank_{r}.json").read_text())) for r in (0, 1))
-    assert a and b and not (a & b)
-    assert sorted(a | b) == [f"{i:06d}" for i in range(n)]
+    a, b = (json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1))
+    assert a and b, "each rank must read some samples"
+    # lists, not sets: a sample read twice (by one rank or by both) makes the list too long
+    assert sorted(a + b) == [f"{i:06d}" for i in range(n)]
 
 
 def test_mean_count_over_ranks_is_the_local_count_in_one_process():

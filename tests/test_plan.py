@@ -122,13 +122,13 @@ def test_zero_defaults_are_deepspeeds():
 
 @pytest.mark.parametrize("overrides,checkpointing", [([], False), (["train.precision=bf16"], False), ([], True)])
 def test_activation_estimate_matches_saved_tensor_bytes(overrides, checkpointing):
-    """Within 25% of the bytes autograd saves on a real tiny model (the estimate is far closer:
-    see benchmarks/bench_plan_memory.py)."""
+    """Within 4 % of the bytes autograd saves on a real tiny model, as the README claims for the
+    CPU (benchmarks/bench_plan_memory.py measures it at real sizes)."""
     cfg = load_config(QUICK, ["model.encoder=vit_micro_8", "model.depth=3", "model.predictor_depth=3", *overrides])
     measured, tok = measure_activations(cfg, batch=8, seed=3, checkpointing=checkpointing)
     estimated = estimate_for_masks(cfg, tok, checkpointing=checkpointing).saved
     assert tok.padded and measured > 0
-    assert abs(estimated / measured - 1) < 0.25, (estimated, measured)
+    assert abs(estimated / measured - 1) < 0.04, (estimated, measured)
 
 
 def test_cuda_bf16_estimate_matches_a_fake_cuda_step():

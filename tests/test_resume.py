@@ -121,23 +121,52 @@ def test_kill_9_at_a_random_step_then_resume_is_exact(shards64, tmp_path, straig
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_0(shards64, tmp_path, straight_cli):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_checkpoints_and_exits_0(sig, shards64, tmp_path, straight_cli):
+    """SIGTERM (Slurm's preemption) and SIGINT (Ctrl-C) both finish the step, write a checkpoint
+    (checkpoint.every=0) and exit 0; the resumed run ends bitwise where the uninterrupted one ends."""
     straight = straight_cli
     run = tmp_path / "preempted"
     env = clean_env()
     proc = subprocess.Popen(cli_train(shards64, run), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     wait_for_step(run, 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    assert "stopped by signal 15 after step" in err and "finished" not in out
+    assert f"signal {int(sig)}: finishing this step and writing a checkpoint; send it again to stop at once" in err
+    assert f"stopped by signal {int(sig)} after step" in err and "finished" not in out
     stopped = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 3 <= stopped < 9 and not (run / "final").exists()  # checkpoint.every=0: written for the stop
     done = subprocess.run(cli_train(shards64, run) + ["--resume"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert losses(run) == losses(straight)
     assert_same_weights(run, straight)
+
+
+@pytest.mark.slow
+def test_a_second_signal_stops_at_once(shards64, tmp_path):
+    """The first SIGTERM asks for a checkpoint; a second one, sent while that checkpoint is being
+    written (held up by the driver for a minute), ends the process at once, by the signal."""
+    run = tmp_path / "run"
+    log = tmp_path / "stderr.txt"
+    driver = [sys.executable, str(Path(__file__).with_name("slow_checkpoint_driver.py")), *cli_train(shards64, run)[4:]]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(driver, env=clean_env(), stdout=subprocess.DEVNULL, stderr=err)
+        wait_for_step(run, 3, proc)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while "send it again to stop at once" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.05)
+        while "checkpoint held up" not in log.read_text() and time.monotonic() < deadline:  # inside the slow save
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGTERM, log.read_text()[-2000:]
+    assert time.monotonic() - t0 < 10  # not after the minute-long save
+    assert not (run / "final").exists() and not (run / "checkpoints" / "latest").exists()
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(shards64, tmp_path, straight):
@@ -235,6 +264,86 @@ def test_non_finite_losses_are_skipped_counted_then_stop(shards64, tmp_path, mon
     with pytest.raises(DivergenceError, match=r"3 steps in a row .* last at step 7; the last good checkpoint is .*step_00000006"):
         train(cfg, tmp_path / "b", progress=False)
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward (a finite loss), NaN backward: a gradient that is not finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_non_finite_gradient_is_skipped_under_zero_0(shards64, tmp_path, monkeypatch):
+    """A finite loss whose gradient is not: with ZeRO 0 the step is skipped and counted, as a
+    non-finite loss is. The student after a skipped step 2 is the student after step 1 (the
+    warm-up learning rate of step 1 does not depend on the number of steps)."""
+    from tcjepa.methods.jepa import JEPA
+
+    zero0 = ["train.log_every=1", "checkpoint.every=0", "deepspeed.zero_stage=0"]
+    one = load_final_state(train(cfg_for(shards64, "train.steps=1", *zero0), tmp_path / "one", progress=False))
+    real, calls = JEPA.loss, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        loss, extra = real(self, *args, **kwargs)
+        return (_NanGradient.apply(loss) if calls["n"] == 2 else loss), extra
+
+    monkeypatch.setattr(JEPA, "loss", poisoned)
+    with pytest.warns(UserWarning, match="step 2: non-finite loss or gradient; step skipped"):
+        run = train(cfg_for(shards64, "train.steps=2", *zero0), tmp_path / "a", progress=False)
+    recs = records(run)
+    assert [r["bad_steps"] for r in recs] == [0, 1] and recs[1]["loss"] is None
+    two = load_final_state(run)
+    assert all(torch.isfinite(t).all() for t in two.values())
+    student = [k for k in one if not k.startswith("teacher.")]
+    assert student and all(torch.equal(one[k], two[k]) for k in student)
+
+
+def test_without_the_nan_guard_a_non_finite_loss_is_trained_on_and_stops_the_run(shards64, tmp_path, monkeypatch):
+    """``train.nan_guard: false``: no per-step check, so nothing is skipped or counted; the logged
+    loss is then not finite and the run stops with an error at that logging step."""
+    from tcjepa.methods.jepa import JEPA
+
+    real, calls = JEPA.loss, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        loss, extra = real(self, *args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 2 else loss), extra
+
+    monkeypatch.setattr(JEPA, "loss", poisoned)
+    cfg = cfg_for(shards64, "train.steps=4", "train.log_every=1", "checkpoint.every=0", "train.nan_guard=false")
+    with pytest.raises(DivergenceError, match=r"loss is nan at step 2"):
+        train(cfg, tmp_path / "a", progress=False)
+    assert [r["bad_steps"] for r in records(tmp_path / "a")] == [0]  # step 1 logged; step 2 was not skipped
+
+
+def test_resuming_with_other_loader_workers_warns_and_restarts_the_stream(shards64, tmp_path):
+    cfg = cfg_for(shards64, "train.steps=4", "checkpoint.every=2", "data.workers=0")
+    run = train(cfg, tmp_path / "run", progress=False, stop_at=2)
+    with pytest.warns(UserWarning, match=r"--resume: data.workers changed \(1 -> 2 readers\): the data stream restarts"):
+        train(cfg_for(shards64, "train.steps=4", "checkpoint.every=2", "data.workers=2"), run, resume=True,
+              progress=False)
+    assert [r["step"] for r in records(run)][-1] == 4 and (run / "final").is_dir()
+
+
+@pytest.mark.slow
+def test_bf16_trains_end_to_end_with_fp32_weights_and_teacher(shards64, tmp_path):
+    """``train.precision=bf16`` on the CPU: autocast changes the losses (it is really on), they stay
+    close to fp32's and fall as fp32's do, and the weights and EMA teacher stay fp32."""
+    runs = {p: train(cfg_for(shards64, "train.steps=12", "train.log_every=1", "checkpoint.every=0",
+                             f"train.precision={p}"), tmp_path / p, progress=False) for p in ("fp32", "bf16")}
+    fp32, bf16 = ([r["loss"] for r in records(runs[p])] for p in ("fp32", "bf16"))
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.1)
+    assert sum(bf16[-3:]) < 0.8 * sum(bf16[:3])
+    state = load_final_state(runs["bf16"])
+    assert {t.dtype for t in state.values()} == {torch.float32}
+    assert {k.split(".")[0] for k in state} == {"encoder", "teacher", "predictor"}
 
 
 def test_fail_fast_before_training(shards64, tmp_path, monkeypatch, capsys):
