@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -94,12 +95,16 @@ class ConditionerConfig:
     ``tcjepa.models.conditioner`` for the design and ``tcjepa.models.text`` for the encoders."""
 
     enabled: bool = False
+    variant: str = "gated_topk"  # paper (per-layer cross-attention, regularised, captions max-pooled) | gated_topk
     every: int = 1  # a conditioner after every n-th predictor block (the last block always has one)
-    sparsity: str = "topk"  # topk | sparsemax | softmax
-    top_k: int = 4  # caption tokens kept per query (sparsity: topk)
+    max_captions: int = 1  # captions per image (KEY.txt, then KEY.json "captions"); paper: 8, max-pooled
+    sparse_weight: float = 0.1  # paper: lambda, the weight of L_sparse (the overlaps' L1 norm)
+    consistency_weight: float = 0.5  # paper: beta, the weight of L_consistency (overlaps equal across layers)
+    sparsity: str = "topk"  # gated_topk: topk | sparsemax | softmax
+    top_k: int = 4  # gated_topk: caption tokens kept per query (sparsity: topk)
     heads: int | None = None  # default: the predictor's head count
-    qk_norm: bool = True  # LayerNorm on queries and keys per head: O(1) logits from step 0
-    gate_scale: float = 10.0  # the gate is tanh(gate_scale * g): a gate-only learning-rate multiplier under Adam
+    qk_norm: bool = True  # gated_topk: LayerNorm on queries and keys per head: O(1) logits from step 0
+    gate_scale: float = 10.0  # gated_topk: the gate is tanh(gate_scale * g): a gate-only learning-rate multiplier under Adam
     caption_dropout: float = 0.1  # probability of training a sample without its caption
     text_encoder: str = "scratch"  # scratch | hf | open_clip
     text_path: str = ""  # hf: local model directory; open_clip: optional local checkpoint
@@ -121,6 +126,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16
     log_every: int = 10
     method: str = "jepa"  # jepa (I-JEPA, TC-JEPA, SALT stage 2) | mae (SALT stage 1) | contrastive (CLIP, SigLIP)
+    predict_loss: str = "smooth_l1"  # jepa: smooth_l1 (I-JEPA's code) | l2 (squared error, the TC-JEPA paper's)
     nan_guard: bool = True  # skip steps with a non-finite loss (or gradient, ZeRO 0); costs one host sync per step
     max_bad_steps: int = 10  # that many skipped steps in a row stop the run
     collapse_rankme: float = 2.0  # warn when the effective rank of the targets falls below this ...
@@ -460,6 +466,15 @@ def _validate_conditioner_layers(cfg: Config, source: str, predictor_heads: int)
     c = cfg.conditioner
     depth = cfg.model.predictor_depth
     _check(1 <= c.every <= depth, source, "conditioner.every", f"must be in [1, model.predictor_depth={depth}], got {c.every}")
+    _check(c.variant in ("paper", "gated_topk"), source, "conditioner.variant",
+           f"must be paper or gated_topk, got {c.variant!r}")
+    _check(c.max_captions >= 1, source, "conditioner.max_captions", f"must be >= 1, got {c.max_captions}")
+    _check(c.variant == "paper" or c.max_captions == 1, source, "conditioner.max_captions",
+           f"must be 1 for variant gated_topk (one caption per image), got {c.max_captions}")
+    for key in ("sparse_weight", "consistency_weight"):
+        value = getattr(c, key)
+        _check(isinstance(value, (int, float)) and value >= 0 and math.isfinite(value), source,
+               f"conditioner.{key}", f"must be a finite number >= 0, got {value!r}")
     _check(c.sparsity in ("topk", "sparsemax", "softmax"), source, "conditioner.sparsity",
            f"must be topk, sparsemax or softmax, got {c.sparsity!r}")
     _check(c.top_k >= 1, source, "conditioner.top_k", f"must be >= 1, got {c.top_k}")
@@ -517,6 +532,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _check(t.steps > 0, source, "train.steps", f"must be > 0, got {t.steps}")
     _check(t.batch_size > 0, source, "train.batch_size", f"must be > 0, got {t.batch_size}")
     _check(t.precision in ("fp32", "bf16"), source, "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
+    _check(t.predict_loss in ("smooth_l1", "l2"), source, "train.predict_loss",
+           f"must be smooth_l1 or l2, got {t.predict_loss!r}")
     _check(t.log_every > 0, source, "train.log_every", "must be > 0")
     _check(t.method in METHODS, source, "train.method", f"must be one of: {', '.join(METHODS)}; got {t.method!r}")
     _check(cfg.teacher.update in ("ema", "frozen"), source, "teacher.update", f"must be ema or frozen, got {cfg.teacher.update!r}")

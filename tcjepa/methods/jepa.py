@@ -12,6 +12,7 @@ returns ``(loss, metrics)``; ``method.after_step(engine, step, total)`` updates 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,8 +23,10 @@ from data_pipelines.tokenizers import Tokenizer, Tokens, build_tokenizer, drop_c
 from tcjepa.config import Config, resolved_text_path, resolved_tokenizer
 from tcjepa.distributed import mean_count_over_ranks
 from tcjepa.masks import MaskBatch
-from tcjepa.models.conditioner import build_conditioners
-from tcjepa.models.predictor import Predictor
+from tcjepa.models.conditioner import (
+    CaptionCrossAttention, build_caption_conditioners, build_conditioners, overlap_regularisers,
+)
+from tcjepa.models.predictor import Predictor, sequence_valid
 from tcjepa.models.text import TextEncoder, TextTower, build_text_encoder
 from tcjepa.models.vit import VisionTransformer, build_encoder, gather_tokens
 from tcjepa.schedules import momentum_at
@@ -44,17 +47,39 @@ def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tens
     return masked_mean(F.smooth_l1_loss(pred, target, reduction="none").mean(-1), valid, count)
 
 
+def masked_l2(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
+              count: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error averaged over real target tokens and channels: the "L2 distance" that the
+    TC-JEPA (and I-JEPA) papers write, read as the mean squared error, as JEPA code computes it."""
+    return masked_mean((pred - target).pow(2).mean(-1), valid, count)
+
+
+PREDICT_LOSSES = {"smooth_l1": masked_smooth_l1, "l2": masked_l2}
+
+
 HEALTH_TOKENS = 4096  # target tokens in the RankMe estimate: enough to reach full rank at ViT-H width
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How the student's loss is put together: the prediction loss, and the paper conditioner's
+    regulariser weights (lambda, beta; unused without it)."""
+
+    predict_loss: str = "smooth_l1"
+    sparse_weight: float = 0.0
+    consistency_weight: float = 0.0
 
 
 class JEPAStudent(nn.Module):
     """Context encoder + predictor (+ text tower for TC-JEPA): what the optimiser trains."""
 
-    def __init__(self, encoder: VisionTransformer, predictor: Predictor, text: TextTower | None = None):
+    def __init__(self, encoder: VisionTransformer, predictor: Predictor, text: TextTower | None = None,
+                 objective: Objective = Objective()):
         super().__init__()
         self.encoder = encoder
         self.predictor = predictor
         self.text = text
+        self.objective = objective
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor,
@@ -65,19 +90,40 @@ class JEPAStudent(nn.Module):
         z = self.encoder(images, masks.context_idx, context_valid)
         text = self.text(tokens) if self.text is not None and tokens is not None else None
         pred = self.predictor(z, masks.context_idx, masks.target_idx, context_valid, target_valid, text)
-        if text is not None:
-            self._record_conditioner_stats()
-        return masked_smooth_l1(pred.float(), targets, target_valid, count)
+        loss = PREDICT_LOSSES[self.objective.predict_loss](pred.float(), targets, target_valid, count)
+        if text is None:
+            return loss
+        stats = {"loss_predict": loss.detach()}
+        if self._paper_variant():
+            sparse, consistency = self._regularisers(masks, text.has_text)
+            loss = loss + self.objective.sparse_weight * sparse + self.objective.consistency_weight * consistency
+            stats.update(cond_sparse=sparse.detach(), cond_consistency=consistency.detach())
+        self.last_stats = {**stats, **self._conditioner_stats()}
+        return loss
+
+    def _paper_variant(self) -> bool:
+        return any(isinstance(c, CaptionCrossAttention) for c in self.predictor.conditioners.values())
+
+    def _regularisers(self, masks: MaskBatch, has_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_sparse and L_consistency over every real (predictor token, caption) pair, normalised
+        by the pair count averaged over the ranks (exact under data parallelism, as the
+        prediction loss is)."""
+        B, T = masks.target_idx.shape[:2]
+        tokens = sequence_valid(masks.context_valid, masks.target_valid).reshape(B, -1)  # [B, Q]
+        captions = has_text if has_text.dim() == 2 else has_text[:, None]  # [B, N]
+        pairs = captions[:, :, None] & tokens[:, None, :]
+        overlaps = [c.last_overlap for c in self.predictor.conditioners.values()]
+        return overlap_regularisers(overlaps, pairs, mean_count_over_ranks(pairs))
 
     @torch.no_grad()
-    def _record_conditioner_stats(self) -> None:
-        """Gate magnitude and attention entropy, read here because ZeRO-3 gathers the gate
-        parameters only inside forward."""
+    def _conditioner_stats(self) -> dict[str, torch.Tensor]:
+        """Attention entropy (and gated_topk's gate magnitude), read here because ZeRO-3
+        gathers the gate parameters only inside forward."""
         layers = list(self.predictor.conditioners.values())
-        self.last_stats = {
-            "cond_gate": torch.stack([c.gate_value().float().abs().mean() for c in layers]).mean(),
-            "cond_entropy": torch.stack([c.last_entropy for c in layers]).mean(),
-        }
+        stats = {"cond_entropy": torch.stack([c.last_entropy for c in layers]).mean()}
+        if not self._paper_variant():
+            stats["cond_gate"] = torch.stack([c.gate_value().float().abs().mean() for c in layers]).mean()
+        return stats
 
 
 def build_text_encoder_for(cfg: Config, vocab_size: int) -> TextEncoder:
@@ -117,17 +163,23 @@ def build_student(cfg: Config, tokenizer: Tokenizer | None = None, target_dim: i
         out_dim=target_dim,
     )
     c = cfg.conditioner
+    objective = Objective(cfg.train.predict_loss, c.sparse_weight, c.consistency_weight)
     if not c.enabled:
-        return JEPAStudent(encoder, predictor)
+        return JEPAStudent(encoder, predictor, objective=objective)
     tokenizer = tokenizer or build_tokenizer_for(cfg)
+    heads = c.heads or predictor.predictor_blocks[0].attn.num_heads
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + 7919)
         text = build_text_tower(cfg, tokenizer.vocab_size, predictor.width)
-        predictor.conditioners = build_conditioners(
-            predictor.width, m.predictor_depth, c.every, c.heads or predictor.predictor_blocks[0].attn.num_heads,
-            c.sparsity, c.top_k, c.qk_norm, c.gate_scale, m.init_std,
-        )
-    return JEPAStudent(encoder, predictor, text)
+        if c.variant == "paper":
+            predictor.conditioners = build_caption_conditioners(
+                predictor.width, m.predictor_depth, c.every, heads, m.predictor_mlp_ratio or encoder.arch.mlp_ratio,
+                m.init_std)
+        else:
+            predictor.conditioners = build_conditioners(
+                predictor.width, m.predictor_depth, c.every, heads, c.sparsity, c.top_k, c.qk_norm, c.gate_scale,
+                m.init_std)
+    return JEPAStudent(encoder, predictor, text, objective)
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:

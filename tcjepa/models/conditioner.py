@@ -1,4 +1,36 @@
-"""The TC-JEPA text conditioner: sparse cross-attention from predictor tokens to caption tokens.
+"""The TC-JEPA text conditioners: cross-attention from predictor tokens to caption word tokens.
+
+Two variants (``conditioner.variant``):
+
+``paper`` (the default; Text-Conditional JEPA, arXiv 2605.03245): :class:`CaptionCrossAttention`
+at every predictor layer, several captions per image max-pooled, and two regularisers on the
+query-word cosine overlaps (:func:`overlap_regularisers`). Each reading the paper's summary
+leaves open, and the choice made:
+
+- *Norm placement.* "q <- q + sum_s softmax(q_l^T K_l)_s V_l[s], followed by an MLP and a
+  LayerNorm" is read as one pre-norm transformer sub-block, as the predictor's own blocks are:
+  ``h = x + proj(attn(W_Q LN(x), W_K t, W_V t)); h = h + MLP(LN(h))``. A LayerNorm *on* the
+  residual stream after every layer would renormalise the predictor's state twelve times per
+  pass, which none of the JEPA predictors does.
+- *Heads and scaling.* Multi-head attention with the predictor's head count
+  (``conditioner.heads``) and the usual 1/sqrt(head_dim) logit scale; no QK-norm (the formula
+  has none, and the overlaps below are cosines anyway).
+- *Overlaps.* O_i^l = max(cos(q_l, K_l), 0) per word; with several heads the cosine is taken per
+  head and averaged over heads, so O stays in [0, 1] and every head's keys are regularised.
+  Padding words are never counted (exact zeros), nor are padded predictor tokens.
+- *Several captions.* Each real caption n gives a conditioned state ``x + delta_n``; the layer
+  returns their elementwise max over the real captions, i.e. ``x + max_n delta_n`` (x is shared).
+  An image with no caption (none given, or all dropped) keeps ``x``: identity conditioning.
+  The queries (``W_Q LN(x)``) are computed once and shared by all captions; keys, values,
+  attention and the MLP run per caption, as one batched axis (no loop over captions).
+- *Init.* The predictor's truncated-normal init (``model.init_std``) with the residual
+  projections rescaled by depth, as the ViT blocks are; no zero gate. A fresh ``paper`` TC-JEPA
+  therefore differs from I-JEPA from step 0 (``gated_topk`` starts equal to it), and a gradient
+  reaches W_Q, W_K and W_V of every layer from the first step.
+
+``gated_topk`` (this toolkit's first reading of the abstract, kept for ablations):
+:class:`TextConditioner` below, one caption, described next.
+
 
 Each predictor token (context tokens and mask tokens alike) attends over its caption's tokens;
 only a few caption tokens keep weight per query (each patch reads a few relevant words). The
@@ -41,6 +73,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tcjepa.models.vit import Packing
@@ -165,3 +198,122 @@ def build_conditioners(width: int, depth: int, every: int, num_heads: int, spars
     for layer in layers.values():
         nn.init.zeros_(layer.gate)
     return layers
+
+
+# ----------------------------------------------------------------------------- the paper's variant
+
+VARIANTS = ("paper", "gated_topk")
+
+
+def as_captions(features: torch.Tensor, valid: torch.Tensor, has_text: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Text inputs with an explicit caption axis: ``[B, N, S, C]``, ``[B, N, S]``, ``[B, N]``
+    (one caption per image, ``[B, S, C]``, becomes N = 1)."""
+    if features.dim() == 3:
+        return features[:, None], valid[:, None], has_text[:, None]
+    return features, valid, has_text
+
+
+class CaptionCrossAttention(nn.Module):
+    """One predictor layer's conditioner (``variant: paper``): every predictor token
+    cross-attends over each caption's words; the per-caption results are max-pooled.
+
+    After a forward, ``last_overlap`` holds O = max(cos(q, k), 0) averaged over heads,
+    ``[B, N, Q, S]`` with zeros at padding words (a tensor in the graph: the regularisers
+    backpropagate through it), and ``last_weights`` the attention weights averaged over heads
+    when ``keep_weights`` is set (visualisation)."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"conditioner width {width} is not divisible by {num_heads} heads")
+        from tcjepa.models.vit import MLP
+
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.proj = nn.Linear(width, width)
+        self.mlp_norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+        self.keep_weights = False
+        self.last_overlap: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+        self.last_entropy: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, has_text: torch.Tensor,
+                packing: Packing | None = None) -> torch.Tensor:
+        """x: predictor tokens [B*T, Ns, C] (T sequences per sample, sample-major) or packed
+        [tokens, C]; text: [B, N, S, C] (or [B, S, C]); text_valid [B, N, S]; has_text [B, N]."""
+        text, text_valid, has_text = as_captions(text, text_valid, has_text)
+        B, N, S, C = text.shape
+        H, dh = self.num_heads, C // self.num_heads
+        words = text_valid | ~text_valid.any(-1, keepdim=True)  # a caption with no real word: no NaN
+        x_rows = packing.unpack(x) if packing is not None else x  # [B*T, Ns, C], zeros at padding
+        BT, Ns, _ = x_rows.shape
+        Q = (BT // B) * Ns
+        x_b = x_rows.reshape(B, Q, C)
+        q = self.q(self.norm(x_b)).view(B, Q, H, dh).transpose(1, 2)  # [B, H, Q, dh]: shared by the captions
+        k = self.k(text).view(B, N, S, H, dh).transpose(2, 3)  # [B, N, H, S, dh]
+        v = self.v(text).view(B, N, S, H, dh).transpose(2, 3)
+        scores = torch.einsum("bhqd,bnhsd->bnhqs", q, k) * (1.0 / math.sqrt(dh))
+        w = torch.softmax(scores.masked_fill(~words[:, :, None, None, :], float("-inf")), dim=-1)
+        attended = torch.einsum("bnhqs,bnhsd->bnqhd", w, v).reshape(B, N, Q, C)
+        h = x_b[:, None] + self.proj(attended)  # [B, N, Q, C]: the state conditioned on each caption
+        delta = h + self.mlp(self.mlp_norm(h)) - x_b[:, None]
+        real = has_text[:, :, None, None]
+        pooled = delta.masked_fill(~real, float("-inf")).amax(1)  # max over the real captions
+        pooled = torch.where(has_text.any(1)[:, None, None], pooled, torch.zeros_like(pooled))  # none: identity
+        out = x_b + pooled
+        self._record(q, k, w, text_valid, has_text)
+        out = out.reshape(BT, Ns, C)
+        return packing.pack(out) if packing is not None else out
+
+    def _record(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, text_valid: torch.Tensor,
+                has_text: torch.Tensor) -> None:
+        dtype = torch.promote_types(q.dtype, torch.float32)  # at least fp32 under bf16 autocast
+        cos = torch.einsum("bhqd,bnhsd->bnhqs", F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1))
+        self.last_overlap = cos.mean(2).clamp_min(0) * text_valid[:, :, None, :]  # [B, N, Q, S]
+        with torch.no_grad():
+            weights = w.float().mean(2)  # [B, N, Q, S]
+            self.last_weights = weights if self.keep_weights else None
+            ent = attention_entropy(w.float()).mean(2)  # [B, N, Q]
+            real = has_text[:, :, None].expand_as(ent)
+            self.last_entropy = (ent * real).sum() / real.sum().clamp_min(1)
+
+
+def build_caption_conditioners(width: int, depth: int, every: int, num_heads: int, mlp_ratio: float = 4.0,
+                               init_std: float = 0.02) -> nn.ModuleDict:
+    """``variant: paper`` conditioners keyed by predictor block index (``Predictor.conditioners``);
+    residual projections rescaled by their layer id, as :func:`rescale_residual_branches` does."""
+    from tcjepa.models.vit import init_weights
+
+    layers = nn.ModuleDict({str(i): CaptionCrossAttention(width, num_heads, mlp_ratio)
+                            for i in conditioned_blocks(depth, every)})
+    init_weights(layers, init_std)
+    for i, layer in layers.items():
+        with torch.no_grad():
+            for weight in (layer.proj.weight, layer.mlp.fc2.weight):
+                weight.div_(math.sqrt(2.0 * (int(i) + 1)))
+    return layers
+
+
+def overlap_regularisers(overlaps: list[torch.Tensor], pairs: torch.Tensor, count: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's sparsity and cross-layer consistency losses from each layer's overlaps
+    ``O^l`` ([B, N, Q, S], zeros at padding words):
+
+    L_sparse = mean over (token i, caption n) of (1/L) sum_l ||O_i^l||_1,
+    L_consistency = mean over (token i, caption n) of (1/L) sum_l ||O_i^l - mean_l' O_i^l'||_1,
+
+    the means over the real pairs ``pairs`` [B, N, Q] (a real predictor token and a real caption).
+    With every caption real this is the paper's (1/N) sum_n L^n; with fewer captions for some
+    images each real pair counts once. ``count`` replaces the local number of pairs (the mean
+    over ranks, :func:`tcjepa.distributed.mean_count_over_ranks`)."""
+    o = torch.stack(overlaps)  # [L, B, N, Q, S]
+    sparse = o.sum(-1).mean(0)  # [B, N, Q]
+    consistency = (o - o.mean(0, keepdim=True)).abs().sum(-1).mean(0)
+    w = pairs.to(o.dtype)
+    n = (w.sum() if count is None else count).clamp_min(1.0)
+    return (sparse * w).sum() / n, (consistency * w).sum() / n

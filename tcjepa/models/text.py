@@ -178,9 +178,9 @@ def build_text_encoder(kind: str, *, vocab_size: int, context_length: int, width
 class TextFeatures:
     """What the conditioner reads: projected token features and which of them are real."""
 
-    features: torch.Tensor  # [B, L, predictor width]
-    valid: torch.Tensor  # [B, L] bool, False at padding
-    has_text: torch.Tensor  # [B] bool, False for samples without a caption
+    features: torch.Tensor  # [B, L, predictor width], or [B, N, L, width] with N captions per image
+    valid: torch.Tensor  # [B, (N,) L] bool, False at padding
+    has_text: torch.Tensor  # [B, (N)] bool, False for samples (captions) without text
 
 
 class TextTower(nn.Module):
@@ -195,6 +195,9 @@ class TextTower(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, tokens: Tokens) -> TextFeatures:
-        valid = tokens.mask
-        h = self.encoder(tokens.ids, valid)
-        return TextFeatures(self.norm(self.proj(h)), valid, tokens.has_text)
+        """Token ids ``[B, S]`` (one caption per image) or ``[B, N, S]`` (N captions per image,
+        encoded as one batch of B * N) -> features ``[B, (N,) S, width]``."""
+        ids, valid = tokens.ids, tokens.mask
+        h = self.encoder(ids.reshape(-1, ids.size(-1)), valid.reshape(-1, valid.size(-1)))
+        h = self.norm(self.proj(h))
+        return TextFeatures(h.reshape(*ids.shape, -1), valid, tokens.has_text)

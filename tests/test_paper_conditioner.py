@@ -1,0 +1,178 @@
+"""TC-JEPA's conditioner as the paper defines it (``conditioner.variant: paper``): per-layer
+cross-attention over each caption's words, max-pooled over captions, with the sparsity and
+cross-layer consistency regularisers; checked against hand computations in float64."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tcjepa.config import load_config, project_root
+from tcjepa.models.conditioner import CaptionCrossAttention, build_caption_conditioners, overlap_regularisers
+from tcjepa.models.vit import Packing
+
+QUICK = project_root() / "recipes/tcjepa_quickstart.yaml"
+PAPER = ["conditioner.variant=paper", "model.encoder=vit_micro_8", "model.depth=1", "model.predictor_depth=2",
+         "model.predictor_width=32", "model.predictor_heads=4", "conditioner.text_width=16", "conditioner.text_depth=1",
+         "conditioner.context_length=12"]
+
+
+def reference_layer(layer: CaptionCrossAttention, x: torch.Tensor, text: torch.Tensor, valid: torch.Tensor,
+                    has_text: torch.Tensor) -> torch.Tensor:
+    """The paper's layer written out per sample and per caption, over each caption's real words
+    only (no masking), then the elementwise max over the real captions; x [B, Q, C]."""
+    B, Q, C = x.shape
+    H = layer.num_heads
+    dh = C // H
+    out = x.clone()
+    for b in range(B):
+        states = []
+        for n in range(text.shape[1]):
+            if not has_text[b, n]:
+                continue
+            t = text[b, n][valid[b, n]]  # [S_real, C]
+            q = layer.q(layer.norm(x[b])).view(Q, H, dh)
+            k, v = layer.k(t).view(-1, H, dh), layer.v(t).view(-1, H, dh)
+            heads = []
+            for h in range(H):
+                w = torch.softmax(q[:, h] @ k[:, h].T / math.sqrt(dh), dim=-1)
+                heads.append(w @ v[:, h])
+            state = x[b] + layer.proj(torch.cat(heads, dim=-1))
+            states.append(state + layer.mlp(layer.mlp_norm(state)))
+        if states:
+            out[b] = torch.stack(states).amax(0)
+    return out
+
+
+def random_text(B: int, N: int, S: int, C: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    text = torch.randn(B, N, S, C, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(1, S + 1, (B, N), generator=gen)
+    valid = torch.arange(S)[None, None] < lengths[..., None]  # captions of different lengths
+    return text, valid
+
+
+def test_batched_captions_equal_a_loop_over_captions_then_a_max():
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    B, T, Ns, N, S, C = 3, 2, 5, 4, 6, 16
+    layer = build_caption_conditioners(C, 1, 1, num_heads=4)["0"].double()
+    text, valid = random_text(B, N, S, C, gen)
+    has_text = torch.tensor([[True, True, False, True], [False, False, False, False], [True, False, False, False]])
+    x = torch.randn(B * T, Ns, C, generator=gen, dtype=torch.float64)
+    out = layer(x, text, valid, has_text)
+    ref = reference_layer(layer, x.reshape(B, T * Ns, C), text, valid, has_text)
+    torch.testing.assert_close(out.reshape(B, T * Ns, C), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out[T : 2 * T], x[T : 2 * T], rtol=0, atol=0)  # no caption: unconditioned
+    # packed predictor tokens (padded sequences): the real tokens get the same values
+    seq_valid = torch.rand(B * T, Ns, generator=gen) < 0.7
+    seq_valid[:, 0] = True
+    packing = Packing(seq_valid)
+    packed = layer(packing.pack(x), text, valid, has_text, packing)
+    torch.testing.assert_close(packed, packing.pack(out), rtol=1e-10, atol=1e-10)
+
+
+def test_overlaps_are_head_averaged_rectified_cosines_with_padding_zero():
+    gen = torch.Generator().manual_seed(1)
+    B, N, S, C, H = 2, 2, 4, 8, 2
+    layer = build_caption_conditioners(C, 1, 1, num_heads=H)["0"].double()
+    text, valid = random_text(B, N, S, C, gen)
+    x = torch.randn(B, 3, C, generator=gen, dtype=torch.float64)
+    layer(x, text, valid, torch.ones(B, N, dtype=torch.bool))
+    q = layer.q(layer.norm(x)).view(B, 3, H, C // H)
+    k = layer.k(text).view(B, N, S, H, C // H)
+    for b in range(B):
+        for n in range(N):
+            for s in range(S):
+                cos = F.cosine_similarity(q[b], k[b, n, s][None].expand_as(q[b]), dim=-1).mean(-1)  # [Q]
+                want = cos.clamp_min(0) if valid[b, n, s] else torch.zeros(3, dtype=torch.float64)
+                torch.testing.assert_close(layer.last_overlap[b, n, :, s], want, rtol=1e-10, atol=1e-12)
+
+
+def test_regularisers_equal_the_formulas_by_hand():
+    # two layers, one image, two captions (the second has only 2 real words), three predictor tokens
+    o1 = torch.tensor([[[[0.5, 0.0, 0.25], [0.1, 0.2, 0.0], [0.0, 0.0, 0.0]],
+                        [[0.3, 0.4, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]]], dtype=torch.float64)
+    o2 = torch.tensor([[[[0.1, 0.0, 0.25], [0.3, 0.2, 0.4], [0.0, 0.5, 0.0]],
+                        [[0.3, 0.0, 0.0], [0.2, 0.2, 0.0], [0.0, 0.0, 0.0]]]], dtype=torch.float64)
+    pairs = torch.tensor([[[True, True, False], [True, True, True]]])  # token 3 of caption 1 is padding
+    sparse, consistency = overlap_regularisers([o1, o2], pairs)
+    # per pair: (1/L) sum_l ||O^l||_1, and (1/L) sum_l ||O^l - mean_l O||_1 = ||O^1 - O^2||_1 / 2 for L = 2
+    sparse_by_hand = [(0.75 + 0.35) / 2, (0.3 + 0.9) / 2, (0.7 + 0.3) / 2, (0.0 + 0.4) / 2, (1.0 + 0.0) / 2]
+    consistency_by_hand = [0.4 / 2, 0.6 / 2, 0.4 / 2, 0.4 / 2, 1.0 / 2]
+    assert sparse.item() == pytest.approx(sum(sparse_by_hand) / 5)
+    assert consistency.item() == pytest.approx(sum(consistency_by_hand) / 5)
+    # the count over ranks replaces the local count
+    assert overlap_regularisers([o1, o2], pairs, torch.tensor(10.0))[0].item() == pytest.approx(sum(sparse_by_hand) / 10)
+
+
+@pytest.fixture()
+def student_and_batch():
+    from tcjepa.masks import sample_masks
+    from tcjepa.methods.jepa import JEPA
+
+    cfg = load_config(QUICK, PAPER)
+    method = JEPA(cfg)
+    gen = torch.Generator().manual_seed(0)
+    size = cfg.model.image_size
+    images = torch.randn(3, 3, size, size, generator=gen)
+    masks = sample_masks(3, method.model.encoder.grid, gen, **vars(cfg.mask))
+    targets = method.targets(images, masks)
+    captions = ["a red circle on the left", "two blue squares", "a large green star at the top"]
+    return method, images, masks, targets, method.tokenizer(captions)
+
+
+def test_regularisers_reach_every_layers_query_and_key_weights(student_and_batch):
+    """Through L_sparse + L_consistency alone, a gradient reaches W_Q and W_K of every layer (the
+    overlaps depend on queries and keys; W_V only through later layers' queries, so the last
+    layer's gets none); through the full loss every layer's W_V gets one too."""
+    method, images, masks, targets, tokens = student_and_batch
+    student = method.model
+    student(images, masks, targets, tokens)
+    sparse, consistency = student._regularisers(masks, student.text(tokens).has_text)
+    (sparse + consistency).backward()
+    layers = list(student.predictor.conditioners.values())
+    assert len(layers) == 2 and all(isinstance(c, CaptionCrossAttention) for c in layers)
+    for c in layers:
+        assert c.q.weight.grad.abs().sum() > 0 and c.k.weight.grad.abs().sum() > 0
+    last_v = layers[-1].v.weight.grad  # values feed the overlaps only through later layers' queries
+    assert last_v is None or last_v.abs().sum() == 0
+    student.zero_grad()
+    student(images, masks, targets, tokens).backward()
+    assert all(c.v.weight.grad.abs().sum() > 0 for c in layers)
+
+
+def test_zero_weights_give_the_prediction_loss_gradients(student_and_batch, monkeypatch):
+    import dataclasses
+
+    method, images, masks, targets, tokens = student_and_batch
+    student = method.model
+    student.objective = dataclasses.replace(student.objective, sparse_weight=0.0, consistency_weight=0.0)
+    loss = student(images, masks, targets, tokens)
+    assert loss.item() == student.last_stats["loss_predict"].item()
+    loss.backward()
+    with_zero = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    monkeypatch.setattr(type(student), "_paper_variant", lambda self: False)  # no regulariser term at all
+    monkeypatch.setattr(type(student), "_conditioner_stats", lambda self: {})
+    student(images, masks, targets, tokens).backward()
+    alone = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    assert with_zero.keys() == alone.keys()
+    assert all(torch.equal(with_zero[n], alone[n]) for n in alone)
+
+
+def test_captions_change_the_prediction_and_none_is_the_unconditioned_path(student_and_batch):
+    from data_pipelines.tokenizers import Tokens
+
+    method, images, masks, targets, tokens = student_and_batch
+    predictor, student = method.model.predictor, method.model
+    z = student.encoder(images, masks.context_idx, masks.context_valid if masks.padded else None)
+    args = (z, masks.context_idx, masks.target_idx, *((masks.context_valid, masks.target_valid) if masks.padded else (None, None)))
+    with torch.no_grad():
+        plain = predictor(*args)
+        conditioned = predictor(*args, student.text(tokens))
+        shuffled = predictor(*args, student.text(Tokens(tokens.ids[[1, 2, 0]], tokens.mask[[1, 2, 0]],
+                                                        tokens.has_text[[1, 2, 0]])))
+        dropped = predictor(*args, student.text(Tokens(tokens.ids, tokens.mask, torch.zeros_like(tokens.has_text))))
+    assert not torch.allclose(conditioned, plain) and not torch.allclose(conditioned, shuffled)
+    torch.testing.assert_close(dropped, plain, rtol=0, atol=0)
