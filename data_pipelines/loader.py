@@ -43,6 +43,7 @@ SKIP_REASONS = (
     "huge_caption",     # a caption over LoaderSpec.max_caption_bytes
     "missing_caption",  # no caption, when captions are required
     "bad_json",         # a .json member that does not parse to an object
+    "bad_captions",     # a json "captions" that is not a list of strings (read when max_captions > 1)
     "decode_error",     # anything else
 )
 MAX_SKIPS_BEFORE_FIRST = 1000  # a stream that never yields a good sample is an error, not a skip
@@ -105,6 +106,7 @@ class SkipCounter:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.notes: Counter[str] = Counter()  # kept samples worth a count: captions_over_max
         self.warned = 0
         self.decoded = 0  # samples delivered
 
@@ -126,10 +128,21 @@ class SkipTracker:
     def __init__(self) -> None:
         self.per_worker: dict[int, dict[str, int]] = {}
         self.delivered_per_worker: dict[int, int] = {}
+        self.notes_per_worker: dict[int, dict[str, int]] = {}
 
     def update(self, skipped: dict[str, Any]) -> None:
         self.per_worker[int(skipped["worker"])] = dict(skipped["counts"])
         self.delivered_per_worker[int(skipped["worker"])] = int(skipped.get("delivered", 0))
+        self.notes_per_worker[int(skipped["worker"])] = dict(skipped.get("notes", {}))
+
+    @property
+    def notes(self) -> dict[str, int]:
+        """Counts of kept samples that lost something (``captions_over_max``: more captions
+        than ``max_captions``, the first ones kept), summed over workers."""
+        total: Counter[str] = Counter()
+        for c in self.notes_per_worker.values():
+            total.update(c)
+        return dict(total)
 
     @property
     def delivered(self) -> int:
@@ -269,14 +282,34 @@ def _caption(raw: dict[str, Any], meta: dict[str, Any], rng: random.Random | Non
         raise SampleError("bad_text", f"txt is not UTF-8: {e}") from None
 
 
+def _caption_set(raw: dict[str, Any], meta: dict[str, Any], max_bytes: int, limit: int) -> tuple[list[str], int]:
+    """Several captions: the ``.txt`` member's, then ``meta["captions"]`` in order, each
+    non-empty text once; the first ``limit`` of them, and how many more there were."""
+    options = meta.get("captions", [])
+    if not isinstance(options, list) or not all(isinstance(c, str) for c in options):
+        raise SampleError("bad_captions", f"json 'captions' must be a list of strings, got {str(options)[:80]}")
+    texts = [_caption(raw, {}, None, max_bytes)]
+    for caption in options:
+        if len(caption.encode("utf-8")) > max_bytes:
+            raise SampleError("huge_caption", f"json caption of {len(caption.encode('utf-8'))} bytes > {max_bytes}")
+        texts.append(caption.strip())
+    unique = list(dict.fromkeys(t for t in texts if t))
+    return unique[:limit], max(0, len(unique) - limit)
+
+
 def decode_sample(
     raw: dict[str, Any],
     rng: random.Random | None = None,
     require_caption: bool = False,
     max_caption_bytes: int = MAX_CAPTION_BYTES,
     min_side: int = 0,
+    max_captions: int = 1,
 ) -> dict[str, Any]:
     """Raw tar members -> {key, image (PIL RGB), caption, meta}; raises :class:`SampleError`.
+
+    ``max_captions`` > 1 also gives ``caption_set``, up to that many captions (see
+    :func:`_caption_set`; ``caption`` is then its first), and ``captions_over_max``, how many
+    were left out.
 
     The cheap checks (members present, json, caption) run before the image is decoded. With
     ``min_side`` a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's
@@ -296,7 +329,13 @@ def decode_sample(
             raise SampleError("bad_json", f".json does not parse: {e}") from None
         if not isinstance(meta, dict):
             raise SampleError("bad_json", f".json holds a {type(meta).__name__}, not an object")
-    caption = _caption(raw, meta, rng, max_caption_bytes)
+    extra: dict[str, Any] = {}
+    if max_captions > 1:
+        caption_set, over = _caption_set(raw, meta, max_caption_bytes, max_captions)
+        caption = caption_set[0] if caption_set else ""
+        extra = {"caption_set": caption_set, "captions_over_max": over}
+    else:
+        caption = _caption(raw, meta, rng, max_caption_bytes)
     if require_caption and not caption:
         raise SampleError("missing_caption", "no caption (.txt or json 'captions') and data.require_captions is on")
     try:
@@ -306,7 +345,7 @@ def decode_sample(
             image = img.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise SampleError("bad_image", f".{ext} does not decode: {e!r}") from None
-    return {"key": raw.get("__key__", "?"), "image": image, "caption": caption, "meta": meta}
+    return {"key": raw.get("__key__", "?"), "image": image, "caption": caption, "meta": meta, **extra}
 
 
 def random_resized_crop_box(
@@ -370,6 +409,7 @@ class LoaderSpec:
     require_caption: bool = False  # skip samples without a caption (reason missing_caption)
     max_caption_bytes: int = MAX_CAPTION_BYTES
     tokenizer: Any = None  # captions -> Tokens, run in the workers; the batch then has "tokens"
+    max_captions: int = 1  # > 1: up to that many captions per image ("caption_sets"; tokens [B, N, L])
     draft: bool = True  # let the JPEG decoder downscale by 2/4/8 when the image is much larger than needed
 
 
@@ -415,7 +455,7 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
         min_side = draft_side(s) if s.draft else 0
         for raw in samples:
             try:
-                sample = decode_sample(raw, rng, s.require_caption, s.max_caption_bytes, min_side)
+                sample = decode_sample(raw, rng, s.require_caption, s.max_caption_bytes, min_side, s.max_captions)
             except Exception as e:  # noqa: BLE001 - any broken sample is skipped and counted
                 reason = e.reason if isinstance(e, SampleError) else "decode_error"
                 counter.skip(reason, f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}: {e}")
@@ -426,6 +466,8 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
                     ) from e
                 continue
             counter.decoded += 1
+            if sample.pop("captions_over_max", 0):
+                counter.notes["captions_over_max"] += 1
             image = sample.pop("image")
             w, h = image.size
             if rng is not None:
@@ -438,24 +480,25 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
             sample["image"] = image
             batch.append(sample)
             if len(batch) == s.batch_size:
-                out = collate(batch, wid, counter, s.image_size, s.tokenizer)
+                out = collate(batch, wid, counter, s.image_size, s.tokenizer, s.max_captions)
                 if source is not None:  # where this reader stands once the trainer has this batch
                     out["stream"] = {"role": role, "workers": nworkers, "state": source.state()}
                 yield out
                 batch, reported = [], dict(counter.counts)
         if not s.train and (batch or counter.counts != reported):
             # the rest, possibly no samples at all: the final skip counts must reach the consumer
-            yield collate(batch, wid, counter, s.image_size, s.tokenizer)
+            yield collate(batch, wid, counter, s.image_size, s.tokenizer, s.max_captions)
 
 
 def _skip_record(worker: int, counter: SkipCounter) -> dict[str, Any]:
-    return {"worker": worker, "counts": dict(counter.counts), "delivered": counter.decoded}
+    return {"worker": worker, "counts": dict(counter.counts), "delivered": counter.decoded, "notes": dict(counter.notes)}
 
 
 def collate(samples: list[dict[str, Any]], worker: int, counter: SkipCounter, image_size: int,
-            tokenizer: Any = None) -> dict[str, Any]:
+            tokenizer: Any = None, max_captions: int = 1) -> dict[str, Any]:
     """A batch; it may hold no samples (the last one of an evaluation worker whose tail was all
-    skipped), and always carries the worker's cumulative skip counts."""
+    skipped), and always carries the worker's cumulative skip counts. With ``max_captions`` > 1
+    it also holds ``caption_sets`` (and ``tokens`` [B, N, L])."""
     images = stack_images([s["image"] for s in samples], image_size)
     batch = {
         "images": images,
@@ -464,7 +507,13 @@ def collate(samples: list[dict[str, Any]], worker: int, counter: SkipCounter, im
         "meta": [s["meta"] for s in samples],
         "skipped": _skip_record(worker, counter),
     }
-    if tokenizer is not None:  # truncated/padded to the tokenizer's context length
+    if max_captions > 1:
+        batch["caption_sets"] = [s["caption_set"] for s in samples]
+        if tokenizer is not None:
+            from data_pipelines.tokenizers import tokenize_caption_sets
+
+            batch["tokens"] = tokenize_caption_sets(tokenizer, batch["caption_sets"], max_captions)
+    elif tokenizer is not None:  # truncated/padded to the tokenizer's context length
         batch["tokens"] = tokenizer(batch["captions"])
     return batch
 

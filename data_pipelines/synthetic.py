@@ -287,6 +287,39 @@ def caption_scene(scene: Scene, rng: random.Random) -> str:
     return text[0].upper() + text[1:]
 
 
+def partial_caption(scene: Scene, rng: random.Random) -> str:
+    """A caption naming only some of the objects (a random non-empty subset, in random order,
+    with random wording), sometimes with the background: one of several captions per image, so
+    that max-pooling over captions has different descriptions to choose from."""
+    objects = list(scene.objects)
+    rng.shuffle(objects)
+    chosen = objects[: rng.randint(1, len(objects))]
+    groups: dict[tuple[str, str], list[SceneObject]] = {}
+    for o in chosen:
+        groups.setdefault((o.color, o.shape), []).append(o)
+    items = _join([_group_phrase(rng, g) for g in groups.values()])
+    there = "there are" if len(next(iter(groups.values()))) > 1 else "there is"
+    templates = [f"{items}.", f"{there} {items}.", f"the image shows {items}.", f"{items} can be seen."]
+    if rng.random() < 0.5:
+        bg = _background_phrase(rng, scene)
+        templates += [f"{items}, on {bg}.", f"{bg} with {items}."]
+    text = rng.choice(templates)
+    return text[0].upper() + text[1:]
+
+
+def scene_captions(scene: Scene, first: str, rng: random.Random, n: int) -> list[str]:
+    """``n`` different captions of ``scene``: ``first`` (the full caption), then partial ones
+    (redrawn until they differ from those before, within a bounded number of tries)."""
+    captions = [first]
+    for _ in range(20 * n):
+        if len(captions) == n:
+            break
+        c = partial_caption(scene, rng) if rng.random() < 0.75 else caption_scene(scene, rng)
+        if c not in captions:
+            captions.append(c)
+    return captions
+
+
 # ----------------------------------------------------------------------------- questions
 
 
@@ -402,25 +435,36 @@ def scene_metadata(scene: Scene) -> dict[str, Any]:
 
 def render_scene(rng: random.Random, image_size: int = 64) -> tuple[Image.Image, str, dict[str, Any]]:
     """Sample and render one scene: ``(image, caption, metadata)``; metadata is the KEY.json dict."""
+    return _render(rng, image_size)[1:]
+
+
+def _render(rng: random.Random, image_size: int) -> tuple[Scene, Image.Image, str, dict[str, Any]]:
     scene = sample_scene(rng, image_size)
     image = draw_scene(scene, image_size)
     caption = caption_scene(scene, rng)
     meta = scene_metadata(scene)
     meta["qa"] = qa_for_scene(scene, rng)
-    return image, caption, meta
+    return scene, image, caption, meta
 
 
-def synthetic_sample(index: int, seed: int = 0, image_size: int = 64) -> dict[str, Any]:
-    """Shard sample ``index`` of the data set ``seed``: ``{"__key__", "png", "txt", "json"}``."""
-    image, caption, meta = render_scene(random.Random(f"{seed}-{index}"), image_size)
+def synthetic_sample(index: int, seed: int = 0, image_size: int = 64, captions_per_image: int = 1) -> dict[str, Any]:
+    """Shard sample ``index`` of the data set ``seed``: ``{"__key__", "png", "txt", "json"}``.
+
+    With ``captions_per_image`` N > 1, KEY.json also holds ``"captions"``: the KEY.txt caption
+    then N - 1 others, drawn from their own RNG stream, so the image, KEY.txt and the rest of
+    KEY.json are the same whatever N is."""
+    scene, image, caption, meta = _render(random.Random(f"{seed}-{index}"), image_size)
+    if captions_per_image > 1:
+        meta["captions"] = scene_captions(scene, caption, random.Random(f"{seed}-{index}-captions"), captions_per_image)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return {"__key__": f"{index:09d}", "png": buf.getvalue(), "txt": caption, "json": json.dumps(meta)}
 
 
-def iter_synthetic_samples(samples: int, seed: int = 0, image_size: int = 64) -> Iterator[dict[str, Any]]:
+def iter_synthetic_samples(samples: int, seed: int = 0, image_size: int = 64,
+                           captions_per_image: int = 1) -> Iterator[dict[str, Any]]:
     for index in range(samples):
-        yield synthetic_sample(index, seed, image_size)
+        yield synthetic_sample(index, seed, image_size, captions_per_image)
 
 
 def write_synthetic_shards(
@@ -430,6 +474,7 @@ def write_synthetic_shards(
     seed: int = 0,
     image_size: int = 64,
     progress: bool = False,
+    captions_per_image: int = 1,
 ) -> dict[str, Any]:
     """Write ``samples`` synthetic scenes as shards in ``out_dir``; return a summary.
 
@@ -438,11 +483,13 @@ def write_synthetic_shards(
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    if captions_per_image < 1:
+        raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 so shapes stay recognisable, got {image_size}")
     from tqdm.auto import tqdm
 
-    stream = tqdm(iter_synthetic_samples(samples, seed, image_size), total=samples, desc=f"scenes -> {out_dir}",
+    stream = tqdm(iter_synthetic_samples(samples, seed, image_size, captions_per_image), total=samples, desc=f"scenes -> {out_dir}",
                   unit="img", disable=not progress)
     shards = write_shards(stream, out_dir, shard_size=shard_size)
     return {

@@ -37,13 +37,23 @@ class Tokens:
 
 
 def drop_captions(tokens: Tokens, drop: torch.Tensor, empty: Tokens) -> Tokens:
-    """``tokens`` with the rows where ``drop`` is True replaced by ``empty`` (the tokenization of
-    ''): the same result as tokenizing '' in their place, for captions tokenized ahead of time."""
+    """``tokens`` with the captions where ``drop`` is True replaced by ``empty`` (the tokenization
+    of ''): the same result as tokenizing '' in their place, for captions tokenized ahead of time.
+    ``drop`` has the shape of ``tokens.has_text``: [B], or [B, N] with several captions per image."""
     if not bool(drop.any()):
         return tokens
-    d = drop.view(-1, 1)
-    return Tokens(torch.where(d, empty.ids[:1], tokens.ids), torch.where(d, empty.mask[:1], tokens.mask),
+    d = drop.unsqueeze(-1)
+    return Tokens(torch.where(d, empty.ids[0], tokens.ids), torch.where(d, empty.mask[0], tokens.mask),
                   tokens.has_text & ~drop)
+
+
+def tokenize_caption_sets(tokenizer: "Tokenizer", caption_sets: Sequence[Sequence[str]], n: int) -> Tokens:
+    """Up to ``n`` captions per image -> Tokens of shape [B, n, L]; missing captions are ''
+    (``has_text`` False), so an image with fewer captions pools over its real ones only."""
+    flat = [texts[i] if i < len(texts) else "" for texts in caption_sets for i in range(n)]
+    t = tokenizer(flat)
+    B, L = len(caption_sets), t.ids.size(-1)
+    return Tokens(t.ids.view(B, n, L), t.mask.view(B, n, L), t.has_text.view(B, n))
 
 
 class Tokenizer(Protocol):

@@ -68,7 +68,7 @@ class Row:
     index: int
     where: str  # for messages: 'captions.csv:12' or a file path
     image: str | bytes | None  # path (absolute or relative to the root) or the image bytes
-    caption: str | bytes | None
+    caption: str | bytes | list[Any] | None  # a list: several captions (a JSONL list, or several columns)
     extra: dict[str, Any] = field(default_factory=dict)
     error: tuple[str, str] | None = None  # (reason, detail) found while reading the manifest
 
@@ -138,7 +138,10 @@ def _folder_rows(root: Path) -> Iterator[Row]:
 def _table_rows(records: Iterable[dict[str, Any]], columns: list[str], name: str, opts: WriteOptions,
                 typed: bool) -> Iterator[Row]:
     image_col = _pick_column(columns, opts.image_column, IMAGE_COLUMNS, "image", name)
-    caption_col = _pick_column(columns, opts.caption_column, CAPTION_COLUMNS, "caption", name)
+    wanted = [c.strip() for c in opts.caption_column.split(",") if c.strip()] or [""]
+    caption_cols = [_pick_column(columns, c, CAPTION_COLUMNS, "caption", name) for c in wanted]
+    caption_of = ((lambda rec: rec.get(caption_cols[0])) if len(caption_cols) == 1
+                  else (lambda rec: [rec.get(c) for c in caption_cols if rec.get(c) not in (None, "")]))
     for i, rec in enumerate(records):
         where = f"{name}:{i + 1}"
         if isinstance(rec, Row):  # a line that failed to parse
@@ -146,14 +149,14 @@ def _table_rows(records: Iterable[dict[str, Any]], columns: list[str], name: str
             yield rec
             continue
         extra = {k: (_typed(v) if typed and isinstance(v, str) else v) for k, v in rec.items()
-                 if k not in (image_col, caption_col) and k is not None}
+                 if k not in (image_col, *caption_cols) and k is not None}
         image = rec.get(image_col)
         if isinstance(image, dict):  # parquet exports of image datasets: {"bytes": ..., "path": ...}
             image = image.get("bytes") or image.get("path")
         if image is None or image == "":
-            yield Row(i, where, None, rec.get(caption_col), extra, ("bad_row", f"no value in column {image_col!r}"))
+            yield Row(i, where, None, caption_of(rec), extra, ("bad_row", f"no value in column {image_col!r}"))
             continue
-        yield Row(i, where, image, rec.get(caption_col), extra)
+        yield Row(i, where, image, caption_of(rec), extra)
 
 
 def _csv_records(path: Path, delimiter: str) -> tuple[Iterator[dict[str, Any]], list[str]]:
@@ -245,7 +248,7 @@ def read_rows(path: Path, opts: WriteOptions) -> tuple[Iterator[Row], Path, int 
 # ----------------------------------------------------------------------------- one row -> one sample
 
 
-def _caption(raw: str | bytes | None, opts: WriteOptions) -> str:
+def _caption(raw: str | bytes | None, opts: WriteOptions, allow_empty: bool | None = None) -> str:
     if raw is None:
         raw = ""
     if not isinstance(raw, (str, bytes)):
@@ -258,7 +261,7 @@ def _caption(raw: str | bytes | None, opts: WriteOptions) -> str:
     except UnicodeError as e:  # bytes that are not UTF-8, or a CSV cell holding escaped bad bytes
         raise Skipped("bad_text", f"caption is not UTF-8: {e}") from None
     text = text.strip()
-    if not text and not opts.allow_empty_captions:
+    if not text and not (opts.allow_empty_captions if allow_empty is None else allow_empty):
         raise Skipped("empty_caption", "no caption")
     return text
 
@@ -306,13 +309,26 @@ def _image(image: str | bytes, root: Path, opts: WriteOptions) -> tuple[str, byt
         raise Skipped("bad_image", f"image does not decode: {e!r}") from None
 
 
+def _captions(raw: str | bytes | list[Any] | None, opts: WriteOptions) -> list[str]:
+    """One caption, or several (a list): each checked as :func:`_caption` checks one; empty ones
+    are dropped, and a row left with none is ``empty_caption`` (unless empty captions are allowed)."""
+    if not isinstance(raw, list):
+        return [_caption(raw, opts)]
+    if not all(isinstance(c, (str, bytes)) for c in raw):
+        raise Skipped("bad_row", f"a caption list must hold strings, got {[type(c).__name__ for c in raw]}")
+    texts = [t for t in (_caption(c, opts, allow_empty=True) for c in raw) if t]
+    if not texts and not opts.allow_empty_captions:
+        raise Skipped("empty_caption", "no caption")
+    return list(dict.fromkeys(texts)) or [""]
+
+
 def encode_row(row: Row, root: Path, opts: WriteOptions) -> dict[str, Any] | tuple[str, str]:
     """A row -> a shard sample (without its key), or ``(reason, detail)`` when it is skipped.
     Runs in worker processes, so it takes and returns plain data."""
     try:
         if row.error is not None:
             raise Skipped(*row.error)
-        caption = _caption(row.caption, opts)  # cheap checks before the image is read
+        captions = _captions(row.caption, opts)  # cheap checks before the image is read
         if row.image is None:
             raise Skipped("bad_row", "no image")
         ext, data, width, height = _image(row.image, root, opts)
@@ -320,12 +336,14 @@ def encode_row(row: Row, root: Path, opts: WriteOptions) -> dict[str, Any] | tup
         return e.reason, str(e)
     source = row.where if isinstance(row.image, (bytes, bytearray)) else str(row.image)
     meta = {**row.extra, "source": source, "width": width, "height": height}
+    if len(captions) > 1:  # KEY.txt holds the first; the loader reads them all with max_captions > 1
+        meta["captions"] = captions
     meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str)
     try:
         meta_json.encode("utf-8")
     except UnicodeError:
         return "bad_text", "a field of the row is not UTF-8"
-    return {ext: data, "txt": caption, "json": meta_json}
+    return {ext: data, "txt": captions[0], "json": meta_json}
 
 
 def _encode_star(args: tuple[Row, Path, WriteOptions]) -> tuple[Row, dict[str, Any] | tuple[str, str]]:

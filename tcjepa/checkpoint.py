@@ -29,10 +29,14 @@ def save_final(run_dir: str | Path, modules: dict[str, nn.Module], cfg: Config) 
 
     out = Path(run_dir) / FINAL
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
+    tensors, storages = {}, set()
     for prefix, module in modules.items():
         for name, t in module.state_dict().items():
-            tensors[f"{prefix}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
+            t = t.detach().to("cpu", torch.float32).contiguous()
+            if t.untyped_storage().data_ptr() in storages:  # tied weights (T5's shared embedding): safetensors
+                t = t.clone()  # stores each tensor on its own; loading ties them again
+            storages.add(t.untyped_storage().data_ptr())
+            tensors[f"{prefix}.{name}"] = t
     tmp = out / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "tcjepa"})
     tmp.replace(out / WEIGHTS)

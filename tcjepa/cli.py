@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shard-size", type=int, default=500)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--image-size", type=int, default=64)
+    d.add_argument("--captions-per-image", type=int, default=1,
+                   help="N > 1 also writes N different captions per scene to KEY.json 'captions' (KEY.txt first)")
     d = dsub.add_parser("write", help="image-caption folder or CSV/TSV/JSONL/parquet manifest -> shards",
                         description="Convert local images + captions into WebDataset shards (img2dataset layout). "
                                     "Rows that cannot be used are skipped, counted in OUT/stats.json and listed "
@@ -120,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resize", type=int, default=0, metavar="PX", help="shrink so the longer side is <= PX (default: keep)")
     d.add_argument("--workers", type=int, default=1, help="processes decoding/re-encoding images")
     d.add_argument("--image-column", default="", help="manifest column of image paths (default: image|filepath|path|file)")
-    d.add_argument("--caption-column", default="", help="manifest column of captions (default: caption|text|txt)")
+    d.add_argument("--caption-column", default="",
+                   help="manifest column of captions (default: caption|text|txt); several columns, comma-separated, "
+                        "give several captions per image (so does a JSONL list)")
     d.add_argument("--image-root", default="", help="relative image paths start here (default: the manifest's folder)")
     d.add_argument("--allow-empty-captions", action="store_true", help="keep rows without a caption")
     d.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
@@ -242,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             summary = write_synthetic_shards(args.out, samples=args.samples, shard_size=args.shard_size,
-                                             seed=args.seed, image_size=args.image_size, progress=True)
+                                             seed=args.seed, image_size=args.image_size, progress=True,
+                                             captions_per_image=args.captions_per_image)
         except ValueError as e:
             raise DataError(f"data synthetic: {e}") from e
         print(f"wrote {summary['samples']} samples in {len(summary['shards'])} shards to {args.out}")

@@ -95,9 +95,9 @@ class ConditionerConfig:
     ``tcjepa.models.conditioner`` for the design and ``tcjepa.models.text`` for the encoders."""
 
     enabled: bool = False
-    variant: str = "gated_topk"  # paper (per-layer cross-attention, regularised, captions max-pooled) | gated_topk
+    variant: str = "paper"  # paper (per-layer cross-attention, regularised, captions max-pooled) | gated_topk
     every: int = 1  # a conditioner after every n-th predictor block (the last block always has one)
-    max_captions: int = 1  # captions per image (KEY.txt, then KEY.json "captions"); paper: 8, max-pooled
+    max_captions: int = 8  # paper: captions per image (KEY.txt, then KEY.json "captions"), max-pooled; gated_topk: 1
     sparse_weight: float = 0.1  # paper: lambda, the weight of L_sparse (the overlaps' L1 norm)
     consistency_weight: float = 0.5  # paper: beta, the weight of L_consistency (overlaps equal across layers)
     sparsity: str = "topk"  # gated_topk: topk | sparsemax | softmax
@@ -106,7 +106,7 @@ class ConditionerConfig:
     qk_norm: bool = True  # gated_topk: LayerNorm on queries and keys per head: O(1) logits from step 0
     gate_scale: float = 10.0  # gated_topk: the gate is tanh(gate_scale * g): a gate-only learning-rate multiplier under Adam
     caption_dropout: float = 0.1  # probability of training a sample without its caption
-    text_encoder: str = "scratch"  # scratch | hf | open_clip
+    text_encoder: str = "scratch"  # scratch | hf | t5 (frozen, the paper's; a local directory) | open_clip
     text_path: str = ""  # hf: local model directory; open_clip: optional local checkpoint
     text_frozen: bool | None = None  # default: frozen for hf, trained for scratch/open_clip
     text_width: int = 256  # scratch encoder, and open_clip when open_clip_model is ""
@@ -441,13 +441,21 @@ def resolve_asset_path(path: str) -> str:
     return str(module.get_model_path())
 
 
+def captions_per_image(c: ConditionerConfig) -> int:
+    """How many captions the loader reads per image: ``max_captions`` for the paper variant, one
+    for ``gated_topk`` (which reads a single caption), none without a conditioner (0)."""
+    if not c.enabled:
+        return 0
+    return c.max_captions if c.variant == "paper" else 1
+
+
 def resolved_text_path(c: ConditionerConfig) -> str:
     return resolve_asset_path(c.text_path) if c.text_path else ""
 
 
 def resolved_tokenizer(c: ConditionerConfig) -> tuple[str, str]:
     """``(kind, path)`` of the caption tokenizer the conditioner config asks for."""
-    kind = c.tokenizer if c.tokenizer != "auto" else ("hf" if c.text_encoder == "hf" else "open_clip")
+    kind = c.tokenizer if c.tokenizer != "auto" else ("hf" if c.text_encoder in ("hf", "t5") else "open_clip")
     path = resolve_asset_path(c.tokenizer_path) if c.tokenizer_path else (resolved_text_path(c) if kind == "hf" else "")
     return kind, path
 
@@ -469,8 +477,6 @@ def _validate_conditioner_layers(cfg: Config, source: str, predictor_heads: int)
     _check(c.variant in ("paper", "gated_topk"), source, "conditioner.variant",
            f"must be paper or gated_topk, got {c.variant!r}")
     _check(c.max_captions >= 1, source, "conditioner.max_captions", f"must be >= 1, got {c.max_captions}")
-    _check(c.variant == "paper" or c.max_captions == 1, source, "conditioner.max_captions",
-           f"must be 1 for variant gated_topk (one caption per image), got {c.max_captions}")
     for key in ("sparse_weight", "consistency_weight"):
         value = getattr(c, key)
         _check(isinstance(value, (int, float)) and value >= 0 and math.isfinite(value), source,
@@ -488,8 +494,8 @@ def _validate_conditioner_layers(cfg: Config, source: str, predictor_heads: int)
 def _validate_text_tower(cfg: Config, source: str) -> None:
     """The text encoder and tokenizer keys (``conditioner.text_*``): TC-JEPA's and CLIP's tower."""
     c = cfg.conditioner
-    _check(c.text_encoder in ("scratch", "hf", "open_clip"), source, "conditioner.text_encoder",
-           f"must be scratch, hf or open_clip, got {c.text_encoder!r}")
+    _check(c.text_encoder in ("scratch", "hf", "t5", "open_clip"), source, "conditioner.text_encoder",
+           f"must be scratch, hf, t5 or open_clip, got {c.text_encoder!r}")
     _check(c.context_length >= 2, source, "conditioner.context_length", "must be >= 2")
     if c.text_encoder == "scratch" or (c.text_encoder == "open_clip" and not c.open_clip_model):
         _check(c.text_width > 0 and c.text_heads > 0 and c.text_width % c.text_heads == 0, source,
@@ -499,9 +505,16 @@ def _validate_text_tower(cfg: Config, source: str) -> None:
         text_path = resolved_text_path(c)
     except ConfigError as e:
         raise ConfigError(f"{source}: conditioner.text_path {e}") from e
-    if c.text_encoder == "hf":
+    if c.text_encoder in ("hf", "t5"):
         _check(bool(text_path) and Path(text_path).is_dir(), source, "conditioner.text_path",
-               f"must be a local Hugging Face model directory for text_encoder hf, got {c.text_path!r}")
+               f"must be a local Hugging Face model directory for text_encoder {c.text_encoder}, got {c.text_path!r}")
+    if c.text_encoder == "t5":
+        from tcjepa.models.text import T5_MODEL_TYPES, hf_model_type
+
+        found = hf_model_type(text_path)
+        _check(found in T5_MODEL_TYPES, source, "conditioner.text_path",
+               f"must hold a T5 model for text_encoder t5 (its config.json model_type is {found or 'missing'!r}): "
+               f"{c.text_path!r}")
     if c.text_encoder == "open_clip" and c.text_path:
         _check(Path(text_path).is_file(), source, "conditioner.text_path",
                f"open_clip checkpoint {c.text_path!r} does not exist")
@@ -511,8 +524,9 @@ def _validate_text_tower(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: conditioner.tokenizer_path {e}") from e
     _check(kind in ("open_clip", "hf", "sentencepiece"), source, "conditioner.tokenizer",
            f"must be auto, open_clip, hf or sentencepiece, got {c.tokenizer!r}")
-    _check(c.text_encoder != "hf" or kind == "hf", source, "conditioner.tokenizer",
-           f"must be hf (or auto) for text_encoder hf: the pretrained encoder reads its own tokenizer's ids, got {c.tokenizer!r}")
+    _check(c.text_encoder not in ("hf", "t5") or kind == "hf", source, "conditioner.tokenizer",
+           f"must be hf (or auto) for text_encoder {c.text_encoder}: the pretrained encoder reads its own "
+           f"tokenizer's ids, got {c.tokenizer!r}")
     if kind == "hf":
         _check(bool(path) and Path(path).is_dir(), source, "conditioner.tokenizer_path",
                f"must be a local Hugging Face tokenizer directory, got {path!r}")

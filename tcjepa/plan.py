@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tcjepa.config import Config, ConfigError
+from tcjepa.config import Config, ConfigError, captions_per_image
 
 GIB = 2**30
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
@@ -88,6 +88,10 @@ class ModelInventory:
     text_params: int  # text tower, trained or frozen
     teacher_params: int  # the target encoder, outside the engine
     largest_layer: int  # most parameters held directly by one module (DeepSpeed's ZeRO-3 term)
+    variant: str = "gated_topk"  # conditioner.variant (paper: per-layer cross-attention over N captions)
+    captions: int = 1  # captions per image that the text tower and the conditioners run on
+    cond_hidden: int = 0  # the paper conditioner's MLP width
+    embedding_params: int = 0  # trained lookup tables (a scratch text tower's): autocast makes no bf16 copy
 
     @property
     def grid(self) -> int:
@@ -117,9 +121,11 @@ def _vit_tower(model: Any) -> Tower:
 def _hf_text_on_meta(path: str) -> tuple[nn.Module, Tower]:
     """A pretrained Hugging Face encoder's architecture, without its weights: ``from_pretrained``
     refuses the meta device, ``from_config`` builds the same modules."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, T5EncoderModel
 
     conf = AutoConfig.from_pretrained(path, local_files_only=True)
+    if conf.model_type in ("t5", "mt5", "umt5"):  # the encoder stack only, as HFTextEncoder loads it
+        return T5EncoderModel(conf), Tower(conf.num_layers, conf.d_model, conf.d_ff, conf.num_heads)
     model = AutoModel.from_config(conf)
     return model, Tower(conf.num_hidden_layers, conf.hidden_size, conf.intermediate_size, conf.num_attention_heads)
 
@@ -129,10 +135,11 @@ def _text_on_meta(cfg: Config, vocab_size: int, predictor_width: int) -> tuple[n
     from tcjepa.models.text import TextTower, build_text_encoder
 
     c = cfg.conditioner
-    frozen = c.text_frozen if c.text_frozen is not None else c.text_encoder == "hf"
-    if c.text_encoder == "hf":
+    frozen = c.text_frozen if c.text_frozen is not None else c.text_encoder in ("hf", "t5")
+    if c.text_encoder in ("hf", "t5"):
         encoder, tower = _hf_text_on_meta(resolved_text_path(c))
         encoder.requires_grad_(not frozen)
+        encoder.width = tower.width  # what TextTower reads off an HFTextEncoder
     else:  # the open_clip checkpoint (text_path) holds weights only: the architecture needs no file
         encoder = build_text_encoder(c.text_encoder, vocab_size=vocab_size, context_length=c.context_length,
                                      width=c.text_width, depth=c.text_depth, num_heads=c.text_heads,
@@ -167,7 +174,8 @@ def inventory(cfg: Config) -> ModelInventory:
     """Build the student (encoder, predictor, text tower, conditioners) and teacher on the meta
     device and read off shapes and parameter counts. Mirrors ``tcjepa.methods.jepa.build_student``
     (a test checks that the counts agree)."""
-    from tcjepa.models.conditioner import build_conditioners, conditioned_blocks
+    from tcjepa.config import captions_per_image
+    from tcjepa.models.conditioner import build_caption_conditioners, build_conditioners, conditioned_blocks
     from tcjepa.models.predictor import Predictor
     from tcjepa.models.vit import build_encoder
 
@@ -187,12 +195,19 @@ def inventory(cfg: Config) -> ModelInventory:
             from tcjepa.methods.jepa import build_tokenizer_for
 
             cond_heads = c.heads or heads
-            predictor.conditioners = build_conditioners(m.predictor_width, m.predictor_depth, c.every, cond_heads,
-                                                        c.sparsity, c.top_k, c.qk_norm, c.gate_scale, m.init_std)
+            if c.variant == "paper":
+                predictor.conditioners = build_caption_conditioners(m.predictor_width, m.predictor_depth, c.every,
+                                                                    cond_heads, mlp_ratio, m.init_std)
+            else:
+                predictor.conditioners = build_conditioners(m.predictor_width, m.predictor_depth, c.every,
+                                                            cond_heads, c.sparsity, c.top_k, c.qk_norm, c.gate_scale,
+                                                            m.init_std)
             text_module, text = _text_on_meta(cfg, build_tokenizer_for(cfg).vocab_size, m.predictor_width)
             student.append(text_module)
             cond_layers = len(conditioned_blocks(m.predictor_depth, c.every))
     trainable, frozen, largest = count_params(student)
+    tables = sum(p.numel() for mod in student.modules() if isinstance(mod, nn.Embedding)
+                 for p in mod.parameters(recurse=False) if p.requires_grad)
 
     def n(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
@@ -204,6 +219,8 @@ def inventory(cfg: Config) -> ModelInventory:
         cond_heads=cond_heads, top_k=c.top_k, sparsity=c.sparsity, trainable=trainable, frozen=frozen,
         encoder_params=n(encoder), predictor_params=n(predictor),
         text_params=n(student[2]) if c.enabled else 0, teacher_params=n(teacher), largest_layer=largest,
+        variant=c.variant, captions=max(captions_per_image(c), 1),
+        cond_hidden=int(m.predictor_width * mlp_ratio) if c.variant == "paper" else 0, embedding_params=tables,
     )
 
 
@@ -423,6 +440,28 @@ def _conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: ActBytes) -
     return s.real * per_real + s.layout * per_layout + queries * per_query + text
 
 
+def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: ActBytes) -> float:
+    """One ``CaptionCrossAttention`` (the paper variant) over N captions, counted tensor by tensor
+    from what autograd saves (``low``: matmul inputs and outputs; ``wide``: the residual stream).
+    Per layout position (it works on the unpacked [B * T, N] rows): the norm's input and
+    statistics, q's input, q's contiguous copy for the score matmul, q in fp32 with its norm and
+    normalised copy for the cosines, the pooled maximum, the pooled state with its norm
+    statistics, fc1's input and output, fc2's input. Per (caption, position): the attention
+    weights, proj's input, the pooling's input, the head-averaged cosines, and the regularisers'
+    deviation from the layer mean (``abs`` keeps its input). Per caption word: k and v for the
+    matmuls, k in fp32 with its norm and normalised copy, two masks, and under bf16 the cast of
+    the text features that W_K and W_V share. Packed: the packed input too. (Equal, to the byte
+    but for a few boolean masks, to what one layer saves in fp32 and in CPU bf16.)"""
+    W, L, N, H = inv.predictor.width, inv.text.length if inv.text else 0, inv.captions, inv.cond_heads
+    hidden = inv.cond_hidden or 4 * W
+    low, wide = dt.low, dt.wide
+    per_position = 2 * W * wide + 2 * 8 + 5 * W * low + 2 * hidden * low + W * 4 + 2 * H * 4
+    per_caption_position = H * L * low + 2 * W * low + 2 * L * low
+    per_word = 3 * W * low + W * 4 + 2 * H * 4 + 2 + (W * low if low < 4 else 0)
+    packed = s.real * W * wide if s.packed else 0  # the packed input, kept by the unpack
+    return s.layout * (per_position + N * per_caption_position) + batch * N * L * per_word + packed
+
+
 def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, checkpointing: bool = False,
                       device: str = "cuda", attention: str = "groups") -> Activations:
     """Analytic activation bytes of one training step on a micro-batch with token counts ``tok``.
@@ -461,12 +500,16 @@ def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, chec
     text_block = None
     if inv.text is not None:
         tt, L = inv.text.tower, inv.text.length
-        tseq = Seqs(B * L, B * L, False)  # full-length captions: nothing to pack
+        BN = B * inv.captions  # every caption of every image through the text tower
+        tseq = Seqs(BN * L, BN * L, False)  # full-length captions: nothing to pack
         if inv.text.trained:
-            text += B * L * 8 + tower_bytes(tseq, tt, dt, 4, 4, checkpointing) + B * L * tt.width * 4
+            text += BN * L * 8 + tower_bytes(tseq, tt, dt, 4, 4, checkpointing) + BN * L * tt.width * 4
             text_block = block_bytes(tseq, tt, dt, 4)
-        text += B * L * tt.width * dt.low + B * L * W * 4  # TextTower proj input, norm input
-        one_cond = _conditioner_bytes(inv, Seqs(seq.real, layout, seq.packed), B, dt)
+        text += BN * L * tt.width * dt.low + BN * L * W * 4  # TextTower proj input, norm input
+        if inv.variant == "paper" and dt.low == 4:  # fp32: every layer's W_K and W_V keep the same features
+            text += BN * L * W * 4
+        conditioner_bytes = _caption_conditioner_bytes if inv.variant == "paper" else _conditioner_bytes
+        one_cond = conditioner_bytes(inv, Seqs(seq.real, layout, seq.packed), B, dt)
         cond = inv.cond_layers * one_cond
     targets = B * T * tok.target_pad * Dout * 4
     recompute = 0.0
@@ -477,7 +520,8 @@ def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, chec
             turns.append(text_block - pred - cond)
         recompute = max(0.0, *turns)
     # checkpointed blocks run their forward without keeping anything, autocast's weight casts included
-    copies = 2.0 * inv.trainable if precision == "bf16" and not checkpointing else 0.0
+    # embedding tables are looked up, not cast: autocast keeps no bf16 copy of them
+    copies = 2.0 * (inv.trainable - inv.embedding_params) if precision == "bf16" and not checkpointing else 0.0
     te = inv.teacher  # an upper bound: the MLP's live tensors plus the fp32 output and its LayerNorm
     teacher_peak = B * tok.full * (te.width * (dt.low + 2 * 4) + 2 * te.hidden * dt.low) + targets
     return Activations(enc, pred, text, cond, targets, copies, recompute, teacher_peak)
@@ -522,10 +566,15 @@ def model_flops(inv: ModelInventory, tok: TokenStats) -> Flops:
     teacher = embed * inv.teacher.width / e.width + tower_flops([tok.full], inv.teacher)
     text = cond = 0.0
     if inv.text is not None:
-        tt, L, W = inv.text.tower, inv.text.length, p.width
-        text = tower_flops([L], tt)
+        tt, L, W, N = inv.text.tower, inv.text.length, p.width, inv.captions
+        text = N * tower_flops([L], tt)
         q = sum(seqs) / B  # predictor tokens per image: the conditioners' queries
-        cond = 2 * L * tt.width * W + inv.cond_layers * (2 * q * W * W * 2 + 2 * L * W * 2 * W + 4 * q * L * W)
+        if inv.variant == "paper":  # q and the MLP once; k, v, scores, AV, cosines and proj per caption
+            hidden = inv.cond_hidden or 4 * W
+            per_layer = 2 * q * W * W + 2 * q * 2 * W * hidden + N * (2 * L * W * 2 * W + 3 * 2 * q * L * W + 2 * q * W * W)
+        else:
+            per_layer = 2 * q * W * W * 2 + 2 * L * W * 2 * W + 4 * q * L * W
+        cond = N * 2 * L * tt.width * W + inv.cond_layers * per_layer
     trained = inv.text.trained if inv.text else False
     return Flops(enc, pred, text, cond, teacher, trained)
 
@@ -985,8 +1034,9 @@ def probe_step(cfg: Config, batch: int, seed: int = 0, checkpointing: bool = Fal
     tokens = None
     if method.tokenizer is not None:  # full-length captions, as the estimate assumes
         L = cfg.conditioner.context_length
-        ids = torch.randint(1, method.tokenizer.vocab_size, (batch, L), generator=gen)
-        tokens = Tokens(ids, torch.ones(batch, L, dtype=torch.bool), torch.ones(batch, dtype=torch.bool))
+        shape = (batch, L) if captions_per_image(cfg.conditioner) <= 1 else (batch, cfg.conditioner.max_captions, L)
+        ids = torch.randint(1, method.tokenizer.vocab_size, shape, generator=gen)
+        tokens = Tokens(ids, torch.ones(shape, dtype=torch.bool), torch.ones(shape[:-1], dtype=torch.bool))
     return StepProbe(method, images, masks, tokens)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from tcjepa.config import ConfigError, load_config, project_root
+from tcjepa.config import ConfigError, captions_per_image, load_config, project_root
 
 QUICKSTART_RECIPE = "recipes/tcjepa_quickstart.yaml"
 LABEL_TITLES = {"label": "shape", "labels.color": "colour", "labels.count": "count", "labels.bg": "backgr."}
@@ -35,10 +35,12 @@ def quickstart(
         raise ConfigError(f"{out} already holds a finished quickstart; pass --out NEW_DIR")
     recipe = project_root() / QUICKSTART_RECIPE
     train_dir, val_dir = out / "data" / "train", out / "data" / "val"
+    cfg = load_config(recipe, [f"data.train={train_dir}", f"data.val={val_dir}", *(overrides or [])])
+    captions = max(captions_per_image(cfg.conditioner), 1)  # the paper variant max-pools over several
     for path, n, seed in ((train_dir, train_samples, 0), (val_dir, val_samples, 1)):
         if not any(path.glob("*.tar")):
-            write_synthetic_shards(path, samples=n, shard_size=500, seed=seed, progress=progress)
-    cfg = load_config(recipe, [f"data.train={train_dir}", f"data.val={val_dir}", *(overrides or [])])
+            write_synthetic_shards(path, samples=n, shard_size=500, seed=seed, progress=progress,
+                                   captions_per_image=captions)
     train(cfg, run_dir, progress=progress)
 
     trained = run_probe(run_dir, str(train_dir), str(val_dir), progress=progress)["metrics"]

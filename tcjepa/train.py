@@ -27,7 +27,7 @@ import torch
 
 from data_pipelines.loader import SKIP_REASONS, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
 from tcjepa.checkpoint import imported_run, init_from_final, save_final
-from tcjepa.config import Config, ConfigError, save_config
+from tcjepa.config import Config, ConfigError, captions_per_image, save_config
 from tcjepa.distributed import DistInfo, barrier, init_distributed
 from tcjepa.masks import sample_masks
 from tcjepa.methods import build_method
@@ -119,12 +119,17 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+NOTES = ("captions_over_max",)  # kept samples that lost something, counted beside the skips
+
+
 def global_skips(tracker: SkipTracker, before: dict[str, int], info: DistInfo) -> dict[str, int]:
-    """Skipped samples by reason, summed over ranks and over earlier invocations of the run."""
-    counts = torch.tensor([float(tracker.counts.get(r, 0)) for r in SKIP_REASONS], device=info.device)
+    """Skipped samples by reason (and the :data:`NOTES` counts), summed over ranks and over
+    earlier invocations of the run."""
+    local = {**tracker.counts, **tracker.notes}
+    counts = torch.tensor([float(local.get(r, 0)) for r in (*SKIP_REASONS, *NOTES)], device=info.device)
     if info.world_size > 1:
         torch.distributed.all_reduce(counts)
-    return {r: int(c) + int(before.get(r, 0)) for r, c in zip(SKIP_REASONS, counts.tolist())}
+    return {r: int(c) + int(before.get(r, 0)) for r, c in zip((*SKIP_REASONS, *NOTES), counts.tolist())}
 
 
 def checkpoint_client(method: Any, step: int, skipped: dict[str, int], bad_steps: int, streams: dict[int, Any],
@@ -306,6 +311,7 @@ def train(
         crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, resume=streams, consumed=start,
         require_caption=cfg.data.require_captions, max_caption_bytes=cfg.data.max_caption_bytes,
         tokenizer=method.tokenizer,  # captions are tokenized in the loader's workers
+        max_captions=max(captions_per_image(cfg.conditioner), 1),
     ))
     streams = dict(streams or {})
     log = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start)
@@ -340,7 +346,8 @@ def train(
 
             gen.manual_seed(_mask_seed(cfg.train.seed, info.rank, step))
             masks = sample_masks(images.size(0), grid, gen, **mask_kwargs).to(info.device) if method.uses_masks else None
-            tokens = method.text_inputs(batch["captions"], gen, batch.get("tokens"))  # after the masks: same masks as I-JEPA
+            captions = batch.get("caption_sets", batch["captions"])
+            tokens = method.text_inputs(captions, gen, batch.get("tokens"))  # after the masks: same masks as I-JEPA
             if tokens is not None:
                 tokens = tokens.to(info.device)
 
@@ -394,8 +401,9 @@ def train(
                 record = {
                     "step": done, "loss": stats[0], "lr": lr, "wd": wd, **sched,
                     "img_per_s": n_window * cfg.train.batch_size / max(elapsed, 1e-9),
-                    "skipped": sum(skipped.values()),
-                    **{f"skipped_{r}": n for r, n in skipped.items() if n},
+                    "skipped": sum(skipped.get(r, 0) for r in SKIP_REASONS),
+                    **{f"skipped_{r}": skipped[r] for r in SKIP_REASONS if skipped.get(r)},
+                    **{r: skipped[r] for r in NOTES if skipped.get(r)},
                     "bad_steps": bad_steps,
                     **{k: v for k, v in zip(extra_sum, stats[1:])},
                 }

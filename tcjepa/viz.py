@@ -5,7 +5,9 @@ predict every patch (one target block covering the grid, context = all patches);
 conditioners keep their attention weights. For each caption token, the weight that each patch's
 prediction query puts on that token (averaged over heads and conditioner layers) is drawn as a
 heat map over the image: with a working conditioner, "red" lights up the red object, "top" the
-top of the image. Writes ``attention_NN.png`` per sample and ``attention.json`` with the numbers.
+top of the image. For the paper variant a second set of maps shows the word overlaps
+O = max(cos(q, k), 0) that its sparsity and consistency losses act on. Writes
+``attention_NN.png`` per sample and ``attention.json`` with the numbers.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import torch
 TILE = 128
 
 
-def attention_maps(student: Any, images: torch.Tensor, tokens: Any) -> torch.Tensor:
-    """Per-sample [L, N] attention of the N patch-prediction queries on the L caption tokens."""
+def attention_maps(student: Any, images: torch.Tensor, tokens: Any) -> dict[str, torch.Tensor]:
+    """Per-sample [L, N] maps of the N patch-prediction queries over the L caption tokens,
+    averaged over heads and conditioner layers: ``attention`` (the softmax or top-k weights)
+    and, for the paper variant, ``overlap`` (O = max(cos(q, k), 0), what its regularisers see)."""
     enc, pred = student.encoder, student.predictor
     B, N = images.size(0), enc.grid[0] * enc.grid[1]
     idx = torch.arange(N).expand(B, N)
@@ -32,12 +36,16 @@ def attention_maps(student: Any, images: torch.Tensor, tokens: Any) -> torch.Ten
         with torch.no_grad():
             z = enc(images)
             pred(z, idx, idx[:, None, :], text=student.text(tokens))
-        # weights [B, H, Q, L], queries = N context tokens then N mask tokens: keep the mask tokens
-        maps = torch.stack([c.last_weights[:, :, N:, :].mean(1) for c in layers]).mean(0)  # [B, N, L]
+        # queries = N context tokens then N mask tokens: keep the mask tokens. gated_topk keeps
+        # weights [B, H, Q, L]; the paper variant [B, captions, Q, L], already averaged over heads
+        maps = {"attention": torch.stack([c.last_weights[:, :, N:, :].mean(1) for c in layers]).mean(0)}
+        overlaps = [getattr(c, "last_overlap", None) for c in layers]
+        if all(o is not None for o in overlaps):
+            maps["overlap"] = torch.stack([o[:, 0, N:, :] for o in overlaps]).mean(0)
     finally:
         for c in layers:
             c.keep_weights, c.last_weights = False, None
-    return maps.transpose(1, 2)
+    return {k: m.transpose(1, 2) for k, m in maps.items()}  # [B, L, N]
 
 
 def _heat(image, weights: torch.Tensor, grid: tuple[int, int], vmax: float):
@@ -50,13 +58,19 @@ def _heat(image, weights: torch.Tensor, grid: tuple[int, int], vmax: float):
     return Image.composite(red, base, heat.point(lambda v: int(v * 0.75)))
 
 
-def render_sample(image, caption: str, words: list[str], maps: torch.Tensor, grid: tuple[int, int], per_row: int = 6):
-    """One PNG: the image, its caption, and one heat map per caption token, all on one colour
-    scale (the sample's largest weight), so a word that no patch reads stays dark."""
+def render_sample(image, caption: str, words: list[str], maps: torch.Tensor | dict[str, torch.Tensor],
+                  grid: tuple[int, int], per_row: int = 6):
+    """One PNG: the image, its caption, and one heat map per caption word and kind of map
+    (attention, then overlap for the paper variant), each kind on one colour scale (the
+    sample's largest value of that kind), so a word that no patch reads stays dark."""
     from PIL import Image, ImageDraw
 
-    vmax = float(maps.max()) if maps.numel() else 1.0
-    tiles = [(image.resize((TILE, TILE)), "image")] + [(_heat(image, m, grid, vmax), w) for w, m in zip(words, maps)]
+    kinds = maps if isinstance(maps, dict) else {"attention": maps}
+    tiles = [(image.resize((TILE, TILE)), "image")]
+    for kind, m in kinds.items():
+        vmax = float(m.max()) if m.numel() else 1.0
+        prefix = "" if len(kinds) == 1 else f"{kind[:3]}: "
+        tiles += [(_heat(image, w_map, grid, vmax), prefix + w) for w, w_map in zip(words, m)]
     rows = (len(tiles) + per_row - 1) // per_row
     lines = textwrap.wrap(caption or "(no caption)", width=per_row * TILE // 7)
     head, label = 14 * len(lines) + 8, 16
@@ -90,7 +104,7 @@ def visualize_attention(checkpoint: str | Path, data: str, out: str | Path, samp
     if batch is None:
         raise DataError(f"--data: no readable sample in {data}")
     tokens = tokenizer(batch["captions"])
-    maps = attention_maps(student, normalize(batch["images"]), tokens)  # [B, L, N]
+    maps = attention_maps(student, normalize(batch["images"]), tokens)  # kind -> [B, L, N]
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,10 +114,11 @@ def visualize_attention(checkpoint: str | Path, data: str, out: str | Path, samp
         words = tokenizer.token_strings(tokens.ids[i, real].tolist())
         image = Image.fromarray(batch["images"][i].permute(1, 2, 0).numpy())
         path = out / f"attention_{i:02d}.png"
-        render_sample(image, caption, words, maps[i, real], student.encoder.grid).save(path)
+        mine = {kind: m[i, real] for kind, m in maps.items()}
+        render_sample(image, caption, words, mine, student.encoder.grid).save(path)
         written.append(path)
         record.append({"key": batch["keys"][i], "caption": caption, "tokens": words,
-                       "attention": [[round(float(v), 5) for v in m] for m in maps[i, real]]})
+                       **{kind: [[round(float(v), 5) for v in row] for row in m] for kind, m in mine.items()}})
     (out / "attention.json").write_text(json.dumps({"checkpoint": str(checkpoint), "grid": list(student.encoder.grid),
                                                     "samples": record}, indent=1))
     return written

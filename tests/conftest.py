@@ -97,3 +97,28 @@ def write_text_tower_package(root: Path, name: str = "tiny_text_tower") -> str:
     (package / "__init__.py").write_text(
         f"from pathlib import Path\n\n\ndef get_model_path() -> str:\n    return {str(model_dir)!r}\n")
     return f"pkg:{name}"
+
+
+def write_t5_model(root: Path, captions: list[str] | None = None, path: Path | None = None) -> Path:
+    """A tiny random T5 encoder and its SentencePiece (unigram) tokenizer, saved as a local
+    Hugging Face directory (``path``, default ``root/t5_tiny``): the shape of the TC-JEPA paper's
+    frozen T5, its tokenizer trained on ``captions``."""
+    import io as _io
+
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    texts = captions or ["a red circle on the left", "two blue squares at the top", "a large green star",
+                         "an image of a small pink diamond on a grey background"]
+    buf = _io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts * 20), model_writer=buf, vocab_size=60,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    tokenizer = T5Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
+                            extra_ids=0)
+    path = path or root / "t5_tiny"
+    tokenizer.save_pretrained(path)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    T5EncoderModel(config).save_pretrained(path)
+    return path

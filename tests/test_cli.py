@@ -25,7 +25,7 @@ def test_quickstart_then_eval_probe(tmp_path, capsys):
                         progress=False, train_samples=300, val_samples=100)
     printed = capsys.readouterr().out
     assert "TC-JEPA, trained (EMA teacher)" in printed and "random init" in printed and "colour" in printed
-    assert "cond_gate" in (Path(result["run_dir"]) / "metrics.jsonl").read_text()  # quickstart trains TC-JEPA
+    assert "cond_sparse" in (Path(result["run_dir"]) / "metrics.jsonl").read_text()  # quickstart trains TC-JEPA (paper)
     assert len(list(Path(result["viz"]).glob("attention_*.png"))) == 4
     run = Path(result["run_dir"])
     saved = json.loads((run / "eval" / "probe.json").read_text())

@@ -13,8 +13,10 @@ from tcjepa.models.conditioner import TextConditioner, build_conditioners, condi
 from tcjepa.models.vit import Packing
 
 TC_RECIPE = project_root() / "recipes/tcjepa_quickstart.yaml"
+# this file tests the gated_topk variant (tests/test_paper_conditioner.py the paper's)
 TINY = ["model.encoder=vit_micro_8", "model.depth=2", "model.predictor_depth=3", "model.predictor_width=48",
-        "conditioner.text_width=32", "conditioner.text_depth=1", "conditioner.context_length=16"]
+        "conditioner.text_width=32", "conditioner.text_depth=1", "conditioner.context_length=16",
+        "conditioner.variant=gated_topk"]
 
 
 def tiny_cfg(*extra: str):
@@ -219,6 +221,12 @@ def test_conditioner_stats_are_recorded():
     (["conditioner.text_encoder=hf", f"conditioner.text_path={project_root()}", "conditioner.tokenizer=open_clip"], "must be hf"),
     (["conditioner.heads=5"], "conditioner.heads"),
     (["conditioner.gate_scale=0"], "conditioner.gate_scale"),
+    (["conditioner.variant=sparse"], r"conditioner.variant must be paper or gated_topk, got 'sparse'"),
+    (["conditioner.max_captions=0"], r"conditioner.max_captions must be >= 1, got 0"),
+    (["conditioner.sparse_weight=-0.1"], r"conditioner.sparse_weight must be a finite number >= 0, got -0.1"),
+    (["conditioner.consistency_weight=.inf"], r"conditioner.consistency_weight must be a finite number >= 0"),
+    (["train.predict_loss=l1"], r"train.predict_loss must be smooth_l1 or l2, got 'l1'"),
+    (["conditioner.text_encoder=t5", "conditioner.text_path=/nonexistent/t5-base"], "conditioner.text_path"),
 ])
 def test_conditioner_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

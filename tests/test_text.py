@@ -144,15 +144,20 @@ def scratch_run(captioned_shards, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("encoder", ["scratch", "hf", "open_clip"])
+@pytest.mark.parametrize("encoder", ["scratch", "hf", "open_clip", "scratch, gated_topk"])
 def test_each_text_encoder_trains_a_step(encoder, captioned_shards, tiny_hf, scratch_run, tmp_path):
     extra = {"hf": ["conditioner.text_encoder=hf", f"conditioner.text_path={tiny_hf}"],
              "open_clip": ["conditioner.text_encoder=open_clip", "conditioner.open_clip_model=",
-                           "conditioner.text_heads=2"]}.get(encoder)
+                           "conditioner.text_heads=2"],
+             "scratch, gated_topk": ["conditioner.variant=gated_topk"]}.get(encoder)
     run = scratch_run if extra is None else _train_tc(captioned_shards, tmp_path / "run", *extra)
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(r["loss"] > 0 for r in recs)
-    assert recs[0]["cond_gate"] == 0 and recs[1]["cond_gate"] > 0  # the gate opened after step 1
+    if encoder.endswith("gated_topk"):
+        assert recs[0]["cond_gate"] == 0 and recs[1]["cond_gate"] > 0  # the gate opened after step 1
+    else:  # the paper's regularisers act from the first step
+        assert "cond_gate" not in recs[0] and recs[0]["cond_sparse"] > 0 and recs[0]["cond_consistency"] > 0
+        assert recs[0]["loss"] > recs[0]["loss_predict"]
     assert recs[0]["cond_entropy"] > 0
     state = load_final_state(run)
     assert any(k.startswith("text.encoder.") for k in state)
@@ -170,13 +175,14 @@ def test_viz_attention_writes_overlays(scratch_run, captioned_shards, tmp_path):
     pngs = sorted((tmp_path / "viz").glob("attention_*.png"))
     assert len(pngs) == 3
     with Image.open(pngs[0]) as im:
-        assert im.width >= 128 * 4 and im.height > 128  # image + one tile per caption word
+        assert im.width >= 128 * 6 and im.height > 128  # image + two tiles per caption word
     rec = json.loads((tmp_path / "viz" / "attention.json").read_text())
     sample = rec["samples"][0]
     assert sample["tokens"] == ["a", sample["caption"].split()[1], "square"]  # markers dropped
     grid = rec["grid"][0] * rec["grid"][1]
-    assert len(sample["attention"]) == 3 and all(len(m) == grid for m in sample["attention"])
-    assert all(0 <= v <= 1 for m in sample["attention"] for v in m)
+    for kind in ("attention", "overlap"):  # the paper variant also draws the overlaps its losses see
+        assert len(sample[kind]) == 3 and all(len(m) == grid for m in sample[kind])
+        assert all(0 <= v <= 1 for m in sample[kind] for v in m)
 
 
 @pytest.mark.slow
@@ -212,7 +218,11 @@ def test_shards_without_captions_train_as_ijepa(tmp_path):
     run = _train_tc(shards, tmp_path / "run", "conditioner.caption_dropout=0")
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(r["loss"] > 0 for r in recs)
-    assert recs[1]["cond_gate"] == 0  # no caption anywhere: the gate never received a gradient
+    # no caption anywhere: no (token, caption) pair, so the regularisers are 0 and the loss is I-JEPA's
+    assert all(r["cond_sparse"] == 0 and r["cond_consistency"] == 0 and r["loss"] == r["loss_predict"] for r in recs)
+    run = _train_tc(shards, tmp_path / "gated", "conditioner.caption_dropout=0", "conditioner.variant=gated_topk")
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert recs[1]["cond_gate"] == 0  # gated_topk: the gate never received a gradient
 
 
 def test_open_clip_tokenizer_matches_open_clip_exactly():

@@ -58,10 +58,15 @@ def _tile(x: torch.Tensor, times: int) -> torch.Tensor:
     return x.unsqueeze(0).expand(times, *x.shape).reshape(times * x.shape[0], *x.shape[1:])
 
 
-def per_sample_error(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """The JEPA training loss (smooth-L1 over channels, mean over real target patches), per
-    sample: pred/target [B, T, Nt, D], valid [B, T, Nt] or None -> [B]."""
-    per_token = F.smooth_l1_loss(pred.float(), target, reduction="none").mean(-1).flatten(1)
+def per_sample_error(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
+                     loss: str = "smooth_l1") -> torch.Tensor:
+    """The JEPA prediction loss the run trained with (``train.predict_loss``: smooth-L1 or squared
+    error over channels, mean over real target patches), per sample: pred/target [B, T, Nt, D],
+    valid [B, T, Nt] or None -> [B]. (The paper conditioner's regularisers are not part of it.)"""
+    if loss == "l2":
+        per_token = (pred.float() - target).pow(2).mean(-1).flatten(1)
+    else:
+        per_token = F.smooth_l1_loss(pred.float(), target, reduction="none").mean(-1).flatten(1)
     if valid is None:
         return per_token.mean(1)
     w = valid.flatten(1).to(per_token.dtype)
@@ -84,6 +89,7 @@ class PredictorScorer:
         self.student = student.to(self.device).eval()
         self.teacher = teacher.to(self.device).eval()
         self.tokenizer = build_tokenizer_for(cfg)
+        self.predict_loss = cfg.train.predict_loss
         self.max_rows = max_rows
         grid = student.encoder.grid
         self.masks = sample_masks(num_masks, grid, torch.Generator().manual_seed(seed), **dataclasses.asdict(cfg.mask))
@@ -121,7 +127,7 @@ class PredictorScorer:
                 valid = None if tv is None else tv.expand(rows, T, Nt)
                 pred = self.student.predictor(zz, ctx.expand(rows, -1), tgt.expand(rows, T, Nt), None, valid, tf)
                 tt = targets.repeat_interleave(n, dim=0)
-                total[:, k0:k1] += per_sample_error(pred, tt, valid).view(B, n)
+                total[:, k0:k1] += per_sample_error(pred, tt, valid, self.predict_loss).view(B, n)
         return (total / len(self.masks.context_idx)).cpu()
 
     def score(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.tokenizers import Tokenizer, Tokens, build_tokenizer, drop_captions
-from tcjepa.config import Config, resolved_text_path, resolved_tokenizer
+from data_pipelines.tokenizers import Tokenizer, Tokens, build_tokenizer, drop_captions, tokenize_caption_sets
+from tcjepa.config import Config, captions_per_image, resolved_text_path, resolved_tokenizer
 from tcjepa.distributed import mean_count_over_ranks
 from tcjepa.masks import MaskBatch
 from tcjepa.models.conditioner import (
@@ -252,17 +252,20 @@ class JEPA:
         B, T, Nt = masks.target_idx.shape
         return gather_tokens(h, masks.target_idx.reshape(B, T * Nt)).reshape(B, T, Nt, -1)
 
-    def text_inputs(self, captions: list[str], gen: torch.Generator, tokens: Tokens | None = None) -> Tokens | None:
-        """Tokenized captions with caption dropout (``conditioner.caption_dropout``) drawn from
-        ``gen``; None for methods without a conditioner. Dropped captions train the text-free path.
-        ``tokens``: the captions already tokenized (by the loader's workers)."""
+    def text_inputs(self, captions: list[str] | list[list[str]], gen: torch.Generator,
+                    tokens: Tokens | None = None) -> Tokens | None:
+        """Tokenized captions with caption dropout (``conditioner.caption_dropout``, each caption
+        independently) drawn from ``gen``; None for methods without a conditioner. Dropped
+        captions train the text-free path. ``captions``: one per image, or a list per image with
+        ``conditioner.max_captions`` > 1; ``tokens``: the captions already tokenized (by the
+        loader's workers)."""
         if self.tokenizer is None:
             return None
-        p = self.cfg.conditioner.caption_dropout
+        p, n = self.cfg.conditioner.caption_dropout, captions_per_image(self.cfg.conditioner)
         if tokens is None:
-            tokens = self.tokenizer(captions)
+            tokens = tokenize_caption_sets(self.tokenizer, captions, n) if n > 1 else self.tokenizer(captions)
         if p > 0:
-            drop = torch.rand(len(captions), generator=gen) < p
+            drop = torch.rand(tokens.has_text.shape, generator=gen) < p
             if self._empty is None:
                 self._empty = self.tokenizer([""])
             tokens = drop_captions(tokens, drop, self._empty)

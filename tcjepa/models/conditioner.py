@@ -9,7 +9,7 @@ leaves open, and the choice made:
 
 - *Norm placement.* "q <- q + sum_s softmax(q_l^T K_l)_s V_l[s], followed by an MLP and a
   LayerNorm" is read as one pre-norm transformer sub-block, as the predictor's own blocks are:
-  ``h = x + proj(attn(W_Q LN(x), W_K t, W_V t)); h = h + MLP(LN(h))``. A LayerNorm *on* the
+  ``h = x + proj(attn(W_Q LN(x), W_K t, W_V t)); out = h + MLP(LN(h))``. A LayerNorm *on* the
   residual stream after every layer would renormalise the predictor's state twelve times per
   pass, which none of the JEPA predictors does.
 - *Heads and scaling.* Multi-head attention with the predictor's head count
@@ -18,11 +18,19 @@ leaves open, and the choice made:
 - *Overlaps.* O_i^l = max(cos(q_l, K_l), 0) per word; with several heads the cosine is taken per
   head and averaged over heads, so O stays in [0, 1] and every head's keys are regularised.
   Padding words are never counted (exact zeros), nor are padded predictor tokens.
-- *Several captions.* Each real caption n gives a conditioned state ``x + delta_n``; the layer
-  returns their elementwise max over the real captions, i.e. ``x + max_n delta_n`` (x is shared).
-  An image with no caption (none given, or all dropped) keeps ``x``: identity conditioning.
-  The queries (``W_Q LN(x)``) are computed once and shared by all captions; keys, values,
-  attention and the MLP run per caption, as one batched axis (no loop over captions).
+- *Several captions.* "Conditioned on each caption independently, then max-pooled" is read as:
+  each real caption n gives the cross-attended state ``h_n = x + proj(attn_n)``; the states are
+  max-pooled elementwise over the real captions, ``h = x + max_n proj(attn_n)`` (x is shared),
+  and the MLP (with its LayerNorm) then runs once on the pooled state. Running the MLP per
+  caption before the max is the other reading; it costs N MLPs per layer (8x the predictor's
+  own MLP work at N = 8, over 10x the whole I-JEPA step on the quickstart model) for a
+  difference the summary does not settle. An image with no caption (none given, or all
+  dropped) keeps ``x``: identity conditioning, the MLP included.
+- *What is shared across captions.* The queries ``W_Q LN(x)`` are computed once, and so is
+  everything after the max (the MLP and its norm). Keys, values, scores, the weighted sums and
+  the output projection run per caption, as one batched axis (no loop over captions). (Folding
+  the projection into the values does not pay: with several heads it multiplies the weighted
+  sum's work by the head count.)
 - *Init.* The predictor's truncated-normal init (``model.init_std``) with the residual
   projections rescaled by depth, as the ViT blocks are; no zero gate. A fresh ``paper`` TC-JEPA
   therefore differs from I-JEPA from step 0 (``gated_topk`` starts equal to it), and a gradient
@@ -259,13 +267,13 @@ class CaptionCrossAttention(nn.Module):
         v = self.v(text).view(B, N, S, H, dh).transpose(2, 3)
         scores = torch.einsum("bhqd,bnhsd->bnhqs", q, k) * (1.0 / math.sqrt(dh))
         w = torch.softmax(scores.masked_fill(~words[:, :, None, None, :], float("-inf")), dim=-1)
-        attended = torch.einsum("bnhqs,bnhsd->bnqhd", w, v).reshape(B, N, Q, C)
-        h = x_b[:, None] + self.proj(attended)  # [B, N, Q, C]: the state conditioned on each caption
-        delta = h + self.mlp(self.mlp_norm(h)) - x_b[:, None]
-        real = has_text[:, :, None, None]
-        pooled = delta.masked_fill(~real, float("-inf")).amax(1)  # max over the real captions
-        pooled = torch.where(has_text.any(1)[:, None, None], pooled, torch.zeros_like(pooled))  # none: identity
-        out = x_b + pooled
+        update = self.proj(torch.einsum("bnhqs,bnhsd->bnqhd", w, v).reshape(B, N, Q, C))  # each caption's
+        pooled = update.masked_fill(~has_text[:, :, None, None], float("-inf")).amax(1)  # max over real captions
+        some = has_text.any(1)[:, None, None]
+        pooled = torch.where(some, pooled, torch.zeros_like(pooled))  # no -inf reaches the MLP (its grad would be NaN)
+        h = x_b + pooled
+        conditioned = h + self.mlp(self.mlp_norm(h))
+        out = torch.where(some, conditioned, x_b)  # no caption: identity
         self._record(q, k, w, text_valid, has_text)
         out = out.reshape(BT, Ns, C)
         return packing.pack(out) if packing is not None else out

