@@ -139,14 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         ratio = statistics.median(a / b for a, b in zip(t, ref))
         results.append({"variant": r.name, "median_ms": statistics.median(t) * 1e3, "img_per_s": B / statistics.median(t),
                         "ratio_vs_first": ratio, "trainable_params": r.params})
-    if args.memory:
-        from tcjepa.plan import measure_activations
+    if args.memory:  # one variant's model at a time: four models with optimiser states and an 11 GiB
+        from tcjepa.plan import measure_activations  # measurement beside them do not fit in 24 GiB
 
-        for res, r in zip(results, runners):
-            res["activation_bytes"], _ = measure_activations(r.cfg, batch=B, seed=0)
+        cfgs = [r.cfg for r in runners]
+        del runners[:], r
+        for res, cfg_i in zip(results, cfgs):
+            res["activation_bytes"], _ = measure_activations(cfg_i, batch=B, seed=0)
     print()
     mem = " activations (GiB) | memory / first |" if args.memory else ""
-    print(f"| variant | step (ms) | img/s | time / {runners[0].name} | trainable params |{mem}")
+    print(f"| variant | step (ms) | img/s | time / {results[0]['variant']} | trainable params |{mem}")
     print("|---|---|---|---|---|" + ("---|---|" if args.memory else ""))
     for r in results:
         extra = (f" {r['activation_bytes'] / 2**30:.2f} | {r['activation_bytes'] / results[0]['activation_bytes']:.2f} |"

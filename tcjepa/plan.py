@@ -443,21 +443,22 @@ def _conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: ActBytes) -
 def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: ActBytes) -> float:
     """One ``CaptionCrossAttention`` (the paper variant) over N captions, counted tensor by tensor
     from what autograd saves (``low``: matmul inputs and outputs; ``wide``: the residual stream).
-    Per layout position (it works on the unpacked [B * T, N] rows): the norm's input and
-    statistics, q's input, q's contiguous copy for the score matmul, q in fp32 with its norm and
-    normalised copy for the cosines, the pooled maximum, the pooled state with its norm
-    statistics, fc1's input and output, fc2's input. Per (caption, position): the attention
-    weights, proj's input, the pooling's input, the head-averaged cosines, and the regularisers'
-    deviation from the layer mean (``abs`` keeps its input). Per caption word: k and v for the
-    matmuls, k in fp32 with its norm and normalised copy, two masks, and under bf16 the cast of
-    the text features that W_K and W_V share. Packed: the packed input too. (Equal, to the byte
-    but for a few boolean masks, to what one layer saves in fp32 and in CPU bf16.)"""
+    Per layout position (it works on the unpacked [B * T, N] rows): the norm's input, output and
+    statistics, the pooled maximum, the pooled state with its norm statistics, fc1's input and
+    output, fc2's input, and for the overlaps q in fp32 with its norm and the normalised copy.
+    Per (caption, position): fused attention's query copy, output and log-sum-exp, the pooling's
+    input, the rectified cosines and the regularisers' deviation from the layer mean (fp32). Per caption word: the additive mask, k and v for the attention, k's norm and
+    normalised copy, and under bf16 the fp32 copy of k and the cast of the text features that
+    W_K and W_V share. Packed: the packed input too. (Equal, to the byte but for a few boolean
+    masks, to what one layer saves in fp32 and in CPU bf16.)"""
     W, L, N, H = inv.predictor.width, inv.text.length if inv.text else 0, inv.captions, inv.cond_heads
     hidden = inv.cond_hidden or 4 * W
     low, wide = dt.low, dt.wide
-    per_position = 2 * W * wide + 2 * 8 + 5 * W * low + 2 * hidden * low + W * 4 + 2 * H * 4
-    per_caption_position = H * L * low + 2 * W * low + 2 * L * low
-    per_word = 3 * W * low + W * 4 + 2 * H * 4 + 2 + (W * low if low < 4 else 0)
+    per_position = 2 * W * wide + 2 * 8 + 3 * W * low + 2 * hidden * low + 2 * W * 4 + 2 * H * 4
+    per_caption_position = 3 * W * low + H * 4 + 2 * L * 4
+    if N == 1 and low == 4:  # one caption: attention reads q itself, the same storage the overlaps keep
+        per_caption_position -= W * low
+    per_word = low + 2 * W * low + 2 * H * 4 + W * 4 + 1 + (W * 4 + W * low if low < 4 else 0)
     packed = s.real * W * wide if s.packed else 0  # the packed input, kept by the unpack
     return s.layout * (per_position + N * per_caption_position) + batch * N * L * per_word + packed
 
@@ -569,9 +570,10 @@ def model_flops(inv: ModelInventory, tok: TokenStats) -> Flops:
         tt, L, W, N = inv.text.tower, inv.text.length, p.width, inv.captions
         text = N * tower_flops([L], tt)
         q = sum(seqs) / B  # predictor tokens per image: the conditioners' queries
-        if inv.variant == "paper":  # q and the MLP once; k, v, scores, AV, cosines and proj per caption
-            hidden = inv.cond_hidden or 4 * W
-            per_layer = 2 * q * W * W + 2 * q * 2 * W * hidden + N * (2 * L * W * 2 * W + 3 * 2 * q * L * W + 2 * q * W * W)
+        if inv.variant == "paper":  # q and the MLP once; k, v, scores, AV and cosines per caption;
+            hidden = inv.cond_hidden or 4 * W  # the logged attention entropy re-scores the first caption
+            per_layer = (2 * q * W * W + 2 * q * 2 * W * hidden + 2 * q * L * W
+                         + N * (2 * L * W * 2 * W + 3 * 2 * q * L * W))
         else:
             per_layer = 2 * q * W * W * 2 + 2 * L * W * 2 * W + 4 * q * L * W
         cond = N * 2 * L * tt.width * W + inv.cond_layers * per_layer

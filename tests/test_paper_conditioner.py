@@ -39,7 +39,7 @@ def reference_layer(layer: CaptionCrossAttention, x: torch.Tensor, text: torch.T
             for h in range(H):
                 w = torch.softmax(q[:, h] @ k[:, h].T / math.sqrt(dh), dim=-1)
                 heads.append(w @ v[:, h])
-            states.append(x[b] + layer.proj(torch.cat(heads, dim=-1)))
+            states.append(x[b] + torch.cat(heads, dim=-1))
         if states:
             pooled = torch.stack(states).amax(0)
             out[b] = pooled + layer.mlp(layer.mlp_norm(pooled))

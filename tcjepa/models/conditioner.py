@@ -9,9 +9,13 @@ leaves open, and the choice made:
 
 - *Norm placement.* "q <- q + sum_s softmax(q_l^T K_l)_s V_l[s], followed by an MLP and a
   LayerNorm" is read as one pre-norm transformer sub-block, as the predictor's own blocks are:
-  ``h = x + proj(attn(W_Q LN(x), W_K t, W_V t)); out = h + MLP(LN(h))``. A LayerNorm *on* the
+  ``h = x + attn(W_Q LN(x), W_K t, W_V t); out = h + MLP(LN(h))``. A LayerNorm *on* the
   residual stream after every layer would renormalise the predictor's state twelve times per
   pass, which none of the JEPA predictors does.
+- *No output projection.* The formula adds the attended values ``V_l = W_V t`` to q directly;
+  with several heads their outputs are concatenated, with no W_O after them. (A W_O would run
+  once per caption and query: at ViT-S/16 with 8 captions it was the largest single cost of the
+  step, and a linear map before the MLP adds nothing W_V cannot learn for one head.)
 - *Heads and scaling.* Multi-head attention with the predictor's head count
   (``conditioner.heads``) and the usual 1/sqrt(head_dim) logit scale; no QK-norm (the formula
   has none, and the overlaps below are cosines anyway).
@@ -19,18 +23,20 @@ leaves open, and the choice made:
   head and averaged over heads, so O stays in [0, 1] and every head's keys are regularised.
   Padding words are never counted (exact zeros), nor are padded predictor tokens.
 - *Several captions.* "Conditioned on each caption independently, then max-pooled" is read as:
-  each real caption n gives the cross-attended state ``h_n = x + proj(attn_n)``; the states are
-  max-pooled elementwise over the real captions, ``h = x + max_n proj(attn_n)`` (x is shared),
+  each real caption n gives the cross-attended state ``h_n = x + attn_n``; the states are
+  max-pooled elementwise over the real captions, ``h = x + max_n attn_n`` (x is shared),
   and the MLP (with its LayerNorm) then runs once on the pooled state. Running the MLP per
   caption before the max is the other reading; it costs N MLPs per layer (8x the predictor's
   own MLP work at N = 8, over 10x the whole I-JEPA step on the quickstart model) for a
   difference the summary does not settle. An image with no caption (none given, or all
   dropped) keeps ``x``: identity conditioning, the MLP included.
 - *What is shared across captions.* The queries ``W_Q LN(x)`` are computed once, and so is
-  everything after the max (the MLP and its norm). Keys, values, scores, the weighted sums and
-  the output projection run per caption, as one batched axis (no loop over captions). (Folding
-  the projection into the values does not pay: with several heads it multiplies the weighted
-  sum's work by the head count.)
+  everything after the max (the MLP and its norm). Keys, values and attention run per caption,
+  as one batched axis (no loop over captions). Attention is torch's
+  fused SDPA with the padding words masked, so the [Q, S] weights of every caption and head are
+  never stored; the overlaps are one product of per-head-normalised q and k over the full width
+  (the head mean of the cosines), in fp32 even in a bf16 run; the logged attention entropy
+  re-scores the first caption only.
 - *Init.* The predictor's truncated-normal init (``model.init_std``) with the residual
   projections rescaled by depth, as the ViT blocks are; no zero gate. A fresh ``paper`` TC-JEPA
   therefore differs from I-JEPA from step 0 (``gated_topk`` starts equal to it), and a gradient
@@ -241,8 +247,7 @@ class CaptionCrossAttention(nn.Module):
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.q = nn.Linear(width, width)
         self.k = nn.Linear(width, width)
-        self.v = nn.Linear(width, width)
-        self.proj = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)  # the heads' values, concatenated: the update itself (no W_O)
         self.mlp_norm = nn.LayerNorm(width, eps=1e-6)
         self.mlp = MLP(width, int(width * mlp_ratio))
         self.keep_weights = False
@@ -265,30 +270,48 @@ class CaptionCrossAttention(nn.Module):
         q = self.q(self.norm(x_b)).view(B, Q, H, dh).transpose(1, 2)  # [B, H, Q, dh]: shared by the captions
         k = self.k(text).view(B, N, S, H, dh).transpose(2, 3)  # [B, N, H, S, dh]
         v = self.v(text).view(B, N, S, H, dh).transpose(2, 3)
-        scores = torch.einsum("bhqd,bnhsd->bnhqs", q, k) * (1.0 / math.sqrt(dh))
-        w = torch.softmax(scores.masked_fill(~words[:, :, None, None, :], float("-inf")), dim=-1)
-        update = self.proj(torch.einsum("bnhqs,bnhsd->bnqhd", w, v).reshape(B, N, Q, C))  # each caption's
+        # fused attention (SDPA): the [Q, S] weights of every caption and head are never stored
+        attended = F.scaled_dot_product_attention(  # 4-d, so that the CPU's flash kernel takes it
+            q[:, None].expand(B, N, H, Q, dh).reshape(B * N, H, Q, dh), k.reshape(B * N, H, S, dh),
+            v.reshape(B * N, H, S, dh), attn_mask=words.reshape(B * N, 1, 1, S))  # [B * N, H, Q, dh]
+        update = attended.view(B, N, H, Q, dh).transpose(2, 3).reshape(B, N, Q, C)  # each caption's update
         pooled = update.masked_fill(~has_text[:, :, None, None], float("-inf")).amax(1)  # max over real captions
         some = has_text.any(1)[:, None, None]
         pooled = torch.where(some, pooled, torch.zeros_like(pooled))  # no -inf reaches the MLP (its grad would be NaN)
         h = x_b + pooled
         conditioned = h + self.mlp(self.mlp_norm(h))
         out = torch.where(some, conditioned, x_b)  # no caption: identity
-        self._record(q, k, w, text_valid, has_text)
+        self.last_overlap = overlaps(q, k, text_valid)
+        self._record(q, k, words, has_text)
         out = out.reshape(BT, Ns, C)
         return packing.pack(out) if packing is not None else out
 
-    def _record(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, text_valid: torch.Tensor,
-                has_text: torch.Tensor) -> None:
-        dtype = torch.promote_types(q.dtype, torch.float32)  # at least fp32 under bf16 autocast
-        cos = torch.einsum("bhqd,bnhsd->bnhqs", F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1))
-        self.last_overlap = cos.mean(2).clamp_min(0) * text_valid[:, :, None, :]  # [B, N, Q, S]
-        with torch.no_grad():
-            weights = w.float().mean(2)  # [B, N, Q, S]
-            self.last_weights = weights if self.keep_weights else None
-            ent = attention_entropy(w.float()).mean(2)  # [B, N, Q]
-            real = has_text[:, :, None].expand_as(ent)
-            self.last_entropy = (ent * real).sum() / real.sum().clamp_min(1)
+    @torch.no_grad()
+    def _record(self, q: torch.Tensor, k: torch.Tensor, words: torch.Tensor, has_text: torch.Tensor) -> None:
+        """Attention entropy of the first caption's weights (every image with text has one: a
+        cheap, steady sample for metrics.jsonl), recomputed outside the fused kernel; all
+        captions' weights, averaged over heads, when ``keep_weights`` is set (visualisation)."""
+        n = k.size(1) if self.keep_weights else 1
+        scores = torch.einsum("bhqd,bnhsd->bnhqs", q, k[:, :n]) * (1.0 / math.sqrt(q.size(-1)))
+        w = torch.softmax(scores.float().masked_fill(~words[:, :n, None, None, :], float("-inf")), dim=-1)
+        self.last_weights = w.mean(2) if self.keep_weights else None
+        ent = attention_entropy(w[:, 0]).mean(1)  # [B, Q]
+        real = has_text[:, :1].expand_as(ent)
+        self.last_entropy = (ent * real).sum() / real.sum().clamp_min(1)
+
+
+def overlaps(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+    """O = max(cos(q, k), 0) averaged over heads, [B, N, Q, S], zeros at padding words, from q
+    [B, H, Q, dh] and k [B, N, H, S, dh]. The head mean of per-head cosines is one product over
+    the full width of the per-head-normalised vectors, (1/H) sum_h q^_h . k^_h, so it runs as a
+    single matmul whose output has no head axis."""
+    B, H, Q, dh = q.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)  # the regularisers in at least fp32, bf16 run or not
+    with torch.autocast(q.device.type, enabled=False):
+        qn = F.normalize(q.to(dtype), dim=-1).transpose(1, 2).reshape(B, Q, H * dh)
+        kn = F.normalize(k.to(dtype), dim=-1).transpose(2, 3).reshape(*k.shape[:2], k.shape[3], H * dh)
+        cos = torch.einsum("bqc,bnsc->bnqs", qn, kn) * (1.0 / H)
+        return cos.clamp_min(0) * text_valid[:, :, None, :]
 
 
 def build_caption_conditioners(width: int, depth: int, every: int, num_heads: int, mlp_ratio: float = 4.0,
@@ -302,7 +325,7 @@ def build_caption_conditioners(width: int, depth: int, every: int, num_heads: in
     init_weights(layers, init_std)
     for i, layer in layers.items():
         with torch.no_grad():
-            for weight in (layer.proj.weight, layer.mlp.fc2.weight):
+            for weight in (layer.v.weight, layer.mlp.fc2.weight):  # the two residual branches' last maps
                 weight.div_(math.sqrt(2.0 * (int(i) + 1)))
     return layers
 
