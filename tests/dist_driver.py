@@ -54,6 +54,9 @@ def main(recipe: str, out: str, overrides: list[str], stop_at: int | None = None
     loop.sample_masks = global_masks
     loop._mask_seed = lambda seed, rank, step: seed * 1_000_003 + step  # the same generator on every rank
     loop.train(cfg, out, progress=False, resume=resume, stop_at=stop_at)
+    from tcjepa.distributed import shutdown
+
+    shutdown()  # as `tcjepa` does: left to interpreter teardown, a rank can abort (SIGABRT) after its last step
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ def main(shards: str, out: str, workers: int) -> None:
                       workers=workers)
     keys = [k for batch in make_loader(spec) for k in batch["keys"]]
     Path(out, f"rank_{info.rank}.json").write_text(json.dumps(keys))
+    from tcjepa.distributed import shutdown
+
+    shutdown()  # as `tcjepa` does, so that no rank aborts at interpreter teardown
 
 
 if __name__ == "__main__":
