@@ -351,7 +351,7 @@ def test_imported_run_evaluates_and_continues_training(tmp_path):
     assert main(["eval", "probe", "--checkpoint", str(run), "--data", str(shards), "--val-data", str(val),
                  "--set", "probe.epochs=3"]) == 0
     probed = json.loads((run / "eval" / "probe.json").read_text())["metrics"]
-    assert probed["top1"] > probed["majority_class"]  # solid colours: the imported encoder's features separate them
+    assert probed["top1"] > probed["majority_class"] + 0.2, probed  # solid colours: any encoder separates them
 
     from tcjepa.train import train
 
