@@ -8,7 +8,9 @@ has 8 different captions (the synthetic scenes' generator): the paper variant re
 ``max_captions`` of them, gated_topk the first. Variants are interleaved step by step with a
 rotating order, so machine load hits them alike; the ratio is the median of the ratios of
 back-to-back steps. ``--memory`` adds each variant's activation bytes (what autograd saves in one
-training forward, ``tcjepa.plan.measure_activations``, on the same batch size).
+training forward, ``tcjepa.plan.measure_activations``, on the same batch size); at ViT-S/B with
+batch 16 and 8 captions that measurement needs more than 24 GiB of RAM (``tcjepa plan``'s count,
+within 2.5 % of it, does not).
 
     python benchmarks/bench_conditioner.py                      # ViT-S/16 224 px, predictor 12 x 384
     python benchmarks/bench_conditioner.py --preset vitb16      # ViT-B/16, predictor 12 x 384
