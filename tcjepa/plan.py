@@ -175,7 +175,8 @@ def inventory(cfg: Config) -> ModelInventory:
     device and read off shapes and parameter counts. Mirrors ``tcjepa.methods.jepa.build_student``
     (a test checks that the counts agree)."""
     from tcjepa.config import captions_per_image
-    from tcjepa.models.conditioner import build_caption_conditioners, build_conditioners, conditioned_blocks
+    from tcjepa.methods.jepa import build_conditioners_for
+    from tcjepa.models.conditioner import conditioned_blocks
     from tcjepa.models.predictor import Predictor
     from tcjepa.models.vit import build_encoder
 
@@ -195,13 +196,7 @@ def inventory(cfg: Config) -> ModelInventory:
             from tcjepa.methods.jepa import build_tokenizer_for
 
             cond_heads = c.heads or heads
-            if c.variant == "paper":
-                predictor.conditioners = build_caption_conditioners(m.predictor_width, m.predictor_depth, c.every,
-                                                                    cond_heads, mlp_ratio, m.init_std)
-            else:
-                predictor.conditioners = build_conditioners(m.predictor_width, m.predictor_depth, c.every,
-                                                            cond_heads, c.sparsity, c.top_k, c.qk_norm, c.gate_scale,
-                                                            m.init_std)
+            predictor.conditioners = build_conditioners_for(cfg, cond_heads, mlp_ratio)
             text_module, text = _text_on_meta(cfg, build_tokenizer_for(cfg).vocab_size, m.predictor_width)
             student.append(text_module)
             cond_layers = len(conditioned_blocks(m.predictor_depth, c.every))

@@ -402,3 +402,18 @@ def test_activation_checkpointing_same_gradients_less_saved_memory():
     assert torch.equal(loss, loss_c)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads_c))
     assert ckpt < 0.35 * plain, (ckpt, plain)
+
+
+def test_prediction_loss_choice_smooth_l1_or_squared_error():
+    """``train.predict_loss``: smooth-L1 (I-JEPA's code) or l2 (squared error, the paper's), per
+    token averaged over channels, masked the same way; training and the text scorer share it."""
+    from tcjepa.eval.scoring import per_sample_error
+    from tcjepa.methods.jepa import masked_mean, per_token_loss
+
+    pred, target = torch.tensor([[[0.0, 3.0], [0.5, 0.0]]]), torch.zeros(1, 2, 2)
+    assert per_token_loss(pred, target, "l2").tolist() == [[4.5, 0.125]]
+    assert per_token_loss(pred, target, "smooth_l1").tolist() == [[1.25, 0.0625]]
+    valid = torch.tensor([[True, False]])
+    assert masked_mean(per_token_loss(pred, target, "l2"), valid).item() == 4.5
+    # per_sample_error reads [B, T, Nt, D]: one sample, one block of two tokens
+    assert per_sample_error(pred[:, None], target[:, None], valid[:, None], "l2").tolist() == [4.5]

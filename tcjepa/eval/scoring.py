@@ -63,10 +63,9 @@ def per_sample_error(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tens
     """The JEPA prediction loss the run trained with (``train.predict_loss``: smooth-L1 or squared
     error over channels, mean over real target patches), per sample: pred/target [B, T, Nt, D],
     valid [B, T, Nt] or None -> [B]. (The paper conditioner's regularisers are not part of it.)"""
-    if loss == "l2":
-        per_token = (pred.float() - target).pow(2).mean(-1).flatten(1)
-    else:
-        per_token = F.smooth_l1_loss(pred.float(), target, reduction="none").mean(-1).flatten(1)
+    from tcjepa.methods.jepa import per_token_loss
+
+    per_token = per_token_loss(pred.float(), target, loss).flatten(1)
     if valid is None:
         return per_token.mean(1)
     w = valid.flatten(1).to(per_token.dtype)

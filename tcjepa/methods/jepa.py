@@ -41,20 +41,19 @@ def masked_mean(per_token: torch.Tensor, valid: torch.Tensor | None, count: torc
     return (per_token * w).sum() / (w.sum() if count is None else count).clamp_min(1.0)
 
 
+def per_token_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
+    """The prediction loss of each target token, averaged over channels: ``smooth_l1`` (I-JEPA's
+    code) or ``l2``, squared error (the "L2 distance" the TC-JEPA and I-JEPA papers write, read
+    as JEPA code computes it). Training and the text scorers share it."""
+    if kind == "l2":
+        return (pred - target).pow(2).mean(-1)
+    return F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
+
+
 def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
                      count: torch.Tensor | None = None) -> torch.Tensor:
     """Smooth-L1 averaged over real (non-padded) target tokens and channels, as in I-JEPA."""
-    return masked_mean(F.smooth_l1_loss(pred, target, reduction="none").mean(-1), valid, count)
-
-
-def masked_l2(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
-              count: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared error averaged over real target tokens and channels: the "L2 distance" that the
-    TC-JEPA (and I-JEPA) papers write, read as the mean squared error, as JEPA code computes it."""
-    return masked_mean((pred - target).pow(2).mean(-1), valid, count)
-
-
-PREDICT_LOSSES = {"smooth_l1": masked_smooth_l1, "l2": masked_l2}
+    return masked_mean(per_token_loss(pred, target), valid, count)
 
 
 HEALTH_TOKENS = 4096  # target tokens in the RankMe estimate: enough to reach full rank at ViT-H width
@@ -90,7 +89,7 @@ class JEPAStudent(nn.Module):
         z = self.encoder(images, masks.context_idx, context_valid)
         text = self.text(tokens) if self.text is not None and tokens is not None else None
         pred = self.predictor(z, masks.context_idx, masks.target_idx, context_valid, target_valid, text)
-        loss = PREDICT_LOSSES[self.objective.predict_loss](pred.float(), targets, target_valid, count)
+        loss = masked_mean(per_token_loss(pred.float(), targets, self.objective.predict_loss), target_valid, count)
         if text is None:
             return loss
         stats = {"loss_predict": loss.detach()}
@@ -171,15 +170,18 @@ def build_student(cfg: Config, tokenizer: Tokenizer | None = None, target_dim: i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + 7919)
         text = build_text_tower(cfg, tokenizer.vocab_size, predictor.width)
-        if c.variant == "paper":
-            predictor.conditioners = build_caption_conditioners(
-                predictor.width, m.predictor_depth, c.every, heads, m.predictor_mlp_ratio or encoder.arch.mlp_ratio,
-                m.init_std)
-        else:
-            predictor.conditioners = build_conditioners(
-                predictor.width, m.predictor_depth, c.every, heads, c.sparsity, c.top_k, c.qk_norm, c.gate_scale,
-                m.init_std)
+        predictor.conditioners = build_conditioners_for(cfg, heads, m.predictor_mlp_ratio or encoder.arch.mlp_ratio)
     return JEPAStudent(encoder, predictor, text, objective)
+
+
+def build_conditioners_for(cfg: Config, heads: int, mlp_ratio: float) -> nn.ModuleDict:
+    """The conditioners ``conditioner.variant`` asks for, keyed by predictor block (the student's
+    and the planner's: one place decides which variant is built and with what)."""
+    c, m = cfg.conditioner, cfg.model
+    if c.variant == "paper":
+        return build_caption_conditioners(m.predictor_width, m.predictor_depth, c.every, heads, mlp_ratio, m.init_std)
+    return build_conditioners(m.predictor_width, m.predictor_depth, c.every, heads, c.sparsity, c.top_k, c.qk_norm,
+                              c.gate_scale, m.init_std)
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
