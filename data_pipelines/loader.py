@@ -79,14 +79,7 @@ def resolve_shards(spec: str, key: str = "data.train") -> list[str]:
 
         urls = list(braceexpand.braceexpand(spec))
     elif path.is_file() and path.suffix != ".tar":
-        base = path.parent
-        urls = []
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                urls.append(line if Path(line).is_absolute() else str(base / line))
-        if not urls:
-            raise DataError(f"{key}: list file {spec} names no shards")
+        urls = read_shard_list(path, key)
     else:
         urls = [spec]
     for url in urls:
@@ -95,6 +88,44 @@ def resolve_shards(spec: str, key: str = "data.train") -> list[str]:
             raise DataError(f"{key}: shard {url} does not exist")
         if p.stat().st_size == 0:
             raise DataError(f"{key}: shard {url} is empty")
+    return urls
+
+
+IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+
+def read_shard_list(path: Path, key: str) -> list[str]:
+    """A list file (one shard per line, relative to the file, ``#`` comments), refusing the files
+    people pass by mistake: an image or a caption manifest is named as such, with the command that
+    turns it into shards."""
+    convert = f"convert it with `tcjepa data write --input {path} --out SHARDS_DIR`, then pass SHARDS_DIR"
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_FILE_SUFFIXES:
+        raise DataError(f"{key}: {path} is an image, not shards; put images and captions in a folder "
+                        f"(NAME.jpg + NAME.txt) and convert it with `tcjepa data write --input FOLDER --out SHARDS_DIR`")
+    if suffix in MANIFEST_SUFFIXES:
+        raise DataError(f"{key}: {path} is a {suffix[1:]} manifest, not shards; {convert}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:
+        raise DataError(f"{key}: {path} is neither a .tar shard, a directory of shards nor a text list of shards "
+                        "(it is a binary file); image-caption data becomes shards with `tcjepa data write`")
+    base, urls = path.parent, []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        url = line if Path(line).is_absolute() else str(base / line)
+        if not Path(url).is_file() and not line.endswith(".tar"):
+            raise DataError(f"{key}: {path} is read as a list of shards, but line {n} ({line[:60]!r}) is not a .tar "
+                            f"file; if it is a caption manifest, {convert}")
+        urls.append(url)
+    if not urls:
+        raise DataError(f"{key}: list file {path} names no shards")
     return urls
 
 

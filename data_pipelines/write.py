@@ -137,9 +137,15 @@ def _folder_rows(root: Path) -> Iterator[Row]:
 
 def _table_rows(records: Iterable[dict[str, Any]], columns: list[str], name: str, opts: WriteOptions,
                 typed: bool) -> Iterator[Row]:
+    """The columns are checked here, at the call, so a refused manifest fails before ``--out`` exists."""
     image_col = _pick_column(columns, opts.image_column, IMAGE_COLUMNS, "image", name)
     wanted = [c.strip() for c in opts.caption_column.split(",") if c.strip()] or [""]
     caption_cols = [_pick_column(columns, c, CAPTION_COLUMNS, "caption", name) for c in wanted]
+    return _rows_of(records, name, image_col, caption_cols, typed)
+
+
+def _rows_of(records: Iterable[dict[str, Any]], name: str, image_col: str, caption_cols: list[str],
+             typed: bool) -> Iterator[Row]:
     caption_of = ((lambda rec: rec.get(caption_cols[0])) if len(caption_cols) == 1
                   else (lambda rec: [rec.get(c) for c in caption_cols if rec.get(c) not in (None, "")]))
     for i, rec in enumerate(records):

@@ -59,3 +59,29 @@ def test_launcher_local_rank_is_accepted(argv):
 
     args = build_parser().parse_args(argv)
     assert args.command == "train" and args.recipe == "r.yaml" and args.steps == 3 and args.local_rank == 1
+
+
+@pytest.mark.parametrize("name, content, expect", [
+    ("photo.jpg", b"\xff\xd8\xff\xe0 not really", r"photo.jpg is an image, not shards.*tcjepa data write --input FOLDER"),
+    ("captions.csv", b"image,caption\na.jpg,a cat\n", r"captions.csv is a csv manifest, not shards.*"
+                                                       r"tcjepa data write --input .*captions.csv"),
+    ("data.parquet", b"PAR1\x00\x00", r"data.parquet is a parquet manifest, not shards"),
+    ("blob.bin", b"\x00\x01\x02\xff", r"blob.bin is neither a .tar shard.*binary file"),
+    ("rows.txt", b"image,caption\na.jpg,a cat\n", r"line 1 \('image,caption'\) is not a .tar file; if it is a "
+                                                  r"caption manifest, convert it"),
+])
+def test_wrong_kind_of_data_is_named(tmp_path, capsys, name, content, expect):
+    """--data at an image, a manifest or a binary file: one error line saying what it is and what to
+    run instead; nothing is created."""
+    import re
+
+    (tmp_path / name).write_bytes(content)
+    out = tmp_path / "run"
+    from tcjepa.config import project_root
+
+    recipe = str(project_root() / "recipes" / "ijepa_quickstart.yaml")
+    assert main(["train", recipe, "--data", str(tmp_path / name), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.train: ") and "\n" not in err and "Traceback" not in err, err
+    assert re.search(expect, err), err
+    assert not out.exists()

@@ -208,6 +208,10 @@ def test_bad_inputs_are_clear_errors(tmp_path, images, capsys):
     bad.write_text("picture,words\nimgs/img0.jpg,hello\n")
     with pytest.raises(DataError, match=r"no image column \(tried image, filepath.*columns are \['picture', 'words'\]"):
         write_dataset(bad, tmp_path / "o1", progress=False)
+    assert not (tmp_path / "o1").exists()  # refused before anything was created
+    with pytest.raises(DataError, match="no column 'words2' for the caption"):
+        write_dataset(bad, tmp_path / "o1", WriteOptions(image_column="picture", caption_column="words,words2"))
+    assert not (tmp_path / "o1").exists()
     stats = write_dataset(bad, tmp_path / "o2", WriteOptions(image_column="picture", caption_column="words"),
                           progress=False)
     assert stats["written"] == 1
