@@ -549,12 +549,36 @@ def collate(samples: list[dict[str, Any]], worker: int, counter: SkipCounter, im
     return batch
 
 
+def die_with_parent(*_: Any) -> None:
+    """In a child process: be killed when the parent dies, whatever kills it (SIGKILL included).
+
+    A DataLoader worker whose parent was SIGKILLed otherwise lives on: it notices the parent only
+    between tasks and then blocks at exit flushing a queue nobody reads (Linux only: prctl
+    PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def make_loader(spec: LoaderSpec) -> torch.utils.data.DataLoader:
     """A DataLoader over :class:`ImageCaptionStream` (batches are formed inside the workers)."""
     return torch.utils.data.DataLoader(
         ImageCaptionStream(spec),
         batch_size=None,
         num_workers=spec.workers,
+        worker_init_fn=die_with_parent if spec.workers > 0 else None,
         persistent_workers=spec.workers > 0 and spec.train,
         prefetch_factor=4 if spec.workers > 0 else None,
         pin_memory=torch.cuda.is_available(),

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
-from data_pipelines.loader import MAX_CAPTION_BYTES, DataError
+from data_pipelines.loader import MAX_CAPTION_BYTES, DataError, die_with_parent
 from data_pipelines.shards import write_shards
 
 # What a row can be skipped for (the loader has its own list for shards already written).
@@ -422,7 +422,7 @@ def write_rows(rows: Iterable[Row], root: Path, out: str | Path, opts: WriteOpti
             if opts.workers > 1:
                 import multiprocessing as mp
 
-                with mp.get_context("fork").Pool(opts.workers) as pool:
+                with mp.get_context("fork").Pool(opts.workers, initializer=die_with_parent) as pool:
                     yield from keyed(pool.imap(_encode_star, jobs, chunksize=8))  # imap keeps the order
             else:
                 yield from keyed(map(_encode_star, jobs))

@@ -10,6 +10,7 @@ rebuilds the architecture.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,13 @@ WEIGHTS = "model.safetensors"
 IMPORT_RECORD = "import.json"  # beside final/ in a run written by `tcjepa import`: where its weights came from
 
 
-def save_final(run_dir: str | Path, modules: dict[str, nn.Module], cfg: Config) -> Path:
-    """Write ``final/model.safetensors`` with one key prefix per module, plus the config."""
+def save_final(run_dir: str | Path, modules: dict[str, nn.Module], cfg: Config, step: int | None = None) -> Path:
+    """Write ``final/model.safetensors`` with one key prefix per module, plus the config.
+
+    The file's metadata holds a fresh ``weights_id`` (and the ``step``): evaluations record it, so
+    a result is never shown beside weights it did not come from."""
+    import uuid
+
     from safetensors.torch import save_file
 
     out = Path(run_dir) / FINAL
@@ -38,10 +44,36 @@ def save_final(run_dir: str | Path, modules: dict[str, nn.Module], cfg: Config) 
             storages.add(t.untyped_storage().data_ptr())
             tensors[f"{prefix}.{name}"] = t
     tmp = out / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "tcjepa"})
+    meta = {"format": "pt", "producer": "tcjepa", "weights_id": uuid.uuid4().hex}
+    if step is not None:
+        meta["step"] = str(step)
+    save_file(tensors, str(tmp), metadata=meta)
+    follow_umask(tmp)  # safetensors writes 0600; every other file the run writes follows the umask
     tmp.replace(out / WEIGHTS)
     save_config(cfg, out / "config.yaml")
     return out / WEIGHTS
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give ``path`` the mode a newly created file gets (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def weights_id(run_dir: str | Path) -> str | None:
+    """The ``weights_id`` of ``final/model.safetensors`` (None: no final weights, or written by an
+    older tcjepa)."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / FINAL / WEIGHTS
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("weights_id")
+    except Exception:  # a damaged file is reported where the weights are loaded
+        return None
 
 
 def load_run_config(run_dir: str | Path) -> Config:

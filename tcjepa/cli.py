@@ -31,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="training SHARDS (sets data.train)")
     p.add_argument("--steps", type=int, help="sets train.steps")
     p.add_argument("--out", help="run directory (default: runs/RECIPE_NAME)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint; its saved settings must match "
+                        "the recipe's and --set's (see --allow-change)")
+    p.add_argument("--allow-change", nargs="+", action="extend", default=[], metavar="KEY",
+                   help="with --resume: accept a change of these keys against the run's saved settings "
+                        "(e.g. train.steps to extend a run); recorded in RUN_DIR/config_history.jsonl")
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_set(p)
 
@@ -151,18 +156,20 @@ def run(args: argparse.Namespace) -> int:
 
         quickstart(args.out, args.set)
     elif args.command == "train":
-        from tcjepa.config import load_config
-        from tcjepa.train import train
+        from tcjepa.config import ConfigError, load_config
+        from tcjepa.train import run_training
 
         overrides = list(args.set)
         if args.data:
             overrides.append(f"data.train={args.data}")
         if args.steps is not None:
             overrides.append(f"train.steps={args.steps}")
+        if args.allow_change and not args.resume:
+            raise ConfigError("--allow-change only applies with --resume")
         cfg = load_config(args.recipe, overrides)
         out = args.out or str(Path("runs") / Path(args.recipe).stem)
-        run_dir = train(cfg, out, resume=args.resume)
-        if os.environ.get("RANK", "0") == "0" and (run_dir / "final").is_dir():  # not after a stop by signal
+        outcome = run_training(cfg, out, resume=args.resume, allow_change=tuple(args.allow_change))
+        if os.environ.get("RANK", "0") == "0" and outcome.finished:  # not after a stop by signal
             print(f"finished: {out}")
     elif args.command == "eval":
         from tcjepa.eval.tasks import format_result, run_eval

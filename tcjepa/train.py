@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -26,14 +25,16 @@ import numpy as np
 import torch
 
 from data_pipelines.loader import SKIP_REASONS, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
-from tcjepa.checkpoint import imported_run, init_from_final, save_final
+from tcjepa.checkpoint import init_from_final, save_final
 from tcjepa.config import Config, ConfigError, captions_per_image, save_config
 from tcjepa.distributed import DistInfo, barrier, init_distributed
 from tcjepa.masks import sample_masks
 from tcjepa.methods import build_method
 from tcjepa.methods.jepa import param_groups
 from tcjepa.models.vit import set_activation_checkpointing
-from tcjepa.resume import (CHECKPOINTS, gather, list_checkpoints, load_latest, restore_rng_states, rng_states,
+from tcjepa.rundir import (ResumePlan, check_disk_space, check_resume, check_run_dir, create_run_dir,
+                           record_changes, set_aside_evals)
+from tcjepa.resume import (gather, list_checkpoints, load_latest, restore_rng_states, rng_states,
                            save_checkpoint)
 from tcjepa.schedules import lr_at, weight_decay_at
 
@@ -65,43 +66,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
             ds[k] = v
     ds["zero_optimization"]["stage"] = cfg.deepspeed.zero_stage
     return ds
-
-
-# ----------------------------------------------------------------------------- run directory
-
-
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """Fail before training if the directory cannot be used as asked."""
-    existing = list_checkpoints(run_dir)
-    if resume and not existing and not imported_run(run_dir):
-        raise ConfigError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS} (nor weights from `tcjepa import`)")
-    if not resume and (existing or (run_dir / "final").exists()):
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    probe = run_dir / ".write_test"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"{run_dir}: not writable ({e.strerror or e})") from e
-
-
-def check_disk_space(run_dir: Path, method: Any, cfg: Config) -> None:
-    """Fail before training when the run's checkpoints cannot fit: each holds the trained weights
-    and two AdamW moments (fp32) plus the teacher, and ``checkpoint.keep + 1`` exist while a new
-    one is written; ``final/`` holds the weights once more."""
-    trained = sum(p.numel() for p in method.model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in method.model.parameters() if not p.requires_grad)
-    teacher = sum(p.numel() for p in method.teacher.parameters()) if method.teacher is not None else 0
-    checkpoint = 4 * (3 * trained + frozen + teacher)
-    copies = cfg.checkpoint.keep + 1 if cfg.checkpoint.every else 1  # a stop (SIGTERM) writes one anyway
-    need = checkpoint * copies + 4 * (trained + frozen + teacher)
-    free = shutil.disk_usage(run_dir).free
-    if free < need:
-        raise ConfigError(
-            f"{run_dir}: {free / 2**30:.2f} GiB free, but this run needs about {need / 2**30:.2f} GiB "
-            f"({copies} checkpoint(s) of {checkpoint / 2**30:.2f} GiB and final weights); free space, lower "
-            "checkpoint.keep or choose another --out")
 
 
 class MetricsLog:
@@ -254,31 +218,58 @@ def _mask_seed(seed: int, rank: int, step: int) -> int:
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainOutcome:
+    run_dir: Path
+    step: int  # the last step trained
+    finished: bool  # reached train.steps and wrote final/ (False: stopped by a signal or stop_at)
+
+
 def train(
-    cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True, stop_at: int | None = None
+    cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True, stop_at: int | None = None,
+    allow_change: tuple[str, ...] = (),
 ) -> Path:
-    """Train ``cfg`` into ``out_dir`` (see DESIGN.md "Run directory"); returns the run directory.
+    """Train ``cfg`` into ``out_dir`` (see the README's "Run directory"); returns the run directory.
+    :func:`run_training` does the work and also says whether the run finished."""
+    return run_training(cfg, out_dir, resume, progress, stop_at, allow_change).run_dir
+
+
+def run_training(
+    cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True, stop_at: int | None = None,
+    allow_change: tuple[str, ...] = (),
+) -> TrainOutcome:
+    """Train ``cfg`` into ``out_dir``.
 
     ``stop_at`` ends this invocation after that many steps with a resumable checkpoint (schedules
-    still span ``train.steps``); ``--resume`` later continues to the end.
+    still span ``train.steps``); ``--resume`` later continues to the end. A resume is checked
+    against the run's saved settings first (:func:`tcjepa.rundir.check_resume`); ``allow_change``
+    names keys whose change the user accepts.
     """
     import deepspeed
     from tqdm.auto import tqdm
 
     run_dir = Path(out_dir)
     urls = resolve_shards(cfg.data.train, "data.train")  # fail fast, before any process group work
+    plan = ResumePlan()
+    if resume:
+        check_run_dir(run_dir, resume)
+        plan = check_resume(run_dir, cfg, allow_change)
     info = init_distributed()
     if cfg.train.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the world size {info.world_size}")
     if info.is_main:
-        prepare_run_dir(run_dir, resume)
+        check_run_dir(run_dir, resume)
     barrier()
 
     _seed_everything(cfg.train.seed)
-    method = build_method(cfg, info.rank, info.world_size)
+    method = build_method(cfg, info.rank, info.world_size)  # may refuse (e.g. a missing teacher run)
     if cfg.model.activation_checkpointing:
         set_activation_checkpointing(method.model)
     check_disk_space(run_dir, method, cfg)
+    if info.is_main:  # every check passed: only now does anything get written
+        create_run_dir(run_dir)
+        record_changes(run_dir, plan)
+    barrier()
     from_import = resume and not list_checkpoints(run_dir)  # prepare_run_dir let it pass: an imported run
     if from_import:  # before DeepSpeed partitions the weights; the optimiser starts fresh at step 0
         init_from_final(run_dir, cfg, method)
@@ -436,10 +427,10 @@ def train(
     bar.close()
 
     if end < total:
-        return run_dir
+        return TrainOutcome(run_dir, end, finished=False)
     _save_final(engine, method, run_dir, cfg, info)
     barrier()
-    return run_dir
+    return TrainOutcome(run_dir, end, finished=True)
 
 
 def compile_method(engine: Any, method: Any) -> None:
@@ -468,6 +459,7 @@ def _save_final(engine: Any, method: Any, run_dir: Path, cfg: Config, info: Dist
               if engine.zero_optimization_partition_weights() else contextlib.nullcontext())
     with gather:
         if info.is_main:
-            save_final(run_dir, method.final_modules(model), cfg)
+            set_aside_evals(run_dir, cfg.train.steps)  # results of the weights replaced now stay, apart
+            save_final(run_dir, method.final_modules(model), cfg, step=cfg.train.steps)
 
 

@@ -120,6 +120,37 @@ def test_kill_9_at_a_random_step_then_resume_is_exact(shards64, tmp_path, straig
     assert_same_weights(run, straight)
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_no_loader_worker_behind(shards64, tmp_path):
+    """SIGKILL of the trainer alone (not its process group): its loader workers exit within seconds
+    (without the parent-death signal they lived on for 15 minutes and more)."""
+    proc = subprocess.Popen(cli_train(shards64, tmp_path / "run", "train.steps=500"), env=clean_env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(tmp_path / "run", 2, proc)
+        workers = children(proc.pid)
+        assert len(workers) >= 2, workers  # data.workers=2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if alive(w)], "loader workers outlived the killed trainer"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_checkpoints_and_exits_0(sig, shards64, tmp_path, straight_cli):

@@ -96,11 +96,31 @@ def result_dict(task: str, checkpoint: str | Path, data: str, metrics: dict[str,
     return {"task": task, "checkpoint": str(checkpoint), "data": data, "metrics": metrics, **extra}
 
 
+def result_key(result: dict[str, Any]) -> str:
+    """What tells two results of one task apart: the data and the settings they ran with."""
+    import hashlib
+
+    what = {k: result.get(k) for k in ("data", "val_data", "config")}
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def write_result(result: dict[str, Any], run_dir: str | Path | None, json_out: str | Path | None,
                  name: str | None = None) -> list[Path]:
     """Write ``result`` to ``RUN_DIR/eval/NAME.json`` (NAME defaults to the task; ``run_dir``
-    None skips it) and to ``json_out`` if given; returns the paths written."""
-    outs = ([Path(run_dir) / "eval" / f"{name or result['task']}.json"] if run_dir is not None else [])
+    None skips it) and to ``json_out`` if given; returns the paths written.
+
+    ``eval/NAME.json`` is the latest result; each one is also kept as
+    ``eval/history/NAME.KEY.json`` (KEY from its data and settings: :func:`result_key`), so an
+    evaluation on other data does not replace an earlier one without trace. In the run directory
+    the result records the ``weights_id`` of the weights it scored."""
+    outs: list[Path] = []
+    if run_dir is not None:
+        from tcjepa.checkpoint import weights_id
+
+        stem = name or result["task"]
+        result = {**result, "weights_id": weights_id(run_dir)}
+        ev = Path(run_dir) / "eval"
+        outs += [ev / f"{stem}.json", ev / "history" / f"{stem}.{result_key(result)}.json"]
     outs += [Path(json_out)] if json_out else []
     text = json.dumps(result, indent=2) + "\n"
     for out in outs:

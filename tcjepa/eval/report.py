@@ -34,6 +34,7 @@ class RunInfo:
     config: dict[str, Any] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval file stem -> result
+    stale: list[str] = field(default_factory=list)  # eval file stems of results from other weights
 
     @property
     def method(self) -> str:
@@ -81,13 +82,19 @@ def read_run(path: str | Path) -> RunInfo:
             if n == len(lines):
                 break  # a run killed mid-write leaves a partial last line
             raise ConfigError(f"{metrics}:{n}: not JSON ({e})") from e
+    from tcjepa.checkpoint import weights_id
+
+    current = weights_id(path)
     for p in sorted((path / "eval").glob("*.json")):
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: not JSON ({e})") from e
         if isinstance(data, dict) and isinstance(data.get("metrics"), dict) and "task" in data:
-            info.evals[p.stem] = data
+            if data.get("weights_id") and current and data["weights_id"] != current:
+                info.stale.append(p.stem)  # evaluated on weights since replaced: never shown beside these
+            else:
+                info.evals[p.stem] = data
     return info
 
 
@@ -210,6 +217,10 @@ def render_markdown(runs: list[RunInfo], plots: dict[str, str] | None = None) ->
                 lines.append(f"- {stem}{who}: {text}")
     else:
         lines += ["", "No evaluations yet: run `tcjepa eval {probe,zeroshot,retrieval,vqa} --checkpoint RUN ...`."]
+    for r in runs:
+        if r.stale:
+            lines += ["", f"Left out for {r.name}: {', '.join(f'eval/{s}.json' for s in r.stale)} (evaluated on "
+                          "earlier weights of the run; evaluate again)"]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
     return "\n".join(lines) + "\n"

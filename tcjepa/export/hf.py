@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from data_pipelines.loader import MEAN, STD
-from tcjepa.checkpoint import load_encoder, load_state_exactly
+from tcjepa.checkpoint import follow_umask, load_encoder, load_state_exactly
 from tcjepa.config import ConfigError
 from tcjepa.export import make_out_dir
 from tcjepa.models.vit import VisionTransformer
@@ -129,6 +129,12 @@ def image_processor(image_size: int) -> Any:
     )
 
 
+def weights_follow_umask(out: Path) -> None:
+    """safetensors writes weight files 0600; give them the mode of every other file written."""
+    for path in out.rglob("*.safetensors"):
+        follow_umask(path)
+
+
 def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "auto") -> Path:
     """Write ``run_dir``'s encoder (``which``: auto | teacher | student, as ``load_encoder``) as a
     directory ``transformers.IJepaModel.from_pretrained`` loads: ``config.json``,
@@ -137,6 +143,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, which: str = "auto") -> 
     out = make_out_dir(out_dir)
     to_hf_model(encoder).save_pretrained(out)
     image_processor(encoder.image_size).save_pretrained(out)
+    weights_follow_umask(out)
     return out
 
 
@@ -246,4 +253,5 @@ def export_llava(run_dir: str | Path, out_dir: str | Path, language_model_path: 
     out = make_out_dir(out_dir)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    weights_follow_umask(out)
     return out

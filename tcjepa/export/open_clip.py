@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from data_pipelines.loader import MEAN, STD
-from tcjepa.checkpoint import load_dual_encoder
+from tcjepa.checkpoint import follow_umask, load_dual_encoder
 from tcjepa.config import Config, ConfigError, resolved_tokenizer
 from tcjepa.export import make_out_dir
 from tcjepa.methods.contrastive import DualEncoder
@@ -200,6 +200,7 @@ def export_open_clip(run_dir: str | Path, out_dir: str | Path, name: str = "") -
         model.text.model.config.save_pretrained(out / "text")
         tokenizer.save_pretrained(out)
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "producer": "tcjepa"})
+    follow_umask(out / WEIGHTS)
     (out / f"{name}.json").write_text(json.dumps(model_cfg, indent=2))
     pp = preprocess_cfg(model_cfg["vision_cfg"]["image_size"])
     (out / CONFIG).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp}, indent=2))
