@@ -16,6 +16,18 @@ def _add_set(p: argparse.ArgumentParser) -> None:
                    help="override config keys, e.g. --set train.batch_size=32 optim.lr=1e-3")
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show DeepSpeed's and torch's own set-up messages and full warning locations")
+
+
+def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   line: str | None = None) -> str:
+    """One line per warning (no echoed source line): the program's own warnings are messages for
+    the user, e.g. a skipped sample."""
+    return f"warning: {message}\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tcjepa", description="Vision-language pretraining by feature prediction.")
     # the deepspeed launcher passes --local_rank=N before the subcommand (`python -m tcjepa --local_rank=0 train ...`)
@@ -25,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="synthetic data -> train (tiny) -> evaluate -> results table")
     p.add_argument("--out", default="tcjepa_quickstart")
     _add_set(p)
+    _add_verbose(p)
 
     p = sub.add_parser("train", help="train a recipe")
     p.add_argument("recipe")
@@ -39,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. train.steps to extend a run); recorded in RUN_DIR/config_history.jsonl")
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_set(p)
+    _add_verbose(p)
 
     p = sub.add_parser("eval", help="evaluate a finished run",
                        description="Evaluate a finished run; the result goes to RUN_DIR/eval/TASK.json. "
@@ -267,7 +281,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from tcjepa.train import DivergenceError
 
+    import warnings
+
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["TCJEPA_VERBOSE"] = "1"  # read by tcjepa.distributed; inherited by launched ranks
+    saved_format = warnings.formatwarning
+    if not os.environ.get("TCJEPA_VERBOSE"):
+        warnings.formatwarning = format_warning
     try:
         return run(args)
     except (ConfigError, DataError) as e:
@@ -277,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        warnings.formatwarning = saved_format
         if argv is None:  # the process ends here (console script, python -m tcjepa); callers keep theirs
             from tcjepa.distributed import shutdown
 

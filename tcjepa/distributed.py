@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -39,15 +40,55 @@ def set_single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def verbose() -> bool:
+    """``TCJEPA_VERBOSE=1`` (``tcjepa train --verbose``) shows the libraries' own set-up messages."""
+    return os.environ.get("TCJEPA_VERBOSE", "") not in ("", "0")
+
+
+def quiet_libraries() -> None:
+    """Silence set-up messages that mean nothing to a user (unless :func:`verbose`): DeepSpeed's
+    "Setting accelerator to CPU" and torch's "No CUDA runtime is found" on a CPU machine. Call it
+    before the first ``import deepspeed``; idempotent."""
+    import logging
+
+    if verbose():
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # named, so DeepSpeed does not warn that it guessed
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def shm_op_is_built() -> bool:
+    """Whether DeepSpeed's CPU communication op is already compiled (else the first
+    ``init_distributed`` on this machine builds it: about a minute)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        build = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    except Exception:  # private API: if it moves, assume built and say nothing
+        return True
+    return any(build.glob("*.so"))
+
+
 def init_distributed() -> DistInfo:
     """Initialise ``torch.distributed`` through DeepSpeed (idempotent) and pick the device."""
+    import contextlib
+    import io
+    import sys
+
+    quiet_libraries()
     import deepspeed
     import torch.distributed as dist
 
     set_single_process_env()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if not torch.cuda.is_available() and not shm_op_is_built() and os.environ.get("RANK", "0") == "0":
+            print("building DeepSpeed's CPU communication op (once per machine, about a minute) ...", file=sys.stderr,
+                  flush=True)
+        # DeepSpeed prints "... built successfully" on every start; shown with --verbose only
+        with contextlib.nullcontext() if verbose() else contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -55,11 +55,12 @@ def quickstart(
 
         viz = out / "viz"
         visualize_attention(run_dir, str(val_dir), viz, samples=4)
-    lines = [l for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
-    first, last = json.loads(lines[0]), json.loads(lines[-1])
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
+    first, last = recs[0], recs[-1]
+    speeds = [r["img_per_s"] for r in recs if isinstance(r.get("img_per_s"), (int, float))]
     print()
     print(f"run: {run_dir}   steps: {cfg.train.steps}   loss {first['loss']:.4f} -> {last['loss']:.4f}   "
-          f"{last['img_per_s']:.0f} img/s")
+          f"{sum(speeds) / max(len(speeds), 1):.0f} img/s (mean over the run)")
     method = "TC-JEPA" if cfg.conditioner.enabled else "I-JEPA"
     print(format_table(trained["per_label"], baseline["per_label"], method))
     if viz is not None:

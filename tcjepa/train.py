@@ -27,7 +27,7 @@ import torch
 from data_pipelines.loader import SKIP_REASONS, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
 from tcjepa.checkpoint import init_from_final, save_final
 from tcjepa.config import Config, ConfigError, captions_per_image, save_config
-from tcjepa.distributed import DistInfo, barrier, init_distributed
+from tcjepa.distributed import DistInfo, barrier, init_distributed, quiet_libraries
 from tcjepa.masks import sample_masks
 from tcjepa.methods import build_method
 from tcjepa.methods.jepa import param_groups
@@ -245,6 +245,7 @@ def run_training(
     against the run's saved settings first (:func:`tcjepa.rundir.check_resume`); ``allow_change``
     names keys whose change the user accepts.
     """
+    quiet_libraries()
     import deepspeed
     from tqdm.auto import tqdm
 

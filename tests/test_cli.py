@@ -85,3 +85,46 @@ def test_wrong_kind_of_data_is_named(tmp_path, capsys, name, content, expect):
     assert err.startswith("error: data.train: ") and "\n" not in err and "Traceback" not in err, err
     assert re.search(expect, err), err
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verbose", [False, True])
+def test_train_output_is_quiet_unless_verbose(tmp_path, verbose):
+    """No library set-up lines on a CPU (DeepSpeed's accelerator guess and op-build line, torch's
+    CUDA_HOME warning); a skipped sample is one 'warning:' line without an echoed source line.
+    --verbose shows the libraries' lines again."""
+    import subprocess
+    import sys
+
+    from tcjepa.config import project_root
+    from tests.conftest import labelled_members, write_tar
+    from tests.test_resume import clean_env
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "000000.tar", labelled_members(0, 40, size=64) + [("000099.png", b"not a png"),
+                                                                      ("000099.txt", b"broken")])
+    argv = [sys.executable, "-m", "tcjepa", "train", str(project_root() / "recipes/ijepa_quickstart.yaml"),
+            "--data", str(shards), "--out", str(tmp_path / "run"), "--steps", "2", "--set", "train.batch_size=8",
+            "model.depth=1", "model.predictor_depth=1", "data.shuffle_buffer=10", "data.max_skip_rate=1",
+            "checkpoint.every=0"] + (["--verbose"] if verbose else [])
+    done = subprocess.run(argv, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout + done.stderr
+    noise = ("Setting accelerator to CPU", "No CUDA runtime is found", "built successfully")
+    if verbose:
+        assert "built successfully" in out
+    else:
+        assert not [n for n in noise if n in out], out[-2000:]
+        assert done.stderr.count("skipped sample (") == done.stderr.count("warning: skipped sample (bad_image)") == 1
+        assert "warnings.warn(" not in done.stderr
+
+
+def test_first_time_op_build_is_detected(tmp_path, monkeypatch):
+    from tcjepa.distributed import shm_op_is_built
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not shm_op_is_built()  # the first start on this machine: a minute's build, announced
+    (tmp_path / "deepspeed_shm_comm").mkdir(exist_ok=True)  # torch makes the build directory when asked
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert shm_op_is_built()
