@@ -64,6 +64,27 @@ class Tokenizer(Protocol):
 
     def token_strings(self, ids: Sequence[int]) -> list[str]: ...
 
+    def words(self, ids: Sequence[int]) -> list[tuple[str, list[int]]]: ...
+
+
+Word = tuple[str, list[int]]  # a word as a reader sees it, and the positions of its tokens
+
+
+def group_words(pieces: Sequence[str], starts_word: Callable[[int, str], bool], text: Callable[[str], str],
+                skip: Sequence[bool]) -> list[Word]:
+    """Sub-word pieces -> words: a piece for which ``starts_word(i, piece)`` holds opens a new word,
+    any other joins the previous one; ``text`` strips the piece's markers; ``skip`` marks special
+    tokens (begin/end of text), which belong to no word."""
+    words: list[Word] = []
+    for i, piece in enumerate(pieces):
+        if skip[i]:
+            continue
+        if words and not starts_word(i, piece) and words[-1][1][-1] == i - 1:
+            words[-1] = (words[-1][0] + text(piece), words[-1][1] + [i])
+        else:
+            words.append((text(piece), [i]))
+    return [(w.strip(), idx) for w, idx in words]
+
 
 def clean_caption(text: str, clean_fn: Callable[[str], str], lower: bool) -> str:
     """``clean_fn(text)``, one of open_clip's cleanings (ftfy, HTML unescaping, whitespace runs
@@ -129,6 +150,13 @@ class OpenCLIPTokenizer:
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self._tok.decoder.get(int(i), "?").replace("</w>", "") for i in ids]
 
+    def words(self, ids: Sequence[int]) -> list[Word]:
+        """CLIP BPE marks the last piece of a word with ``</w>``."""
+        raw = [self._tok.decoder.get(int(i), "?") for i in ids]
+        special = {self._tok.sot_token_id, self._tok.eot_token_id}
+        return group_words(raw, lambda i, p: i == 0 or raw[i - 1].endswith("</w>"),
+                           lambda p: p.replace("</w>", ""), [int(i) in special for i in ids])
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer from a local directory (no network). Captions are cleaned first as
@@ -160,6 +188,19 @@ class HFTokenizer:
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return self._tok.convert_ids_to_tokens([int(i) for i in ids])
 
+    def words(self, ids: Sequence[int]) -> list[Word]:
+        """WordPiece continues a word with ``##``; SentencePiece (T5) and byte-level BPE open one
+        with ``▁`` / ``Ġ``."""
+        pieces = self.token_strings(ids)
+        special = set(self._tok.all_special_ids)
+        skip = [int(i) in special for i in ids]
+        if any(p.startswith("##") for p in pieces):
+            return group_words(pieces, lambda i, p: not p.startswith("##"), lambda p: p.removeprefix("##"), skip)
+        marker = "▁" if any(p.startswith("▁") for p in pieces) else "Ġ"
+        if any(p.startswith(marker) for p in pieces):
+            return group_words(pieces, lambda i, p: p.startswith(marker), lambda p: p.replace(marker, " "), skip)
+        return group_words(pieces, lambda i, p: True, lambda p: p, skip)  # no markers: one piece per word
+
 
 class SentencePieceTokenizer:
     """A SentencePiece model; rows are ``<s> pieces </s>`` padded with the model's pad id."""
@@ -188,6 +229,12 @@ class SentencePieceTokenizer:
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self._sp.id_to_piece(int(i)) for i in ids]
+
+    def words(self, ids: Sequence[int]) -> list[Word]:
+        """SentencePiece opens a word with ``▁``."""
+        pieces = self.token_strings(ids)
+        skip = [int(i) in (self._bos, self._eos) for i in ids]
+        return group_words(pieces, lambda i, p: p.startswith("▁"), lambda p: p.replace("▁", " "), skip)
 
 
 def build_tokenizer(kind: str, path: str = "", context_length: int = 32) -> Tokenizer:

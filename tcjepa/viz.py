@@ -2,8 +2,8 @@
 
 For a few samples, the trained student encodes the whole image and the predictor is asked to
 predict every patch (one target block covering the grid, context = all patches); the
-conditioners keep their attention weights. For each caption token, the weight that each patch's
-prediction query puts on that token (averaged over heads and conditioner layers) is drawn as a
+conditioners keep their attention weights. For each caption word (its sub-word pieces joined),
+the weight that each patch's prediction query puts on that word (averaged over heads and conditioner layers) is drawn as a
 heat map over the image: with a working conditioner, "red" lights up the red object, "top" the
 top of the image. For the paper variant a second set of maps shows the word overlaps
 O = max(cos(q, k), 0) that its sparsity and consistency losses act on. Writes
@@ -46,6 +46,15 @@ def attention_maps(student: Any, images: torch.Tensor, tokens: Any) -> dict[str,
         for c in layers:
             c.keep_weights, c.last_weights = False, None
     return {k: m.transpose(1, 2) for k, m in maps.items()}  # [B, L, N]
+
+
+def word_maps(maps: torch.Tensor, pieces: list[list[int]], kind: str) -> torch.Tensor:
+    """[L, N] per-token maps -> [W, N] per-word maps: a word's attention is the sum over its
+    pieces (the share of attention the word gets); its overlap the largest of its pieces'."""
+    if not pieces:
+        return maps[:0]
+    rows = [maps[idx].sum(0) if kind == "attention" else maps[idx].amax(0) for idx in pieces]
+    return torch.stack(rows)
 
 
 def _heat(image, weights: torch.Tensor, grid: tuple[int, int], vmax: float):
@@ -110,14 +119,15 @@ def visualize_attention(checkpoint: str | Path, data: str, out: str | Path, samp
     out.mkdir(parents=True, exist_ok=True)
     written, record = [], []
     for i, caption in enumerate(batch["captions"]):
-        real = tokens.mask[i].nonzero().squeeze(1)[1:-1][:max_words]  # drop begin/end markers
-        words = tokenizer.token_strings(tokens.ids[i, real].tolist())
+        n = int(tokens.mask[i].sum())
+        found = tokenizer.words(tokens.ids[i, :n].tolist())[:max_words]  # sub-word pieces joined, markers dropped
+        words = [w for w, _ in found]
         image = Image.fromarray(batch["images"][i].permute(1, 2, 0).numpy())
         path = out / f"attention_{i:02d}.png"
-        mine = {kind: m[i, real] for kind, m in maps.items()}
+        mine = {kind: word_maps(m[i], [idx for _, idx in found], kind) for kind, m in maps.items()}
         render_sample(image, caption, words, mine, student.encoder.grid).save(path)
         written.append(path)
-        record.append({"key": batch["keys"][i], "caption": caption, "tokens": words,
+        record.append({"key": batch["keys"][i], "caption": caption, "words": words,
                        **{kind: [[round(float(v), 5) for v in row] for row in m] for kind, m in mine.items()}})
     (out / "attention.json").write_text(json.dumps({"checkpoint": str(checkpoint), "grid": list(student.encoder.grid),
                                                     "samples": record}, indent=1))

@@ -57,6 +57,41 @@ def test_hf_tokenizer_from_local_dir(tiny_hf):
         HFTokenizer(str(tiny_hf / "missing"))
 
 
+def test_words_join_sub_word_pieces(tiny_hf, tmp_path):
+    """What `viz attention` labels its maps with: the words a reader sees, whatever the tokenizer
+    splits them into, begin/end markers dropped, each with the positions of its pieces."""
+    from tests.conftest import write_t5_model
+
+    clip = OpenCLIPTokenizer(16)
+    t = clip(["a cyan circle"])
+    ids = t.ids[0, : int(t.mask[0].sum())].tolist()
+    assert clip.token_strings(ids[2:4]) == ["cy", "an"]  # BPE splits "cyan"
+    assert clip.words(ids) == [("a", [1]), ("cyan", [2, 3]), ("circle", [4])]
+
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cy", "##an", "circle"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(tmp_path / "wp")
+    wp = HFTokenizer(str(tmp_path / "wp"), context_length=8)
+    t = wp(["a cyan circle"])
+    ids = t.ids[0, : int(t.mask[0].sum())].tolist()
+    assert wp.token_strings(ids) == ["[CLS]", "a", "cy", "##an", "circle", "[SEP]"]
+    assert wp.words(ids) == [("a", [1]), ("cyan", [2, 3]), ("circle", [4])]
+
+    t5 = HFTokenizer(str(write_t5_model(tmp_path)), context_length=24)  # SentencePiece pieces, no BOS
+    t = t5(["a large green star"])
+    ids = t.ids[0, : int(t.mask[0].sum())].tolist()
+    found = t5.words(ids)
+    assert [w for w, _ in found] == ["a", "large", "green", "star"]  # the first word kept, </s> dropped
+    assert sorted(i for _, idx in found for i in idx) == list(range(len(ids) - 1))
+
+    captions = [f"a {c} circle" for c in ("cyan", "red", "magenta")] * 10
+    sp = build_tokenizer("sentencepiece", str(train_sentencepiece(captions, tmp_path / "sp.model", vocab_size=30)), 24)
+    t = sp(["a magenta circle"])
+    ids = t.ids[0, : int(t.mask[0].sum())].tolist()
+    assert [w for w, _ in sp.words(ids)] == ["a", "magenta", "circle"]
+
+
 def test_hf_tokenizer_cleans_as_open_clip_does(tiny_hf):
     """HTML entities, ftfy fixes and whitespace runs are cleaned as open_clip's Hugging Face
     tokenizer cleans them (what an ``export open_clip`` of the run will do)."""
@@ -178,7 +213,7 @@ def test_viz_attention_writes_overlays(scratch_run, captioned_shards, tmp_path):
         assert im.width >= 128 * 6 and im.height > 128  # image + two tiles per caption word
     rec = json.loads((tmp_path / "viz" / "attention.json").read_text())
     sample = rec["samples"][0]
-    assert sample["tokens"] == ["a", sample["caption"].split()[1], "square"]  # markers dropped
+    assert sample["words"] == ["a", sample["caption"].split()[1], "square"]  # markers dropped
     grid = rec["grid"][0] * rec["grid"][1]
     for kind in ("attention", "overlap"):  # the paper variant also draws the overlaps its losses see
         assert len(sample[kind]) == 3 and all(len(m) == grid for m in sample[kind])
