@@ -12,7 +12,6 @@ appended to ``config_history.jsonl`` with the step it took effect.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -144,8 +143,14 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: exists and is not a directory")
     parent = existing_ancestor(run_dir)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{run_dir}: not writable ({parent} does not allow it)")
+    if not parent.is_dir():
+        raise ConfigError(f"{run_dir}: not writable ({parent} is a file, not a directory)")
+    probe = parent / ".write_test"  # a real write (os.access says yes to root on a read-only mount); removed at once
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{run_dir}: not writable ({e.strerror or e})") from e
 
 
 def existing_ancestor(path: Path) -> Path:

@@ -378,6 +378,7 @@ def test_bf16_trains_end_to_end_with_fp32_weights_and_teacher(shards64, tmp_path
 
 
 def test_fail_fast_before_training(shards64, tmp_path, monkeypatch, capsys):
+    from tcjepa import rundir
     from tcjepa import train as train_module
     from tcjepa.cli import main
 
@@ -404,7 +405,7 @@ def test_fail_fast_before_training(shards64, tmp_path, monkeypatch, capsys):
     import shutil
 
     full = shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000)
-    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda p: full)
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: full)
     assert main([*args, "--out", str(tmp_path / "full")]) == 2
     assert "GiB free, but this run needs about" in capsys.readouterr().err
     monkeypatch.undo()
@@ -419,7 +420,7 @@ def test_fail_fast_before_training(shards64, tmp_path, monkeypatch, capsys):
     assert main([*args, "conditioner.enabled=true", "conditioner.text_encoder=hf",
                  f"conditioner.text_path={tmp_path / 'no_such_model'}", "--out", str(tmp_path / "c")]) == 2
     assert "no_such_model" in capsys.readouterr().err
-    assert not any((tmp_path / n / "metrics.jsonl").exists() for n in "abc")
+    assert not [n for n in ("a", "b", "c", "ro", "full") if (tmp_path / n).exists()]  # refused: nothing written
 
 
 def test_collapse_is_logged_and_warned(shards64, tmp_path, monkeypatch):

@@ -112,13 +112,13 @@ def write_result(result: dict[str, Any], run_dir: str | Path | None, json_out: s
     ``eval/NAME.json`` is the latest result; each one is also kept as
     ``eval/history/NAME.KEY.json`` (KEY from its data and settings: :func:`result_key`), so an
     evaluation on other data does not replace an earlier one without trace. In the run directory
-    the result records the ``weights_id`` of the weights it scored."""
+    the result records (in place) the ``weights_id`` of the weights it scored."""
     outs: list[Path] = []
     if run_dir is not None:
         from tcjepa.checkpoint import weights_id
 
         stem = name or result["task"]
-        result = {**result, "weights_id": weights_id(run_dir)}
+        result["weights_id"] = weights_id(run_dir)  # in place: the caller returns what was written
         ev = Path(run_dir) / "eval"
         outs += [ev / f"{stem}.json", ev / "history" / f"{stem}.{result_key(result)}.json"]
     outs += [Path(json_out)] if json_out else []
