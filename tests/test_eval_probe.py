@@ -106,3 +106,39 @@ def test_probe_cli_rejects_a_bad_kind_and_other_sections(probe_data, capsys):
         from tcjepa.eval.tasks import task_config
 
         task_config("probe", probe_data["run"], ["probe.knd=linear"])
+
+
+@pytest.mark.slow
+def test_probe_labels_follow_the_data(probe_data, tmp_path, capsys, monkeypatch):
+    """The run's recipe probes [label, labels.color, labels.count]; shards holding only `label`
+    are probed on `label`, the others named; a label given with --set and missing is an error;
+    shards with none of the labels are refused before any image is encoded, naming their keys."""
+    from tcjepa.cli import main
+    from tests.conftest import png_bytes, write_tar
+
+    argv = ["eval", "probe", "--checkpoint", str(probe_data["run"]), "--data", str(probe_data["train"]),
+            "--val-data", str(probe_data["val"]), "--json", str(tmp_path / "p.json"), "--set", "probe.epochs=5"]
+    with pytest.warns(UserWarning, match=r"probe.labels: labels.color, labels.count not in the data \(--data, "
+                                         r"--val-data\); evaluating label"):
+        assert main(argv) == 0
+    assert set(json.loads((tmp_path / "p.json").read_text())["metrics"]["per_label"]) == {"label"}
+
+    import tcjepa.checkpoint
+    import tcjepa.eval.probe
+
+    def no_work(*a, **k):
+        raise AssertionError("an image was encoded before the labels were checked")
+
+    monkeypatch.setattr(tcjepa.checkpoint, "load_encoder", no_work)
+    monkeypatch.setattr(tcjepa.eval.probe, "extract", no_work)
+    assert main(argv + ["probe.labels=[labels.color]"]) == 2
+    err = capsys.readouterr().err
+    assert "no sample has an integer 'labels.color' in its json (probe.labels, given with --set); its json keys " \
+           "are: label, label_name" in err, err
+    other = tmp_path / "other"
+    other.mkdir()
+    write_tar(other / "000000.tar", [("000000.png", png_bytes((1, 2, 3))), ("000000.json", b'{"species": "cat"}')])
+    assert main(argv[:5] + [str(other)] + argv[6:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --data: none of probe.labels ['label', 'labels.color', 'labels.count'] is an integer in "
+                   "its json; its json keys are: species. Name a label with --set probe.labels=[KEY]"), err

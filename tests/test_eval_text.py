@@ -196,3 +196,29 @@ def test_cli_zeroshot_and_retrieval_settings(runs, tmp_path, capsys):
         from tcjepa.eval.tasks import task_config
 
         task_config("zeroshot", runs["tc"], ["probe.epochs=1"])
+
+
+@pytest.mark.slow
+def test_zeroshot_with_label_and_label_name_needs_no_settings(runs, tmp_path, capsys, monkeypatch):
+    """Shards whose json has `label` and `label_name` (what `data write` gives a labelled manifest)
+    are classified with no --set; shards without class names are refused before the model loads."""
+    from tcjepa.cli import main
+    import tcjepa.eval.scoring
+    from tests.conftest import png_bytes, write_tar
+
+    assert main(["eval", "zeroshot", "--checkpoint", str(runs["tc"]), "--data", str(runs["data"]),
+                 "--json", str(tmp_path / "z.json")]) == 0
+    assert json.loads((tmp_path / "z.json").read_text())["metrics"]["class_names"] == ["red", "green", "blue"]
+    capsys.readouterr()
+
+    def no_work(*a, **k):
+        raise AssertionError("the scorer was built before the data was checked")
+
+    monkeypatch.setattr(tcjepa.eval.scoring, "build_scorer", no_work)
+    unnamed = tmp_path / "unnamed"
+    unnamed.mkdir()
+    write_tar(unnamed / "000000.tar", [("000000.png", png_bytes((1, 2, 3))), ("000000.json", b'{"label": 2}')])
+    assert main(["eval", "zeroshot", "--checkpoint", str(runs["tc"]), "--data", str(unnamed)]) == 2
+    err = capsys.readouterr().err
+    assert "--data: no sample has a 'label_name' in its json; zero-shot needs class names" in err
+    assert "--set zeroshot.class_names=[...]; its json keys are: label" in err

@@ -231,14 +231,22 @@ def run_probe(
     progress: bool = True,
     save_to_run: bool = True,
     name: str = "probe",
+    explicit_labels: bool = False,
 ) -> dict[str, Any]:
     """``tcjepa eval probe``: features of the run's encoder on train/val shards -> probes, one set
     per entry of ``probe.labels`` (the first one gives the headline ``top1``).
 
     Writes ``RUN_DIR/eval/NAME.json`` (unless ``save_to_run`` is False; e.g. when probing another
     ``encoder`` with this run's settings), ``json_out`` if given, and a confusion-matrix PNG per
-    label and probe kind beside them; returns the result dict."""
+    label and probe kind beside them; returns the result dict.
+
+    ``probe.labels`` the data does not hold are skipped with a warning (an error when
+    ``explicit_labels``: the user named them), checked on a first look at both splits before any
+    image is encoded."""
+    import dataclasses
+
     from tcjepa.checkpoint import load_encoder, load_run_config
+    from tcjepa.eval.peek import labels_present, peek
     from tcjepa.eval.plots import confusion_plot
 
     run_cfg = load_run_config(checkpoint)
@@ -246,6 +254,8 @@ def run_probe(
     check_probe_config(cfg)
     if not val_data:
         raise DataError("--val-data: the probe needs a validation split (SHARDS)")
+    looks = {"--data": peek(data, "--data"), "--val-data": peek(val_data, "--val-data")}
+    cfg = dataclasses.replace(cfg, labels=labels_present(tuple(cfg.labels), looks, explicit_labels, "probe.labels"))
     own_encoder = encoder is None  # the run's own image tower (a contrastive run's projection applies to it)
     if own_encoder:
         encoder = load_encoder(checkpoint, cfg.encoder)

@@ -26,6 +26,7 @@ import torch
 from data_pipelines.loader import DataError, normalize
 from tcjepa.config import ConfigError, to_dict
 from tcjepa.eval.common import result_dict, topk_hits, write_result
+from tcjepa.eval.peek import peek, require, scored_split_key
 
 KS = (1, 5, 10)
 
@@ -82,6 +83,10 @@ def run_retrieval(checkpoint: str | Path, data: str, val_data: str = "", cfg: Re
 
     cfg = cfg or RetrievalConfig()
     check_config(cfg)
+    shards, data_key = scored_split_key(data, val_data)
+    look = peek(shards, data_key)
+    require(look.captions >= 2, look, data_key, f"retrieval needs captions (KEY.txt); {look.captions} of the first "
+            f"{len(look.metas)} samples have one")
     scorer, split, shards, data_key = scored_split("retrieval", checkpoint, data, val_data, cfg.num_masks, cfg.seed,
                                                    cfg.max_samples)
     keep, empty, dup = unique_captioned(split.captions)

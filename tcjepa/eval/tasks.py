@@ -61,7 +61,8 @@ def run_eval(task: str, checkpoint: str | Path, data: str, val_data: str = "", o
     if task == "probe":
         from tcjepa.eval.probe import run_probe
 
-        return run_probe(checkpoint, data, val_data, cfg, json_out, progress=progress)
+        explicit = "labels" in (parse_overrides(overrides or []).get("probe") or {})
+        return run_probe(checkpoint, data, val_data, cfg, json_out, progress=progress, explicit_labels=explicit)
     if task == "zeroshot":
         from tcjepa.eval.zeroshot import run_zeroshot
 

@@ -30,6 +30,7 @@ from torch import nn
 from data_pipelines.loader import DataError
 from tcjepa.config import ConfigError, to_dict
 from tcjepa.eval.common import default_device, result_dict, write_result
+from tcjepa.eval.peek import peek, require
 from tcjepa.models.vit import MLP, attention, init_weights
 
 
@@ -273,6 +274,10 @@ def run_vqa(checkpoint: str | Path, data: str, val_data: str, cfg: VQAConfig | N
     check_config(cfg)
     if not val_data:
         raise DataError("--val-data: VQA needs a test split (SHARDS) to score the head trained on --data")
+    for shards, key in ((data, "--data"), (val_data, "--val-data")):  # before the encoder reads any image
+        look = peek(shards, key)
+        require(any(isinstance(m.get("qa"), list) and m["qa"] for m in look.metas), look, key,
+                "no sample has question/answer pairs (json 'qa': [{\"question\", \"answer\"}, ...])")
     run_cfg = load_run_config(checkpoint)
     device = default_device()
     kind, path = resolved_tokenizer(run_cfg.conditioner)  # open_clip BPE for runs without a text tower

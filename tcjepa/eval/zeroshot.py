@@ -32,6 +32,7 @@ import torch
 from data_pipelines.loader import DataError, normalize
 from tcjepa.config import ConfigError, to_dict
 from tcjepa.eval.common import is_label, lookup, result_dict, topk_hits, write_result
+from tcjepa.eval.peek import peek, require, scored_split_key
 
 
 @dataclass
@@ -50,6 +51,17 @@ def check_config(cfg: ZeroShotConfig) -> None:
         raise ConfigError(f"zeroshot.templates: every template needs a {{}} for the class name, got {list(cfg.templates)}")
     if cfg.num_masks < 1 or cfg.batch_size < 1 or cfg.max_samples < 0:
         raise ConfigError("zeroshot.num_masks and zeroshot.batch_size must be >= 1, zeroshot.max_samples >= 0")
+
+
+def check_data(cfg: ZeroShotConfig, shards: str, data_key: str) -> None:
+    """Before any model or image: the scored split has the label and, unless
+    ``zeroshot.class_names`` gives them, the class names."""
+    look = peek(shards, data_key)
+    require(look.has_label(cfg.label), look, data_key, f"no sample has an integer {cfg.label!r} in its json "
+            f"(zeroshot.label; --set zeroshot.label=KEY names another)")
+    require(bool(cfg.class_names) or look.has_string(cfg.label + "_name"), look, data_key,
+            f"no sample has a {cfg.label + '_name'!r} in its json; zero-shot needs class names: add them to the "
+            f"json or pass --set zeroshot.class_names=[...]")
 
 
 def resolve_classes(metas: list[dict[str, Any]], keys: list[str], cfg: ZeroShotConfig, data_key: str
@@ -96,6 +108,7 @@ def run_zeroshot(checkpoint: str | Path, data: str, val_data: str = "", cfg: Zer
 
     cfg = cfg or ZeroShotConfig()
     check_config(cfg)
+    check_data(cfg, *scored_split_key(data, val_data))
     scorer, split, shards, data_key = scored_split("zeroshot", checkpoint, data, val_data, cfg.num_masks, cfg.seed,
                                                    cfg.max_samples)
     names, labels = resolve_classes(split.metas, split.keys, cfg, data_key)
