@@ -157,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shard-size", type=int, default=1000)
     d.add_argument("--workers", type=int, default=1)
     d.add_argument("--overwrite", action="store_true")
+    d = dsub.add_parser("idx", help="an IDX image set (Fashion-MNIST, MNIST) -> PNGs + a JSONL manifest for data write",
+                        description="Write OUT/images/*.png and OUT/manifest.jsonl (image, caption naming the class, "
+                                    "label, label_name) from IDX image and label files (.gz as shipped); then "
+                                    "`tcjepa data write --input OUT/manifest.jsonl --out SHARDS`.")
+    d.add_argument("--images", required=True, help="IDX images, e.g. train-images-idx3-ubyte.gz")
+    d.add_argument("--labels", required=True, help="IDX labels, e.g. train-labels-idx1-ubyte.gz")
+    d.add_argument("--out", required=True)
+    d.add_argument("--classes", default="fashion-mnist",
+                   help="class names: a preset (fashion-mnist, mnist) or a comma-separated list, index = label")
+    d.add_argument("--caption", default="a photo of a {}.", help="caption template; {} is the class name")
+    d.add_argument("--limit", type=int, default=0, help="only the first N images (default: all)")
     d = dsub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on the captions of SHARDS")
     d.add_argument("--data", required=True, help="SHARDS")
     d.add_argument("--vocab-size", type=int, default=1000)
@@ -247,6 +258,13 @@ def run(args: argparse.Namespace) -> int:
 
         for line in summary(convert_easy_vqa(args.out, args.shard_size, args.workers, args.overwrite)):
             print(line)
+    elif args.command == "data" and args.data_command == "idx":
+        from data_pipelines.idx import CLASS_NAMES, write_idx_manifest
+
+        names = CLASS_NAMES.get(args.classes) or tuple(c.strip() for c in args.classes.split(",") if c.strip())
+        done = write_idx_manifest(args.images, args.labels, args.out, names, args.caption, args.limit)
+        print(f"wrote {done['images']} images of {done['classes']} classes and {done['manifest']}; next: "
+              f"tcjepa data write --input {done['manifest']} --out SHARDS_DIR")
     elif args.command == "data" and args.data_command == "train-tokenizer":
         from data_pipelines.loader import DataError, resolve_shards
         from data_pipelines.tokenizers import captions_from_shards, train_sentencepiece
