@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from data_pipelines.idx import CLASS_NAMES, read_idx, write_idx_manifest
+from data_pipelines.idx import CLASS_NAMES, read_idx
 from data_pipelines.loader import DataError
 from data_pipelines.write import WriteOptions, write_dataset
 from tcjepa.cli import main
