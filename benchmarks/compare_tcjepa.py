@@ -107,7 +107,7 @@ def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: P
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
     zs = zeroshot_top1(run_dir, val_dir) if zeroshot else None
     return {"top1": {k: v["top1"] for k, v in metrics["per_label"].items()}, "zeroshot": zs,
-            "final_loss": recs[-1]["loss"], "img_per_s": statistics.median(r["img_per_s"] for r in recs),
+            "final_loss": recs[-1]["loss"], "img_per_s": statistics.median(r["img_per_s"] for r in recs if "img_per_s" in r),
             "cond_gate": recs[-1].get("cond_gate"), "cond_entropy": recs[-1].get("cond_entropy")}
 
 

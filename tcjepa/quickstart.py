@@ -56,7 +56,8 @@ def quickstart(
         viz = out / "viz"
         visualize_attention(run_dir, str(val_dir), viz, samples=4)
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
-    first, last = recs[0], recs[-1]
+    trained_recs = [r for r in recs if "loss" in r]  # with train.eval_every, step 0 holds only the init's probe
+    first, last = trained_recs[0], trained_recs[-1]
     speeds = [r["img_per_s"] for r in recs if isinstance(r.get("img_per_s"), (int, float))]
     print()
     print(f"run: {run_dir}   steps: {cfg.train.steps}   loss {first['loss']:.4f} -> {last['loss']:.4f}   "

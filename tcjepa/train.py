@@ -312,6 +312,8 @@ def run_training(
     mask_kwargs = dataclasses.asdict(cfg.mask)  # MaskConfig fields are sample_masks' keywords
     tracker = SkipTracker()
 
+    if cfg.train.eval_every and start == 0 and info.is_main:  # the curve's first point: the encoder at init
+        log.write({"step": 0, **run_periodic_probe(method, engine, cfg, info)})
     bar = tqdm(total=total, initial=start, disable=not (progress and info.is_main), desc="train", unit="step")
     batches = iter(loader)
     loss_sum, n_window, n_good, t_window = torch.zeros((), device=info.device), 0, 0, time.perf_counter()

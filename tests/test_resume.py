@@ -483,7 +483,8 @@ def test_periodic_probe_is_logged(shards64, tmp_path):
     run = train(cfg_for(shards64, "train.steps=4", "train.log_every=1", "checkpoint.every=0", "train.eval_every=2",
                         f"data.val={val}", "probe.epochs=20"), tmp_path / "run", progress=False)
     recs = records(run)
-    assert [r["step"] for r in recs if "probe_top1" in r] == [2, 4]
+    assert [r["step"] for r in recs if "probe_top1" in r] == [0, 2, 4]  # step 0: the encoder at initialisation
+    assert set(recs[0]) == {"step", "probe_top1"}
     assert all(0.5 < r["probe_top1"] <= 1 for r in recs if "probe_top1" in r)  # 3 colour-separable classes
     with pytest.raises(ConfigError, match="train.eval_every.*needs data.val"):
         cfg_for(shards64, "train.eval_every=2")

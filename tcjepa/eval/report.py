@@ -254,6 +254,11 @@ def draw_plots(runs: list[RunInfo], out: Path) -> dict[str, str]:
     if rank:
         p = line_plot(rank, f"{stem}_rankme.png", "RankMe (effective rank) over training", "step", "RankMe")
         written["RankMe over steps"] = p.name
+    probe = curve("probe_top1")
+    if probe:
+        p = line_plot(probe, f"{stem}_probe.png", "linear probe top-1 over training (train.eval_every; step 0: init)",
+                      "step", "top-1")
+        written["probe top-1 over steps"] = p.name
     heads: dict[str, dict[str, float]] = {}
     refs: dict[str, float | None] = {}
     stems = sorted({(s, res["task"]) for r in runs for s, res in r.evals.items()}, key=lambda st: _order(*st))
