@@ -47,6 +47,19 @@ def drop_captions(tokens: Tokens, drop: torch.Tensor, empty: Tokens) -> Tokens:
                   tokens.has_text & ~drop)
 
 
+def trim_caption_slots(tokens: Tokens) -> Tokens:
+    """[B, N, L] tokens without the trailing caption slots that no image of the batch fills (at
+    least one kept): padded captions are left out of the max-pool anyway, so the conditioner's
+    result is the same, and a batch of one-caption images costs one caption, not ``N``."""
+    if tokens.ids.dim() != 3:
+        return tokens
+    used = tokens.has_text.any(0).nonzero()
+    n = int(used.max()) + 1 if len(used) else 1
+    if n == tokens.ids.size(1):
+        return tokens
+    return Tokens(tokens.ids[:, :n], tokens.mask[:, :n], tokens.has_text[:, :n])
+
+
 def tokenize_caption_sets(tokenizer: "Tokenizer", caption_sets: Sequence[Sequence[str]], n: int) -> Tokens:
     """Up to ``n`` captions per image -> Tokens of shape [B, n, L]; missing captions are ''
     (``has_text`` False), so an image with fewer captions pools over its real ones only."""

@@ -181,3 +181,27 @@ def test_captions_change_the_prediction_and_none_is_the_unconditioned_path(stude
         dropped = predictor(*args, student.text(Tokens(tokens.ids, tokens.mask, torch.zeros_like(tokens.has_text))))
     assert not torch.allclose(conditioned, plain) and not torch.allclose(conditioned, shuffled)
     torch.testing.assert_close(dropped, plain, rtol=0, atol=0)
+
+
+def test_unused_caption_slots_are_trimmed_without_changing_the_loss(student_and_batch):
+    """A batch of one-caption images in a run with max_captions 4 computes one caption slot, not
+    four, and the loss and its statistics are those of the untrimmed tokens."""
+    from data_pipelines.tokenizers import Tokens, tokenize_caption_sets, trim_caption_slots
+
+    method, images, masks, targets, _ = student_and_batch
+    sets = [["a red circle on the left"], ["two blue squares", "a blue pair"], ["a large green star at the top"]]
+    four = tokenize_caption_sets(method.tokenizer, sets, 4)
+    trimmed = trim_caption_slots(four)
+    assert trimmed.ids.shape[1] == 2 and torch.equal(trimmed.ids, four.ids[:, :2])
+    none = Tokens(four.ids, four.mask, torch.zeros_like(four.has_text))
+    assert trim_caption_slots(none).ids.shape[1] == 1  # all dropped: one (empty) slot stays
+    student = method.model
+    with torch.no_grad():
+        full = student(images, masks, targets, four)
+        stats = dict(student.last_stats)
+        cut = student(images, masks, targets, trimmed)
+    torch.testing.assert_close(cut, full)
+    for k, v in student.last_stats.items():
+        torch.testing.assert_close(v, stats[k])
+    gen = torch.Generator().manual_seed(0)
+    assert method.text_inputs(sets, gen, four).ids.shape[1] <= 2  # what a training step gets

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.tokenizers import Tokenizer, Tokens, build_tokenizer, drop_captions, tokenize_caption_sets
+from data_pipelines.tokenizers import (Tokenizer, Tokens, build_tokenizer, drop_captions, tokenize_caption_sets,
+                                       trim_caption_slots)
 from tcjepa.config import Config, captions_per_image, resolved_text_path, resolved_tokenizer
 from tcjepa.distributed import mean_count_over_ranks
 from tcjepa.masks import MaskBatch
@@ -271,7 +272,7 @@ class JEPA:
             if self._empty is None:
                 self._empty = self.tokenizer([""])
             tokens = drop_captions(tokens, drop, self._empty)
-        return tokens
+        return trim_caption_slots(tokens)
 
     def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch,
              tokens: Tokens | None = None, health: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
