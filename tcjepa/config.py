@@ -133,6 +133,7 @@ class TrainConfig:
     collapse_std: float = 0.01  # ... or their per-channel std across tokens does
     eval_every: int = 0  # every N steps a linear probe on data.val (labels: probe.labels[0]) -> probe_top1; 0: off
     compile: bool = False  # torch.compile the trained model's forward and the teacher's (tcjepa.train.compile_method)
+    log_to: tuple[str, ...] = ()  # also send metrics to: tensorboard (RUN_DIR/tb/) | wandb (offline unless WANDB_MODE)
 
 
 @dataclass
@@ -566,6 +567,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), source, "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     _check(cfg.train.max_bad_steps >= 1, source, "train.max_bad_steps", "must be >= 1")
     _check(cfg.train.eval_every >= 0, source, "train.eval_every", "must be >= 0")
+    _check(all(t in ("tensorboard", "wandb") for t in cfg.train.log_to), source, "train.log_to",
+           f"must list trackers from tensorboard, wandb; got {list(cfg.train.log_to)}")
     _check(not cfg.train.eval_every or bool(cfg.data.val), source, "train.eval_every",
            "needs data.val (held-out SHARDS with labels) for its probe")
     _check(cfg.checkpoint.every >= 0, source, "checkpoint.every", "must be >= 0")

@@ -28,7 +28,7 @@ SUPERSEDED = "superseded"  # eval/superseded/<when>/: results of weights that we
 # keys (or key prefixes ending in '.') that do not change what a run computes
 WATCHING_KEYS = (
     "train.log_every", "train.eval_every", "train.nan_guard", "train.max_bad_steps", "train.collapse_rankme",
-    "train.collapse_std", "train.compile", "checkpoint.", "probe.", "data.val", "data.workers",
+    "train.collapse_std", "train.compile", "train.log_to", "checkpoint.", "probe.", "data.val", "data.workers",
     "data.max_skip_rate", "data.skip_rate_min_samples", "model.activation_checkpointing",
 )
 

@@ -37,6 +37,7 @@ from tcjepa.rundir import (ResumePlan, check_disk_space, check_resume, check_run
 from tcjepa.resume import (gather, list_checkpoints, load_latest, restore_rng_states, rng_states,
                            save_checkpoint)
 from tcjepa.schedules import lr_at, weight_decay_at
+from tcjepa.trackers import Trackers, check_trackers
 
 _RESERVED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                      "optimizer", "scheduler", "fp16", "bf16")
@@ -267,6 +268,7 @@ def run_training(
     if cfg.model.activation_checkpointing:
         set_activation_checkpointing(method.model)
     check_disk_space(run_dir, method, cfg)
+    check_trackers(cfg.train.log_to)
     if info.is_main:  # every check passed: only now does anything get written
         create_run_dir(run_dir)
         record_changes(run_dir, plan)
@@ -312,8 +314,11 @@ def run_training(
     mask_kwargs = dataclasses.asdict(cfg.mask)  # MaskConfig fields are sample_masks' keywords
     tracker = SkipTracker()
 
+    trackers = Trackers(cfg.train.log_to, run_dir, cfg, info.is_main, start)
     if cfg.train.eval_every and start == 0 and info.is_main:  # the curve's first point: the encoder at init
-        log.write({"step": 0, **run_periodic_probe(method, engine, cfg, info)})
+        first = {"step": 0, **run_periodic_probe(method, engine, cfg, info)}
+        log.write(first)
+        trackers.log(first)
     bar = tqdm(total=total, initial=start, disable=not (progress and info.is_main), desc="train", unit="step")
     batches = iter(loader)
     loss_sum, n_window, n_good, t_window = torch.zeros((), device=info.device), 0, 0, time.perf_counter()
@@ -324,7 +329,7 @@ def run_training(
     bad_in_a_row, bad_steps = 0, bad_steps_before
     sched: dict[str, float] = {}
     pending_eval: dict[str, float] = {}
-    with StopRequest() as stop:
+    with StopRequest() as stop, trackers:
         for step in range(start, end):
             batch = next(batches)
             streams[batch["stream"]["role"]] = batch["stream"]["state"]  # where the loader stands after this batch
@@ -411,6 +416,7 @@ def run_training(
                 elif not np.isfinite(record["loss"]):  # only without train.nan_guard
                     raise DivergenceError(f"loss is {record['loss']} at step {done}; lower optim.lr or check the data")
                 log.write(record)
+                trackers.log(record)
                 bar.set_postfix(loss=f"{stats[0]:.4f}", img_s=f"{record['img_per_s']:.1f}")
                 loss_sum.zero_()
                 extra_sum, n_window, n_good, t_window = {}, 0, 0, time.perf_counter()
