@@ -87,6 +87,7 @@ class TeacherConfig:
     momentum: float = 0.996
     final_momentum: float = 1.0
     checkpoint: str = ""  # run directory of a trained teacher (update: frozen)
+    sha256: str = ""  # frozen: the teacher's final/model.safetensors digest, recorded at the start; a changed file is an error
 
 
 @dataclass

@@ -29,11 +29,11 @@ from tcjepa.checkpoint import init_from_final, save_final
 from tcjepa.config import Config, ConfigError, captions_per_image, save_config
 from tcjepa.distributed import DistInfo, barrier, init_distributed, quiet_libraries
 from tcjepa.masks import sample_masks
-from tcjepa.methods import build_method
+from tcjepa.methods import build_method, pin_teacher
 from tcjepa.methods.jepa import param_groups
 from tcjepa.models.vit import set_activation_checkpointing
 from tcjepa.rundir import (ResumePlan, check_disk_space, check_resume, check_run_dir, create_run_dir,
-                           record_changes, set_aside_evals)
+                           read_saved_config, record_changes, set_aside_evals)
 from tcjepa.resume import (gather, list_checkpoints, load_latest, restore_rng_states, rng_states,
                            save_checkpoint)
 from tcjepa.schedules import lr_at, weight_decay_at
@@ -102,7 +102,8 @@ def checkpoint_client(method: Any, step: int, skipped: dict[str, int], bad_steps
     """What a checkpoint holds beside DeepSpeed's weights and optimiser: the step, the teacher,
     skip and bad-step counts and, per rank, the RNG states and every loader worker's stream position."""
     per_rank = gather({"rng": rng_states(), "workers": workers, "streams": streams}, info.world_size)
-    teacher = method.teacher.state_dict() if method.teacher is not None else {}
+    trained_teacher = method.teacher is not None and method.cfg.teacher.update != "frozen"
+    teacher = method.teacher.state_dict() if trained_teacher else {}  # a frozen one: by reference (teacher.sha256)
     return {"step": step, "teacher": teacher, "skipped": skipped, "bad_steps": bad_steps,
             "ranks": per_rank}
 
@@ -110,7 +111,7 @@ def checkpoint_client(method: Any, step: int, skipped: dict[str, int], bad_steps
 def restore_client(client: dict[str, Any], method: Any, info: DistInfo, workers: int) -> dict[int, Any] | None:
     """Restore the teacher and this rank's RNGs; return its loader stream states, or None (with a
     warning) when the data stream cannot be continued exactly (another world size or worker count)."""
-    if method.teacher is not None:
+    if method.teacher is not None and client.get("teacher"):  # a frozen teacher was rebuilt from teacher.checkpoint
         method.teacher.load_state_dict(client["teacher"])
     ranks = client.get("ranks")
     if not ranks or len(ranks) != info.world_size:
@@ -255,6 +256,8 @@ def run_training(
     plan = ResumePlan()
     if resume:
         check_run_dir(run_dir, resume)
+    cfg = pin_teacher(cfg, read_saved_config(run_dir) if resume else None)  # a frozen teacher's digest
+    if resume:
         plan = check_resume(run_dir, cfg, allow_change)
     info = init_distributed()
     if cfg.train.batch_size % info.world_size:

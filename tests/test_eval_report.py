@@ -19,7 +19,9 @@ def fake_run(root: Path, conditioner: bool, probe: float, rankme: bool = False) 
     cfg = {"model": {"encoder": "vit_tiny_8", "image_size": 64}, "conditioner": {"enabled": conditioner},
            "teacher": {"update": "ema"}, "train": {"method": "jepa", "steps": 20}}
     (root / "final" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    lines = [json.dumps({"step": s, "loss": 0.5 / s, "img_per_s": 50.0, **({"target_rankme": 10.0 + s} if rankme else {}),
+    lines = [json.dumps({"step": s, "loss": 0.5 / s, "img_per_s": 50.0, "target_std": 0.5 - s / 100,
+                         **({"target_rankme": 10.0 + s} if rankme else {}),
+                         **({"cond_sparse": 0.3 / s} if conditioner else {}),
                          **({"probe_top1": 0.3 + s / 100} if s % 10 == 0 else {})}) for s in range(1, 21)]
     lines.insert(0, json.dumps({"step": 0, "probe_top1": 0.3}))  # train.eval_every's probe of the encoder at init
     (root / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 21, \"lo")  # a partial last line
@@ -51,7 +53,8 @@ def test_report_table_and_plots(tmp_path, capsys):
     assert "| probe label top-1 (linear) | 0.610 | 0.550 | 0.200 |" in text
     assert "| zeroshot label top-1 | 0.400 |  | 0.200 |" in text
     assert "| vqa color | 0.600 |  | 0.150 |" in text
-    for name in ("report_loss.png", "report_rankme.png", "report_probe.png", "report_accuracy.png"):
+    for name in ("report_loss.png", "report_rankme.png", "report_target_std.png", "report_cond_sparse.png",
+                 "report_probe.png", "report_accuracy.png"):
         assert f"]({name})" in text
         with Image.open(out.parent / name) as im:
             assert im.size[0] >= 700 and im.getextrema() != ((255, 255),) * 3  # something was drawn

@@ -129,7 +129,8 @@ def test_zeroshot_class_names_from_config_and_errors(runs, tmp_path):
     with pytest.raises(DataError, match="lists only 2 classes"):
         run_zeroshot(runs["tc"], str(runs["data"]), cfg=dataclasses.replace(ZS, class_names=("a", "b")),
                      progress=False, save_to_run=False)
-    with pytest.raises(DataError, match=r"sample 000000 has no integer 'labels.color'"):
+    with pytest.raises(DataError, match=r"--data: no sample has an integer 'labels.color' in its json \(zeroshot.label; "
+                                        r"--set zeroshot.label=KEY names another\); its json keys are: label, label_name"):
         run_zeroshot(runs["tc"], str(runs["data"]), cfg=dataclasses.replace(ZS, label="labels.color"),
                      progress=False, save_to_run=False)
 

@@ -124,6 +124,43 @@ def test_stage2_teacher_stays_frozen_and_may_be_smaller(stage1, shards, tmp_path
     assert all(p.grad is not None for p in method.model.encoder.parameters())
 
 
+@pytest.mark.slow
+def test_stage2_pins_its_teacher(stage1, shards, tmp_path):
+    """A frozen-teacher run records its teacher's sha256; checkpoints hold the teacher by that
+    reference, not a copy; the resumed run's teacher is bit-identical; a teacher whose weights
+    changed in place is an error naming both digests, before anything trains."""
+    import hashlib
+    import shutil
+
+    from tcjepa.checkpoint import load_encoder
+    from tcjepa.config import load_config as load
+    from tcjepa.resume import list_checkpoints
+
+    teacher_dir = shutil.copytree(stage1, tmp_path / "teacher")
+    weights = teacher_dir / "final" / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    cfg = recipe_cfg("salt_stage2", shards, "train.steps=4", "checkpoint.every=2", f"teacher.checkpoint={teacher_dir}")
+    run = train(cfg, tmp_path / "s2", progress=False, stop_at=2)
+    assert load(run / "config.yaml").teacher.sha256 == digest
+    states = torch.load(next(list_checkpoints(run)[-1].glob("*model_states.pt")), weights_only=False)
+    assert states["step"] == 2 and states["teacher"] == {}  # our client state: the teacher by reference only
+    train(cfg, run, resume=True, progress=False)  # the recipe's config has no digest: the run's own is used
+    resumed = {k[len("teacher."):]: v for k, v in load_final_state(run).items() if k.startswith("teacher.")}
+    original = load_encoder(stage1).state_dict()
+    assert resumed.keys() == original.keys() and all(torch.equal(resumed[k], original[k]) for k in original)
+
+    other = train(cfg, tmp_path / "s2b", progress=False, stop_at=2)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    key = next(k for k in state if k.startswith("encoder."))
+    state[key] = state[key] + 1e-3  # the teacher retrained in place
+    save_file(state, str(weights))
+    with pytest.raises(ConfigError, match=rf"weights in .*teacher/final/model.safetensors changed since this run "
+                                          rf"pinned them \(sha256 {digest}, now [0-9a-f]{{64}}\)"):
+        train(cfg, other, resume=True, progress=False)
+
+
 def test_stage2_needs_a_finished_teacher_run(shards, tmp_path, capsys):
     from tcjepa.cli import main
 

@@ -254,6 +254,13 @@ def draw_plots(runs: list[RunInfo], out: Path) -> dict[str, str]:
     if rank:
         p = line_plot(rank, f"{stem}_rankme.png", "RankMe (effective rank) over training", "step", "RankMe")
         written["RankMe over steps"] = p.name
+    for key, title in (("target_std", "target std over training (collapse: towards 0)"),
+                       ("cond_sparse", "TC-JEPA overlap sparsity (cond_sparse)"),
+                       ("cond_gate", "TC-JEPA gate (cond_gate, gated_topk)")):
+        xy = curve(key)
+        if xy:
+            p = line_plot(xy, f"{stem}_{key}.png", title, "step", key)
+            written[f"{key} over steps"] = p.name
     probe = curve("probe_top1")
     if probe:
         p = line_plot(probe, f"{stem}_probe.png", "linear probe top-1 over training (train.eval_every; step 0: init)",

@@ -42,6 +42,40 @@ def load_frozen_teacher(cfg: Config) -> Any:
     return load_encoder(run, which="auto")
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pin_teacher(cfg: Config, saved: Config | None = None) -> Config:
+    """A frozen-teacher run pinned to its teacher's weights: ``teacher.sha256`` is the digest of
+    ``teacher.checkpoint``'s ``final/model.safetensors`` (taken from the run's saved config on a
+    resume, else computed now). Weights that no longer match it are an error naming both digests:
+    a teacher retrained or replaced in place would silently change the targets."""
+    import dataclasses
+
+    from tcjepa.checkpoint import FINAL, WEIGHTS
+
+    t = cfg.teacher
+    if t.update != "frozen":
+        return cfg
+    path = Path(t.checkpoint) / FINAL / WEIGHTS
+    if not path.is_file():
+        return cfg  # load_frozen_teacher says what is missing
+    pinned = t.sha256 or (saved.teacher.sha256 if saved is not None and saved.teacher.checkpoint == t.checkpoint
+                          else "")
+    digest = file_sha256(path)
+    if pinned and pinned != digest:
+        raise ConfigError(f"teacher.checkpoint: the weights in {path} changed since this run pinned them "
+                          f"(sha256 {pinned}, now {digest}); restore that teacher or start a new run")
+    return dataclasses.replace(cfg, teacher=dataclasses.replace(t, sha256=digest))
+
+
 def build_method(cfg: Config, rank: int = 0, world_size: int = 1) -> Any:
     if cfg.train.method == "mae":
         from tcjepa.methods.mae import MAE
