@@ -57,10 +57,22 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+PATH_KEYS = ("data.train", "data.val", "teacher.checkpoint", "conditioner.text_path", "conditioner.tokenizer_path")
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    """Equal values; for paths, the same file however it is spelled (relative or absolute)."""
+    if a == b:
+        return True
+    if key in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and a and b:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return False
+
+
 def config_changes(saved: Config, given: Config) -> list[Change]:
     """Every leaf key whose value differs, in config order."""
     a, b = _flatten(to_dict(saved)), _flatten(to_dict(given))
-    return [Change(k, a.get(k), b.get(k)) for k in b if a.get(k) != b.get(k)]
+    return [Change(k, a.get(k), b.get(k)) for k in b if not _same(k, a.get(k), b.get(k))]
 
 
 def read_saved_config(run_dir: Path) -> Config | None:

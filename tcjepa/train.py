@@ -227,11 +227,24 @@ class TrainOutcome:
     finished: bool  # reached train.steps and wrote final/ (False: stopped by a signal or stop_at)
 
 
+def preflight(cfg: Config, run_dir: Path, resume: bool, allow_change: tuple[str, ...]
+              ) -> tuple[Config, list[str], ResumePlan]:
+    """The checks that need no process group, run by every rank before anything is written: the
+    training shards, the run directory and, on a resume, the run's own settings; a frozen teacher
+    is pinned to its weights' digest (the returned config carries it)."""
+    urls = resolve_shards(cfg.data.train, "data.train")
+    if resume:
+        check_run_dir(run_dir, resume)
+    cfg = pin_teacher(cfg, read_saved_config(run_dir) if resume else None)
+    plan = check_resume(run_dir, cfg, allow_change) if resume else ResumePlan()
+    return cfg, urls, plan
+
+
 def train(
     cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True, stop_at: int | None = None,
     allow_change: tuple[str, ...] = (),
 ) -> Path:
-    """Train ``cfg`` into ``out_dir`` (see the README's "Run directory"); returns the run directory.
+    """Train ``cfg`` into ``out_dir`` (the run directory the README describes); returns its path.
     :func:`run_training` does the work and also says whether the run finished."""
     return run_training(cfg, out_dir, resume, progress, stop_at, allow_change).run_dir
 
@@ -252,13 +265,7 @@ def run_training(
     from tqdm.auto import tqdm
 
     run_dir = Path(out_dir)
-    urls = resolve_shards(cfg.data.train, "data.train")  # fail fast, before any process group work
-    plan = ResumePlan()
-    if resume:
-        check_run_dir(run_dir, resume)
-    cfg = pin_teacher(cfg, read_saved_config(run_dir) if resume else None)  # a frozen teacher's digest
-    if resume:
-        plan = check_resume(run_dir, cfg, allow_change)
+    cfg, urls, plan = preflight(cfg, run_dir, resume, allow_change)
     info = init_distributed()
     if cfg.train.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the world size {info.world_size}")

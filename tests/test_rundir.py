@@ -28,6 +28,12 @@ def test_config_changes_tell_math_from_watching():
     assert set(changes) == {"train.steps", "train.log_every", "checkpoint.keep", "optim.lr"}
     assert changes["train.steps"] == Change("train.steps", 20, 30)
     assert {k for k, c in changes.items() if c.changes_math} == {"train.steps", "optim.lr"}
+    import os
+
+    here = load_config(RECIPE, ["data.train=shards"])
+    there = load_config(RECIPE, [f"data.train={os.path.abspath('shards')}"])
+    assert config_changes(here, there) == []  # one directory, spelled two ways
+    assert [c.key for c in config_changes(here, load_config(RECIPE, ["data.train=other"]))] == ["data.train"]
 
 
 @pytest.fixture(scope="module")
