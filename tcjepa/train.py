@@ -217,6 +217,110 @@ def _mask_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
 
 
+# ----------------------------------------------------------------------------- one step, one window
+
+
+def set_schedules(optimizer: Any, o: Any, step: int, total: int) -> tuple[float, float]:
+    """This step's learning rate and weight decay (pure functions of the step), set on every
+    parameter group (groups with ``apply_wd`` False get no decay)."""
+    lr = lr_at(step, total, lr=o.lr, start_lr=o.start_lr, final_lr=o.final_lr, warmup=o.warmup_steps)
+    wd = weight_decay_at(step, total, start=o.weight_decay, final=o.final_weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
+    return lr, wd
+
+
+def step_inputs(batch: dict[str, Any], method: Any, cfg: Config, info: DistInfo, gen: torch.Generator,
+                step: int) -> tuple[torch.Tensor, Any, Any]:
+    """The step's images, masks (a pure function of seed, rank and step) and caption tokens (with
+    caption dropout drawn after the masks, so TC-JEPA sees the same masks as I-JEPA)."""
+    images = normalize(batch["images"].to(info.device, non_blocking=True))
+    gen.manual_seed(_mask_seed(cfg.train.seed, info.rank, step))
+    masks = None
+    if method.uses_masks:  # MaskConfig fields are sample_masks' keywords
+        masks = sample_masks(images.size(0), method.model.encoder.grid, gen, **dataclasses.asdict(cfg.mask))
+        masks = masks.to(info.device)
+    tokens = method.text_inputs(batch.get("caption_sets", batch["captions"]), gen, batch.get("tokens"))
+    return images, masks, (tokens.to(info.device) if tokens is not None else None)
+
+
+def guarded_step(engine: Any, loss: torch.Tensor, cfg: Config, info: DistInfo, stop: "StopRequest"
+                 ) -> tuple[bool, bool]:
+    """Backward and optimiser step unless the loss (or, with ZeRO 0, a gradient) is not finite on
+    some rank (``train.nan_guard``). Returns ``(stepped, running)``: ``running`` is False once any
+    rank got a stop signal. One agreement per step covers both."""
+    guard = cfg.train.nan_guard
+    ok, running = all_ranks(info, torch.isfinite(loss) if guard else True, stop.signal is None)
+    if not ok:
+        return False, running
+    engine.backward(loss)
+    if guard and cfg.deepspeed.zero_stage == 0:  # with ZeRO >= 1 the gradients live in optimizer partitions
+        (ok,) = all_ranks(info, grads_finite(engine.module))
+    if ok:
+        engine.step()
+    else:
+        engine.zero_grad()
+    return ok, running
+
+
+def note_bad_step(done: int, in_a_row: int, cfg: Config, info: DistInfo, run_dir: Path) -> None:
+    """Warn about a skipped step; too many in a row end the run (naming the last good checkpoint)."""
+    if info.is_main:
+        warnings.warn(f"step {done}: non-finite loss or gradient; step skipped ({in_a_row} in a row)", stacklevel=2)
+    if in_a_row >= cfg.train.max_bad_steps:
+        last = list_checkpoints(run_dir)
+        raise DivergenceError(
+            f"{in_a_row} steps in a row (train.max_bad_steps) had a non-finite loss or gradient, the last at step "
+            f"{done}; the last good checkpoint is {last[-1] if last else 'none (checkpoint.every)'}. Lower optim.lr, "
+            "enable optim.grad_clip or check the data, then --resume")
+
+
+class Window:
+    """What a logging window accumulates on the device (no host sync until its record)."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.extra_sum: dict[str, torch.Tensor] = {}
+        self.n_steps, self.n_good, self.t_start = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, extra: dict[str, torch.Tensor]) -> None:
+        self.loss_sum += loss.detach()
+        for k, v in extra.items():
+            self.extra_sum[k] = self.extra_sum.get(k, 0) + v.detach()
+        self.n_good += 1
+
+    def record(self, done: int, schedules: dict[str, float], cfg: Config, info: DistInfo, skipped: dict[str, int],
+               bad_steps: int) -> dict[str, Any]:
+        """The window's ``metrics.jsonl`` record: means over its good steps (and ranks), speed,
+        skip and bad-step counts. ``loss`` is None when every step of the window was skipped."""
+        denom = max(self.n_good, 1)
+        stats = torch.stack([self.loss_sum / denom] + [v / denom for v in self.extra_sum.values()]).float()
+        if info.world_size > 1:
+            torch.distributed.all_reduce(stats)
+            stats /= info.world_size
+        stats = stats.tolist()  # host syncs happen only here, once per logging window
+        elapsed = time.perf_counter() - self.t_start
+        record = {
+            "step": done, "loss": stats[0], **schedules,
+            "img_per_s": self.n_steps * cfg.train.batch_size / max(elapsed, 1e-9),
+            "skipped": sum(skipped.get(r, 0) for r in SKIP_REASONS),
+            **{f"skipped_{r}": skipped[r] for r in SKIP_REASONS if skipped.get(r)},
+            **{r: skipped[r] for r in NOTES if skipped.get(r)},
+            "bad_steps": bad_steps,
+            **{k: v for k, v in zip(self.extra_sum, stats[1:])},
+        }
+        if self.n_good == 0:
+            record["loss"] = None
+        elif not np.isfinite(record["loss"]):  # only without train.nan_guard
+            raise DivergenceError(f"loss is {record['loss']} at step {done}; lower optim.lr or check the data")
+        return record
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -319,9 +423,7 @@ def run_training(
     ))
     streams = dict(streams or {})
     log = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start)
-    grid = method.model.encoder.grid
     gen = torch.Generator()
-    mask_kwargs = dataclasses.asdict(cfg.mask)  # MaskConfig fields are sample_masks' keywords
     tracker = SkipTracker()
 
     trackers = Trackers(cfg.train.log_to, run_dir, cfg, info.is_main, start)
@@ -331,106 +433,56 @@ def run_training(
         trackers.log(first)
     bar = tqdm(total=total, initial=start, disable=not (progress and info.is_main), desc="train", unit="step")
     batches = iter(loader)
-    loss_sum, n_window, n_good, t_window = torch.zeros((), device=info.device), 0, 0, time.perf_counter()
-    extra_sum: dict[str, torch.Tensor] = {}
+    window = Window(info.device)
     end = total if stop_at is None else min(total, stop_at)
-    guard = cfg.train.nan_guard
-    check_grads = cfg.deepspeed.zero_stage == 0  # with ZeRO >= 1 the gradients live in optimizer partitions
     bad_in_a_row, bad_steps = 0, bad_steps_before
     sched: dict[str, float] = {}
     pending_eval: dict[str, float] = {}
     with StopRequest() as stop, trackers:
         for step in range(start, end):
+            # inputs: a batch, this step's schedules, masks and captions
             batch = next(batches)
             streams[batch["stream"]["role"]] = batch["stream"]["state"]  # where the loader stands after this batch
             tracker.update(batch["skipped"])
             tracker.check_rate(cfg.data.max_skip_rate, cfg.data.skip_rate_min_samples, f"data.train {cfg.data.train}")
-            images = normalize(batch["images"].to(info.device, non_blocking=True))
+            lr, wd = set_schedules(optimizer, o, step, total)
+            images, masks, tokens = step_inputs(batch, method, cfg, info, gen, step)
 
-            lr = lr_at(step, total, lr=o.lr, start_lr=o.start_lr, final_lr=o.final_lr, warmup=o.warmup_steps)
-            wd = weight_decay_at(step, total, start=o.weight_decay, final=o.final_weight_decay)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-                group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
-
-            gen.manual_seed(_mask_seed(cfg.train.seed, info.rank, step))
-            masks = sample_masks(images.size(0), grid, gen, **mask_kwargs).to(info.device) if method.uses_masks else None
-            captions = batch.get("caption_sets", batch["captions"])
-            tokens = method.text_inputs(captions, gen, batch.get("tokens"))  # after the masks: same masks as I-JEPA
-            if tokens is not None:
-                tokens = tokens.to(info.device)
-
-            log_step = (step + 1) % cfg.train.log_every == 0 or step + 1 == end
-            loss, extra = method.loss(engine, images, masks, tokens, health=log_step and info.is_main)
-            # one agreement per step: was the loss finite everywhere, and did any rank get a stop signal
-            ok, running = all_ranks(info, torch.isfinite(loss) if guard else True, stop.signal is None)
-            if ok:
-                engine.backward(loss)
-                if guard and check_grads:
-                    (ok,) = all_ranks(info, grads_finite(engine.module))
-                if ok:
-                    engine.step()
-                    sched = method.after_step(engine, step, total)
-                else:
-                    engine.zero_grad()
+            # one guarded optimiser step
             done = step + 1
+            log_step = done % cfg.train.log_every == 0 or done == end
+            loss, extra = method.loss(engine, images, masks, tokens, health=log_step and info.is_main)
+            ok, running = guarded_step(engine, loss, cfg, info, stop)
             if ok:
+                sched = method.after_step(engine, step, total)
                 bad_in_a_row = 0
-                loss_sum += loss.detach()
-                for k, v in extra.items():
-                    extra_sum[k] = extra_sum.get(k, 0) + v.detach()
-                n_good += 1
+                window.add(loss, extra)
             else:  # the step is skipped: no update, no EMA; the schedules move on
-                bad_in_a_row += 1
-                bad_steps += 1
-                if info.is_main:
-                    warnings.warn(f"step {done}: non-finite loss or gradient; step skipped ({bad_in_a_row} in a row)",
-                                  stacklevel=2)
-                if bad_in_a_row >= cfg.train.max_bad_steps:
-                    last = list_checkpoints(run_dir)
-                    raise DivergenceError(
-                        f"{bad_in_a_row} steps in a row (train.max_bad_steps) had a non-finite loss or gradient, the "
-                        f"last at step {done}; the last good checkpoint is "
-                        f"{last[-1] if last else 'none (checkpoint.every)'}. Lower optim.lr, enable optim.grad_clip "
-                        "or check the data, then --resume")
-            n_window += 1
+                bad_in_a_row, bad_steps = bad_in_a_row + 1, bad_steps + 1
+                note_bad_step(done, bad_in_a_row, cfg, info, run_dir)
+            window.n_steps += 1
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and info.is_main:
                 t_eval = time.perf_counter()
                 pending_eval = run_periodic_probe(method, engine, cfg, info)  # logged with this or the next record
-                t_window += time.perf_counter() - t_eval  # img_per_s counts training only
+                window.t_start += time.perf_counter() - t_eval  # img_per_s counts training only
+
+            # a logging window ends
             if log_step:
-                denom = max(n_good, 1)
-                stats = torch.stack([loss_sum / denom] + [v / denom for v in extra_sum.values()]).float()
-                if info.world_size > 1:
-                    torch.distributed.all_reduce(stats)
-                    stats /= info.world_size
-                skipped = global_skips(tracker, skipped_before, info)
-                stats = stats.tolist()  # host syncs happen only here, once per logging window
-                elapsed = time.perf_counter() - t_window
-                record = {
-                    "step": done, "loss": stats[0], "lr": lr, "wd": wd, **sched,
-                    "img_per_s": n_window * cfg.train.batch_size / max(elapsed, 1e-9),
-                    "skipped": sum(skipped.get(r, 0) for r in SKIP_REASONS),
-                    **{f"skipped_{r}": skipped[r] for r in SKIP_REASONS if skipped.get(r)},
-                    **{r: skipped[r] for r in NOTES if skipped.get(r)},
-                    "bad_steps": bad_steps,
-                    **{k: v for k, v in zip(extra_sum, stats[1:])},
-                }
+                record = window.record(done, {"lr": lr, "wd": wd, **sched}, cfg, info,
+                                       global_skips(tracker, skipped_before, info), bad_steps)
                 if info.is_main and method.last_health:
                     record.update(method.last_health)
                     warn_collapse(record, cfg, done)
                 record.update(pending_eval)
                 pending_eval = {}
-                if n_good == 0:
-                    record["loss"] = None  # every step of the window was skipped
-                elif not np.isfinite(record["loss"]):  # only without train.nan_guard
-                    raise DivergenceError(f"loss is {record['loss']} at step {done}; lower optim.lr or check the data")
                 log.write(record)
                 trackers.log(record)
-                bar.set_postfix(loss=f"{stats[0]:.4f}", img_s=f"{record['img_per_s']:.1f}")
-                loss_sum.zero_()
-                extra_sum, n_window, n_good, t_window = {}, 0, 0, time.perf_counter()
+                if record["loss"] is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+                window.reset()
             bar.update(1)
+
+            # checkpoint, or stop
             stopping = not running
             periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
             if periodic or stopping or (done == end and (end < total or cfg.checkpoint.every)):  # the last: resumable
