@@ -91,8 +91,8 @@ def resolve_shards(spec: str, key: str = "data.train") -> list[str]:
     return urls
 
 
-IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # files `data write` reads
+MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}  # and its manifests
 
 
 def read_shard_list(path: Path, key: str) -> list[str]:
@@ -101,7 +101,7 @@ def read_shard_list(path: Path, key: str) -> list[str]:
     turns it into shards."""
     convert = f"convert it with `tcjepa data write --input {path} --out SHARDS_DIR`, then pass SHARDS_DIR"
     suffix = path.suffix.lower()
-    if suffix in IMAGE_FILE_SUFFIXES:
+    if suffix in IMAGE_SUFFIXES:
         raise DataError(f"{key}: {path} is an image, not shards; put images and captions in a folder "
                         f"(NAME.jpg + NAME.txt) and convert it with `tcjepa data write --input FOLDER --out SHARDS_DIR`")
     if suffix in MANIFEST_SUFFIXES:

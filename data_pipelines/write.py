@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
-from data_pipelines.loader import MAX_CAPTION_BYTES, DataError, die_with_parent
+from data_pipelines.loader import IMAGE_SUFFIXES, MANIFEST_SUFFIXES, MAX_CAPTION_BYTES, DataError, die_with_parent
 from data_pipelines.shards import write_shards
 
 # What a row can be skipped for (the loader has its own list for shards already written).
@@ -39,11 +39,9 @@ WRITE_SKIP_REASONS = (
     "huge_caption",   # a caption over max_caption_bytes
     "bad_row",        # a manifest row that does not parse, or lacks the image field
 )
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become png
 IMAGE_COLUMNS = ("image", "filepath", "image_path", "path", "file")
 CAPTION_COLUMNS = ("caption", "text", "txt")
-MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 
 @dataclass

@@ -141,7 +141,7 @@ def record_changes(run_dir: Path, plan: ResumePlan) -> None:
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Fail before anything is written if the directory cannot be used as asked."""
+    """Fail before anything is written if the directory cannot be used as asked (reads only)."""
     from tcjepa.checkpoint import imported_run
 
     existing = list_checkpoints(run_dir)
@@ -154,6 +154,10 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: exists and is not a directory")
+
+
+def check_writable(run_dir: Path) -> None:
+    """A real write in the run directory or its nearest existing parent, removed at once."""
     parent = existing_ancestor(run_dir)
     if not parent.is_dir():
         raise ConfigError(f"{run_dir}: not writable ({parent} is a file, not a directory)")

@@ -32,7 +32,7 @@ from tcjepa.masks import sample_masks
 from tcjepa.methods import build_method, pin_teacher
 from tcjepa.methods.jepa import param_groups
 from tcjepa.models.vit import set_activation_checkpointing
-from tcjepa.rundir import (ResumePlan, check_disk_space, check_resume, check_run_dir, create_run_dir,
+from tcjepa.rundir import (ResumePlan, check_disk_space, check_resume, check_run_dir, check_writable, create_run_dir,
                            read_saved_config, record_changes, set_aside_evals)
 from tcjepa.resume import (gather, list_checkpoints, load_latest, restore_rng_states, rng_states,
                            save_checkpoint)
@@ -232,14 +232,14 @@ def set_schedules(optimizer: Any, o: Any, step: int, total: int) -> tuple[float,
 
 
 def step_inputs(batch: dict[str, Any], method: Any, cfg: Config, info: DistInfo, gen: torch.Generator,
-                step: int) -> tuple[torch.Tensor, Any, Any]:
+                step: int, mask_kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any, Any]:
     """The step's images, masks (a pure function of seed, rank and step) and caption tokens (with
     caption dropout drawn after the masks, so TC-JEPA sees the same masks as I-JEPA)."""
     images = normalize(batch["images"].to(info.device, non_blocking=True))
     gen.manual_seed(_mask_seed(cfg.train.seed, info.rank, step))
     masks = None
-    if method.uses_masks:  # MaskConfig fields are sample_masks' keywords
-        masks = sample_masks(images.size(0), method.model.encoder.grid, gen, **dataclasses.asdict(cfg.mask))
+    if method.uses_masks:
+        masks = sample_masks(images.size(0), method.model.encoder.grid, gen, **mask_kwargs)
         masks = masks.to(info.device)
     tokens = method.text_inputs(batch.get("caption_sets", batch["captions"]), gen, batch.get("tokens"))
     return images, masks, (tokens.to(info.device) if tokens is not None else None)
@@ -337,8 +337,7 @@ def preflight(cfg: Config, run_dir: Path, resume: bool, allow_change: tuple[str,
     training shards, the run directory and, on a resume, the run's own settings; a frozen teacher
     is pinned to its weights' digest (the returned config carries it)."""
     urls = resolve_shards(cfg.data.train, "data.train")
-    if resume:
-        check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume)
     cfg = pin_teacher(cfg, read_saved_config(run_dir) if resume else None)
     plan = check_resume(run_dir, cfg, allow_change) if resume else ResumePlan()
     return cfg, urls, plan
@@ -373,8 +372,8 @@ def run_training(
     info = init_distributed()
     if cfg.train.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the world size {info.world_size}")
-    if info.is_main:
-        check_run_dir(run_dir, resume)
+    if info.is_main:  # one rank writes the probe file: several at once would race on its name
+        check_writable(run_dir)
     barrier()
 
     _seed_everything(cfg.train.seed)
@@ -424,6 +423,7 @@ def run_training(
     streams = dict(streams or {})
     log = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start)
     gen = torch.Generator()
+    mask_kwargs = dataclasses.asdict(cfg.mask)  # MaskConfig fields are sample_masks' keywords
     tracker = SkipTracker()
 
     trackers = Trackers(cfg.train.log_to, run_dir, cfg, info.is_main, start)
@@ -446,7 +446,7 @@ def run_training(
             tracker.update(batch["skipped"])
             tracker.check_rate(cfg.data.max_skip_rate, cfg.data.skip_rate_min_samples, f"data.train {cfg.data.train}")
             lr, wd = set_schedules(optimizer, o, step, total)
-            images, masks, tokens = step_inputs(batch, method, cfg, info, gen, step)
+            images, masks, tokens = step_inputs(batch, method, cfg, info, gen, step, mask_kwargs)
 
             # one guarded optimiser step
             done = step + 1
