@@ -1,6 +1,5 @@
 """train.log_to: TensorBoard event files and W&B runs carry the same numbers as metrics.jsonl."""
 
-import json
 import sys
 import types
 
