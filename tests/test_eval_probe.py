@@ -10,7 +10,8 @@ from PIL import Image
 
 from tcjepa.config import ConfigError, ProbeConfig
 from tcjepa.eval.attentive import AttentivePooler, auto_heads, train_attentive_probes
-from tcjepa.eval.probe import classification_metrics, run_probe
+from tcjepa.eval.common import classification_metrics
+from tcjepa.eval.probe import run_probe
 from tests.eval_runs import train_tiny, write_colour_shards
 
 FAST = ProbeConfig(epochs=30, attentive_epochs=15, batch_size=64, kind="both")

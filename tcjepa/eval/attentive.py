@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcjepa.config import ProbeConfig
+from tcjepa.eval.common import classification_metrics, default_device, holdout_split
 from tcjepa.models.vit import MLP, attention
 
 
@@ -91,9 +92,6 @@ def train_attentive_probes(
     (any float dtype; batches are cast to fp32); pick by holdout accuracy; report val metrics.
     The holdout split is the linear probe's (same seed), so the two compare one to one."""
     from tqdm.auto import trange
-
-    from tcjepa.eval.common import default_device
-    from tcjepa.eval.probe import classification_metrics, holdout_split
 
     device = torch.device(device) if device is not None else default_device()
     num_classes = int(max(train_y.max(), val_y.max())) + 1

@@ -1,4 +1,5 @@
-"""What every evaluation shares: reading an evaluation split, tie-aware top-k hits, and writing
+"""What every evaluation shares: reading an evaluation split, the probes' holdout split and
+classification metrics, tie-aware top-k hits, and writing
 the result JSON in the shape DESIGN.md fixes (``{"task", "checkpoint", "data", "metrics"}``).
 """
 
@@ -79,6 +80,23 @@ def read_split(shards: str, image_size: int, data_key: str, max_samples: int = 0
     split.captions, split.keys, split.metas = split.captions[:n], split.keys[:n], split.metas[:n]
     split.skipped = tracker.counts
     return split
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """``(holdout indices, fit indices, generator)``: the same split for every probe kind."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    n_hold = max(1, int(n * fraction))
+    return perm[:n_hold], perm[n_hold:], g
+
+
+def classification_metrics(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """top-1, per-class accuracy (classes present in ``y``) and the confusion matrix
+    (rows: true class, columns: predicted)."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((y, pred.clamp(0, num_classes - 1)), torch.ones_like(y), accumulate=True)
+    per_class = {str(c): (pred[y == c] == c).float().mean().item() for c in range(num_classes) if (y == c).any()}
+    return {"top1": (pred == y).float().mean().item(), "per_class": per_class, "confusion": confusion.tolist()}
 
 
 def topk_hits(scores: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:

@@ -27,7 +27,9 @@ from torch import nn
 
 from data_pipelines.loader import DataError, SkipTracker, normalize
 from tcjepa.config import Config, ConfigError, ProbeConfig, to_dict
-from tcjepa.eval.common import default_device, is_label, iter_eval_batches, lookup, plot_dir, result_dict, write_result
+from tcjepa.eval.attentive import train_attentive_probes
+from tcjepa.eval.common import (classification_metrics, default_device, holdout_split, is_label, iter_eval_batches, lookup,
+                                plot_dir, result_dict, write_result)
 
 KINDS = ("linear", "attentive", "both")
 MAX_CONFUSION_IN_JSON = 100  # classes; larger matrices are only drawn
@@ -114,23 +116,6 @@ def class_names(metas: list[dict[str, Any]], key: str, num_classes: int) -> list
     return [names.get(c, str(c)) for c in range(num_classes)]
 
 
-def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
-    """``(holdout indices, fit indices, generator)``: the same split for every probe kind."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    n_hold = max(1, int(n * fraction))
-    return perm[:n_hold], perm[n_hold:], g
-
-
-def classification_metrics(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
-    """top-1, per-class accuracy (classes present in ``y``) and the confusion matrix
-    (rows: true class, columns: predicted)."""
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    confusion.index_put_((y, pred.clamp(0, num_classes - 1)), torch.ones_like(y), accumulate=True)
-    per_class = {str(c): (pred[y == c] == c).float().mean().item() for c in range(num_classes) if (y == c).any()}
-    return {"top1": (pred == y).float().mean().item(), "per_class": per_class, "confusion": confusion.tolist()}
-
-
 def train_linear_probes(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -194,7 +179,6 @@ def check_probe_config(cfg: ProbeConfig) -> None:
 def _probe_one_label(key: str, cfg: ProbeConfig, seed: int, train: Features, val: Features,
                      progress: bool = False) -> dict[str, Any]:
     """All requested probe kinds for one label key; the headline fields are the first kind's."""
-    from tcjepa.eval.attentive import train_attentive_probes
 
     tx, tp, tmeta = train.pooled, train.patches, train.metas
     vx, vp, vmeta = val.pooled, val.patches, val.metas
