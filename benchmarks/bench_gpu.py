@@ -23,7 +23,7 @@ budget) is recorded and the rest still runs:
 * ``ours/pad+groups``      ``ours/pad`` with varlen switched off (``varlen_attention(False)``): the
                            length groups, the layout before varlen attention;
 * ``ours/pad+1group``      ``ours/pad`` with attention over the whole padded rows (one group), the
-                           layout before length-grouped attention (``tcjepa.models.vit.Packing``);
+                           layout before length-grouped attention (``tcjepa.models.attention.Packing``);
 * ``ours/official+stocknorm``  ``ours/official`` with the blocks' norms turned back into
                            ``nn.LayerNorm``, which CUDA autocast runs in fp32 (bf16 -> fp32 -> bf16
                            copies around every norm); ours (``tcjepa.models.vit.LayerNorm``) keeps bf16;
@@ -126,8 +126,8 @@ try:  # only tcjepa.config, tcjepa.masks and tcjepa.methods.jepa (no deepspeed, 
     from tcjepa.masks import MaskBatch, sample_masks
     from tcjepa.methods.jepa import ema_update
     from tcjepa.plan import ATTENTION_MODES
-    from tcjepa.models.vit import (grouped_layout, parse_encoder_name, varlen_attention, varlen_available,
-                                   whole_row_attention)
+    from tcjepa.models.attention import grouped_layout, varlen_attention, varlen_available, whole_row_attention
+    from tcjepa.models.vit import parse_encoder_name
 except ImportError as e:  # pragma: no cover - depends on the machine
     print(f"error: {e}; bench_gpu.py needs torch, numpy, pyyaml and this checkout's tcjepa "
           "(tcjepa.config, tcjepa.masks, tcjepa.methods.jepa); install the missing module", file=sys.stderr)
@@ -313,7 +313,7 @@ def step_flops(d: StepDims, c: TokenCounts) -> dict[str, int]:
 def counts_ours(m: MaskBatch, executed: bool, attention: str = "groups") -> TokenCounts:
     """Token counts of a tcjepa mask batch: real tokens, or (``executed``) what our padded path
     computes: per-token layers on real tokens, embed/proj on padded rows, and attention on
-    ``attention``: "groups", length groups padded to their longest (``tcjepa.models.vit.Packing``);
+    ``attention``: "groups", length groups padded to their longest (``tcjepa.models.attention.Packing``);
     "rows", the whole padded rows (under ``torch.compile``); "varlen", the real tokens only."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention: {attention!r}, expected one of {ATTENTION_MODES}")
@@ -350,7 +350,7 @@ def count_step(step: Any, *args: Any) -> tuple[int, list[str]]:
 def check_flops_cpu(mods: dict[str, Any] | None, seed: int) -> dict[str, Any]:
     """Analytic executed FLOPs against ``FlopCounterMode`` for one fp32 CPU step of each runner of
     ``bench_train_step`` in a tiny config (math SDPA, so attention is counted as ``bmm``)."""
-    B = 17  # two length groups in the encoder, eight in the predictor (tcjepa.models.vit.length_groups)
+    B = 17  # two length groups in the encoder, eight in the predictor (tcjepa.models.attention.length_groups)
     out: dict[str, Any] = {"config": f"vit_tiny_16, 224 px, batch {B}, predictor depth 2 width 96, fp32, math SDPA"}
     images = torch.randn(B, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
     runners: list[Any] = [Ours(make_config("vit_tiny_16", 224, 2, 96, B, pol), seed) for pol in ("pad", "official")]
@@ -391,7 +391,7 @@ class GPUOurs(Ours):
             stock_layer_norms(self.student, self.method.teacher)
         self.device, self.compiled, self.groups = device, compile_, groups
         self.bf16 = cfg.train.precision == "bf16"
-        # what tcjepa.models.vit.Packing will run: varlen where its kernel can (eager), else groups
+        # what tcjepa.models.attention.Packing will run: varlen where its kernel can (eager), else groups
         self.varlen = (not (compile_ or one_group or groups)
                        and varlen_available(device, torch.bfloat16 if self.bf16 else torch.float32))
         self.student.to(device)

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from tcjepa.config import Config, load_config
 from tcjepa.masks import sample_block_masks, sample_masks
 from tcjepa.methods.jepa import JEPA, ema_update, param_groups
-from tcjepa.models.vit import whole_row_attention
+from tcjepa.models.attention import whole_row_attention
 
 MOMENTUM = 0.996  # EMA momentum (the official schedule starts here)
 LR = 1e-3

@@ -246,9 +246,9 @@ class TokenStats:
     def attention_layout(self, attention: str = "groups") -> tuple[int, int]:
         """Positions attention runs on in the encoder and in the predictor when rows differ (see
         :func:`attention_mode`): "groups", per length group padded to its longest
-        (``tcjepa.models.vit.Packing``); "varlen", the real tokens; "rows", the whole padded rows.
+        (``tcjepa.models.attention.Packing``); "varlen", the real tokens; "rows", the whole padded rows.
         Unpadded batches run on their rows, whatever the mode."""
-        from tcjepa.models.vit import grouped_layout
+        from tcjepa.models.attention import grouped_layout
 
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention: {attention!r}, expected one of {ATTENTION_MODES}")
@@ -316,10 +316,10 @@ ATTENTION_MODES = ("groups", "varlen", "rows")
 
 
 def attention_mode(cfg: Config, device: str = "cuda") -> str:
-    """How a run's padded batches attend (``tcjepa.models.vit.Packing``): whole padded rows when
+    """How a run's padded batches attend (``tcjepa.models.attention.Packing``): whole padded rows when
     compiled, varlen flash attention on the packed tokens where its kernel runs (CUDA, bf16, a
     torch that has it), else length groups."""
-    from tcjepa.models.vit import _varlen_kernel
+    from tcjepa.models.attention import _varlen_kernel
 
     if cfg.train.compile:
         return "rows"
@@ -349,7 +349,7 @@ def act_bytes(precision: str, device: str = "cuda") -> ActBytes:
 class Seqs:
     """Sequences through a tower: ``real`` tokens; ``layout`` positions in the padded layout
     attention runs on (per length group for a tower's blocks, [B, N] for the conditioners);
-    ``packed``: per-token layers run on the real tokens only (``tcjepa.models.vit.Packing``);
+    ``packed``: per-token layers run on the real tokens only (``tcjepa.models.attention.Packing``);
     ``varlen``: packed, with attention on the packed tokens themselves (varlen flash attention)."""
 
     real: int

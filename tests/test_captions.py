@@ -3,7 +3,6 @@ synthetic scenes with N captions, ``data write`` with caption lists, the loader'
 and their tokens, per-caption dropout, and a paper-variant run that reads them."""
 
 import json
-import random
 import tarfile
 from pathlib import Path
 

@@ -10,7 +10,7 @@ from tcjepa.config import ConfigError, load_config, project_root
 from tcjepa.masks import sample_masks
 from tcjepa.methods.jepa import JEPA
 from tcjepa.models.conditioner import TextConditioner, build_conditioners, conditioned_blocks, sparsemax, topk_softmax
-from tcjepa.models.vit import Packing
+from tcjepa.models.attention import Packing
 
 TC_RECIPE = project_root() / "recipes/tcjepa_quickstart.yaml"
 # this file tests the gated_topk variant (tests/test_paper_conditioner.py the paper's)

@@ -110,7 +110,7 @@ def test_ema_update():
 
 
 def test_packing_roundtrip_keeps_real_tokens_only():
-    from tcjepa.models.vit import Packing, whole_row_attention
+    from tcjepa.models.attention import Packing, whole_row_attention
 
     valid = torch.tensor([[True, True, False], [True, False, False]])
     x = torch.arange(18, dtype=torch.float32).view(2, 3, 3)
@@ -125,7 +125,7 @@ def test_packing_roundtrip_keeps_real_tokens_only():
 
 
 def test_length_groups_and_layout():
-    from tcjepa.models.vit import MIN_GROUP, Packing, grouped_layout, length_groups
+    from tcjepa.models.attention import MIN_GROUP, Packing, grouped_layout, length_groups
 
     assert length_groups(MIN_GROUP * 2 - 1) == [(0, MIN_GROUP * 2 - 1)]  # too few for two groups
     groups = length_groups(100)
@@ -149,7 +149,7 @@ def test_length_groups_and_layout():
 
 def _grouped_vs_whole_rows(run):
     """``run()`` (a tuple of tensors) with grouped attention and with whole padded rows."""
-    from tcjepa.models.vit import whole_row_attention
+    from tcjepa.models.attention import whole_row_attention
 
     grouped = run()
     with whole_row_attention():
@@ -188,7 +188,7 @@ def test_grouped_attention_equals_whole_padded_rows(lengths, monkeypatch):
     """Attention over length groups (each padded to its own longest) gives the encoder's and the
     predictor's outputs and gradients of one batch padded to its longest row; the models take
     the grouped path."""
-    from tcjepa.models.vit import Packing
+    from tcjepa.models.attention import Packing
 
     groups_seen = []
     padded = Packing.padded
@@ -207,7 +207,8 @@ def test_grouped_attention_equals_whole_padded_rows(lengths, monkeypatch):
 
 
 def test_grouped_attention_skips_sequences_without_tokens():
-    from tcjepa.models.vit import Attention, Packing
+    from tcjepa.models.attention import Packing
+    from tcjepa.models.vit import Attention
 
     torch.manual_seed(0)
     attn = Attention(24, 3).double()
@@ -250,13 +251,13 @@ def test_varlen_attention_equals_length_groups(monkeypatch):
     tokens and their sequence offsets (empty sequences left out), and get the outputs and
     gradients of the length groups (varlen_attention(False)). The kernel itself is CUDA-only: a
     per-sequence SDPA stands in for it here."""
-    from tcjepa.models import vit
+    from tcjepa.models import attention
 
     calls, packings = [], []
-    monkeypatch.setattr(vit, "_varlen_kernel", lambda: _reference_varlen(calls))
-    monkeypatch.setattr(vit, "varlen_can_run", lambda qkv, head_dim: True)
-    init = vit.Packing.__init__
-    monkeypatch.setattr(vit.Packing, "__init__", lambda self, valid: (packings.append(self), init(self, valid))[1])
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: _reference_varlen(calls))
+    monkeypatch.setattr(attention, "varlen_can_run", lambda qkv, head_dim: True)
+    init = attention.Packing.__init__
+    monkeypatch.setattr(attention.Packing, "__init__", lambda self, valid: (packings.append(self), init(self, valid))[1])
     lengths = [5, 16, 0, 9, 12, 7, 16, 4, 8, 11, 6, 13, 15, 10, 14, 3, 2, 9, 16, 5]
     run, enc, pred = _padded_encoder_predictor(lengths)
     B = len(lengths)
@@ -264,7 +265,7 @@ def test_varlen_attention_equals_length_groups(monkeypatch):
     varlen = run()
     assert calls == [B - 1] * len(enc.blocks) + [B * 2] * len(pred.predictor_blocks)
     assert packings and not any("groups" in vars(p) for p in packings)  # the groups were never built
-    with vit.varlen_attention(False):
+    with attention.varlen_attention(False):
         grouped = run()
     assert len(calls) == len(enc.blocks) + len(pred.predictor_blocks)  # the groups ran
     for a, b in zip(varlen, grouped):
@@ -272,7 +273,8 @@ def test_varlen_attention_equals_length_groups(monkeypatch):
 
 
 def test_varlen_attention_runs_only_where_its_kernel_can():
-    from tcjepa.models.vit import Attention, Packing, varlen_attention, varlen_can_run
+    from tcjepa.models.attention import Packing, varlen_attention, varlen_can_run
+    from tcjepa.models.vit import Attention
 
     assert not varlen_can_run(torch.zeros(4, 3 * 64, dtype=torch.bfloat16), 64)  # CPU: the kernel is CUDA-only
     assert not varlen_can_run(torch.zeros(4, 3 * 64), 64)
@@ -360,7 +362,7 @@ def test_attention_backends_leave_out_cudnn():
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend
 
-    from tcjepa.models.vit import CUDA_SDPA_BACKENDS, attention
+    from tcjepa.models.attention import CUDA_SDPA_BACKENDS, attention
 
     assert SDPBackend.CUDNN_ATTENTION not in CUDA_SDPA_BACKENDS
     assert CUDA_SDPA_BACKENDS[0] == SDPBackend.FLASH_ATTENTION

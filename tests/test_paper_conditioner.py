@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tcjepa.config import load_config, project_root
 from tcjepa.models.conditioner import CaptionCrossAttention, build_caption_conditioners, overlap_regularisers
-from tcjepa.models.vit import Packing
+from tcjepa.models.attention import Packing
 
 QUICK = project_root() / "recipes/tcjepa_quickstart.yaml"
 PAPER = ["conditioner.variant=paper", "model.encoder=vit_micro_8", "model.depth=1", "model.predictor_depth=2",

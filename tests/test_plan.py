@@ -307,7 +307,7 @@ def test_attention_layout_is_what_packing_runs():
     Packing build for the same masks (eager), and the whole padded rows under train.compile."""
     from tcjepa.masks import sample_masks
     from tcjepa.models.predictor import sequence_valid
-    from tcjepa.models.vit import Packing
+    from tcjepa.models.attention import Packing
 
     cfg = load_config(QUICK)
     m = sample_masks(40, (8, 8), torch.Generator().manual_seed(1), **dataclasses.asdict(cfg.mask))

@@ -21,7 +21,8 @@ from torch import nn
 
 from tcjepa.config import ProbeConfig
 from tcjepa.eval.common import classification_metrics, default_device, holdout_split
-from tcjepa.models.vit import MLP, attention
+from tcjepa.models.attention import attention
+from tcjepa.models.vit import MLP
 
 
 def auto_heads(dim: int) -> int:

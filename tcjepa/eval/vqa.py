@@ -31,7 +31,8 @@ from data_pipelines.loader import DataError
 from tcjepa.config import ConfigError, to_dict
 from tcjepa.eval.common import default_device, result_dict, write_result
 from tcjepa.eval.peek import peek, require
-from tcjepa.models.vit import MLP, attention, init_weights
+from tcjepa.models.attention import attention
+from tcjepa.models.vit import MLP, init_weights
 
 
 @dataclass

@@ -90,7 +90,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tcjepa.models.vit import Packing
+from tcjepa.models.attention import Packing
 
 SPARSITY = ("topk", "sparsemax", "softmax")
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from tcjepa.models.text import TextFeatures
-from tcjepa.models.vit import Block, Packing, gather_tokens, init_weights, rescale_residual_branches, sincos_pos_embed_2d
+from tcjepa.models.attention import Packing
+from tcjepa.models.vit import Block, gather_tokens, init_weights, rescale_residual_branches, sincos_pos_embed_2d
 
 
 class Predictor(nn.Module):
