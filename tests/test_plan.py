@@ -168,7 +168,7 @@ def test_varlen_estimate_matches_saved_tensor_bytes(monkeypatch):
     """Where varlen attention runs (the default on CUDA in bf16), the estimate counts what it
     keeps: q/k/v and the output on the real tokens, no padded layout. Measured on the CPU with
     a stand-in for the CUDA-only kernel that keeps what flash attention keeps."""
-    from tcjepa.models import vit
+    from tcjepa.models import attention
     from tcjepa.plan import _FlashSaves, attention_mode
 
     calls = []
@@ -177,8 +177,8 @@ def test_varlen_estimate_matches_saved_tensor_bytes(monkeypatch):
         calls.append(q.shape)
         return _FlashSaves.apply(q, k, v)
 
-    monkeypatch.setattr(vit, "_varlen_kernel", lambda: kernel)
-    monkeypatch.setattr(vit, "varlen_can_run", lambda qkv, head_dim: True)
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(attention, "varlen_can_run", lambda qkv, head_dim: True)
     cfg = load_config(QUICK, ["model.encoder=vit_micro_8", "model.depth=3", "model.predictor_depth=3"])
     measured, tok = measure_activations(cfg, batch=8, seed=3)
     assert tok.padded and calls  # the varlen path ran
