@@ -123,6 +123,7 @@ class ConditionerConfig:
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 64  # global batch, split over ranks (DeepSpeed's train_batch_size)
+    grad_accum_steps: int = 1  # micro-batches per optimiser step on each rank: batch_size / (ranks x this) images each
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16
     log_every: int = 10
@@ -547,6 +548,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     t, o, m = cfg.train, cfg.optim, cfg.model
     _check(t.steps > 0, source, "train.steps", f"must be > 0, got {t.steps}")
     _check(t.batch_size > 0, source, "train.batch_size", f"must be > 0, got {t.batch_size}")
+    _check(t.grad_accum_steps >= 1, source, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
+    _check(t.batch_size % t.grad_accum_steps == 0, source, "train.grad_accum_steps",
+           f"must divide train.batch_size ({t.batch_size}), got {t.grad_accum_steps}")
     _check(t.precision in ("fp32", "bf16"), source, "train.precision", f"must be fp32 or bf16, got {t.precision!r}")
     _check(t.predict_loss in ("smooth_l1", "l2"), source, "train.predict_loss",
            f"must be smooth_l1 or l2, got {t.predict_loss!r}")

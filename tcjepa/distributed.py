@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,6 +116,11 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def engine_module(engine: Any) -> Any:
+    """The model a DeepSpeed engine wraps (or the model itself, outside an engine)."""
+    return engine.module if hasattr(engine, "module") else engine
 
 
 def mean_count_over_ranks(valid: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,11 @@ class MaskBatch:
         """Valid patches per target block, int64 [B, T]."""
         return self.target_valid.sum(dim=-1)
 
+    def rows(self, start: int, end: int) -> MaskBatch:
+        """Samples ``start:end``, in the batch's padded layout (and its ``padded`` flag)."""
+        return MaskBatch(self.context_idx[start:end], self.context_valid[start:end], self.target_idx[start:end],
+                         self.target_valid[start:end], _padded=self._padded)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskBatch:
         return MaskBatch(
             self.context_idx.to(device, non_blocking=non_blocking),

@@ -1,6 +1,6 @@
 """The one training loop. Every method runs through it on a DeepSpeed engine (ZeRO 0-3):
 
-    batch -> masks -> method.loss (teacher targets, engine forward) -> engine.backward
+    batch -> masks -> method.micro_losses (teacher targets, engine forward) -> engine.backward
           -> engine.step -> method.after_step (EMA) -> log -> checkpoint
 
 Without a launcher it runs as a single process (CPU or one GPU); under ``deepspeed`` or
@@ -9,6 +9,7 @@ Without a launcher it runs as a single process (CPU or one GPU); under ``deepspe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -43,6 +44,14 @@ _RESERVED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "grad
                      "optimizer", "scheduler", "fp16", "bf16")
 
 
+def check_batch_split(cfg: Config, world_size: int) -> None:
+    """The global batch splits evenly over the ranks and their micro-batches."""
+    batch, parts = cfg.train.batch_size, cfg.train.grad_accum_steps
+    if batch % (world_size * parts):
+        raise ConfigError(f"train.batch_size {batch} is not divisible by the world size {world_size} x "
+                          f"train.grad_accum_steps {parts}; choose a batch size that is a multiple of {world_size * parts}")
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """DeepSpeed JSON for this run. Precision is handled by autocast in the method (fp32 master
     weights, fp32 EMA teacher), so DeepSpeed's own fp16/bf16 modes stay off."""
@@ -51,8 +60,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"deepspeed.config: {bad[0]} is set by tcjepa (train.batch_size, optim.*, train.precision); remove it")
     ds: dict[str, Any] = {
         "train_batch_size": cfg.train.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size // (world_size * cfg.train.grad_accum_steps),
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -245,23 +254,70 @@ def step_inputs(batch: dict[str, Any], method: Any, cfg: Config, info: DistInfo,
     return images, masks, (tokens.to(info.device) if tokens is not None else None)
 
 
-def guarded_step(engine: Any, loss: torch.Tensor, cfg: Config, info: DistInfo, stop: "StopRequest"
-                 ) -> tuple[bool, bool]:
-    """Backward and optimiser step unless the loss (or, with ZeRO 0, a gradient) is not finite on
-    some rank (``train.nan_guard``). Returns ``(stepped, running)``: ``running`` is False once any
-    rank got a stop signal. One agreement per step covers both."""
-    guard = cfg.train.nan_guard
-    ok, running = all_ranks(info, torch.isfinite(loss) if guard else True, stop.signal is None)
-    if not ok:
-        return False, running
-    engine.backward(loss)
-    if guard and cfg.deepspeed.zero_stage == 0:  # with ZeRO >= 1 the gradients live in optimizer partitions
-        (ok,) = all_ranks(info, grads_finite(engine.module))
-    if ok:
+def guarded_step(engine: Any, method: Any, inputs: tuple[torch.Tensor, Any, Any], cfg: Config, info: DistInfo,
+                 stop: "StopRequest", health: bool = False) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], bool, bool]:
+    """One optimiser step over ``train.grad_accum_steps`` micro-batches (tcjepa.accumulate):
+    backward and ``engine.step`` per micro-batch, DeepSpeed updating at the last. The whole step is
+    skipped if a micro-batch's loss (or, with ZeRO 0, the step's gradient) is not finite on some
+    rank (``train.nan_guard``). Returns ``(loss, metrics, stepped, running)``, loss and metrics
+    averaged over the micro-batches (None when skipped); ``running`` is False once any rank got a
+    stop signal. One agreement per micro-batch covers both."""
+    guard, parts = cfg.train.nan_guard, cfg.train.grad_accum_steps
+    losses, extras, stepped, backward, running = [], [], 0, False, True
+    for i, (loss, extra) in enumerate(method.micro_losses(engine, *inputs, parts, health)):
+        ok, go_on = all_ranks(info, torch.isfinite(loss) if guard else True, stop.signal is None)
+        running = running and go_on
+        if not ok:
+            break
+        engine.backward(loss)
+        backward = True
+        if i == parts - 1 and guard and cfg.deepspeed.zero_stage == 0:  # with ZeRO >= 1 gradients live in partitions
+            (ok,) = all_ranks(info, grads_finite(engine.module))
+            if not ok:
+                break
         engine.step()
-    else:
-        engine.zero_grad()
-    return ok, running
+        stepped += 1
+        losses.append(loss.detach())
+        extras.append(extra)
+    if not ok:
+        discard_step(engine, method, inputs, cfg, parts - stepped, backward)
+        return None, {}, False, running
+    if parts == 1:
+        return losses[0], extras[0], True, running
+    return torch.stack(losses).mean(), {k: torch.stack([e[k] for e in extras]).mean() for k in extras[0]}, True, running
+
+
+def discard_step(engine: Any, method: Any, inputs: tuple[torch.Tensor, Any, Any], cfg: Config, remaining: int,
+                 backward: bool) -> None:
+    """Undo a skipped step: drop its gradients (if a backward made any) and, under accumulation,
+    bring DeepSpeed to the next step's boundary. ZeRO 0 accumulates in ``param.grad``: clear it
+    and count the micro-batches that never ran. ZeRO 1-3 accumulate in their own partitions,
+    which only their step clears: finish the accumulation with zero-weighted losses of the step's
+    first (finite) micro-batch and take a step whose optimiser update does nothing."""
+    parts = cfg.train.grad_accum_steps
+    if parts == 1 or not backward or cfg.deepspeed.zero_stage == 0:
+        if backward:
+            engine.zero_grad()
+        if parts > 1:
+            engine.micro_steps += remaining
+        return
+    for _ in range(remaining):
+        loss, _ = next(method.micro_losses(engine, *inputs, parts))
+        engine.backward(loss * 0.0)
+        with optimizer_update_skipped(engine):
+            engine.step()
+
+
+@contextlib.contextmanager
+def optimizer_update_skipped(engine: Any) -> Iterator[None]:
+    """``engine.step`` without the update: the wrapped torch optimiser's ``step`` does nothing
+    (weights and Adam moments stay), DeepSpeed's own bookkeeping runs as usual."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    inner.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del inner.step
 
 
 def note_bad_step(done: int, in_a_row: int, cfg: Config, info: DistInfo, run_dir: Path) -> None:
@@ -370,8 +426,7 @@ def run_training(
     run_dir = Path(out_dir)
     cfg, urls, plan = preflight(cfg, run_dir, resume, allow_change)
     info = init_distributed()
-    if cfg.train.batch_size % info.world_size:
-        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the world size {info.world_size}")
+    check_batch_split(cfg, info.world_size)
     if info.is_main:  # one rank writes the probe file: several at once would race on its name
         check_writable(run_dir)
     barrier()
@@ -451,8 +506,8 @@ def run_training(
             # one guarded optimiser step
             done = step + 1
             log_step = done % cfg.train.log_every == 0 or done == end
-            loss, extra = method.loss(engine, images, masks, tokens, health=log_step and info.is_main)
-            ok, running = guarded_step(engine, loss, cfg, info, stop)
+            loss, extra, ok, running = guarded_step(engine, method, (images, masks, tokens), cfg, info, stop,
+                                                    health=log_step and info.is_main)
             if ok:
                 sched = method.after_step(engine, step, total)
                 bad_in_a_row = 0

@@ -3,8 +3,8 @@
 The production loader gives every rank its own shards, so a 2-process run never sees the same
 global batch as a single process. To compare the *optimisation* path (gradient averaging, ZeRO
 partitioning, loss reduction, EMA over gathered weights) one to one, this driver replaces the
-loader with a synthetic global batch drawn from the step alone, of which each rank takes its
-slice, and draws the masks for the whole global batch from the step alone, each rank again taking
+loader with a synthetic global batch drawn from the step alone, (images and captions) of which each rank
+takes its slice, and draws the masks for the whole global batch from the step alone, each rank again taking
 its rows. Everything else is ``tcjepa.train.train`` unchanged.
 
     torchrun --nproc_per_node 2 tests/dist_driver.py RECIPE OUT KEY=VALUE ... [--stop-at N] [--resume]
@@ -20,6 +20,8 @@ import os
 import sys
 
 import torch
+
+WORDS = ("a", "red", "blue", "green", "small", "large", "circle", "square", "star", "left", "right", "top")
 
 
 def main(recipe: str, out: str, overrides: list[str], stop_at: int | None = None, resume: bool = False) -> None:
@@ -39,7 +41,10 @@ def main(recipe: str, out: str, overrides: list[str], stop_at: int | None = None
             while True:
                 g = torch.Generator().manual_seed(10_000 + step)
                 images = torch.randint(0, 256, (global_batch, 3, size, size), generator=g, dtype=torch.uint8)
-                yield {"images": images[mine], "captions": [""] * micro, "skipped": {"worker": 0, "counts": {}},
+                lengths = torch.randint(0, 7, (global_batch,), generator=g).tolist()  # some captions empty
+                words = torch.randint(0, len(WORDS), (global_batch, 6), generator=g).tolist()
+                captions = [" ".join(WORDS[w] for w in row[:n]) for row, n in zip(words, lengths)]
+                yield {"images": images[mine], "captions": captions[mine], "skipped": {"worker": 0, "counts": {}},
                        "stream": {"role": 0, "state": {"step": step + 1}}}
                 step += 1
         return batches()

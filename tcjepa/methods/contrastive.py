@@ -20,14 +20,16 @@ full width, so one model serves every listed embedding size.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from data_pipelines.tokenizers import Tokenizer, Tokens
+from tcjepa.accumulate import split_micro_batches
 from tcjepa.config import Config
+from tcjepa.distributed import engine_module
 from tcjepa.masks import MaskBatch
 from tcjepa.methods.jepa import autocast, build_text_encoder_for, build_tokenizer_for
 from tcjepa.models.text import OpenCLIPTextEncoder, TextEncoder
@@ -147,7 +149,7 @@ def clamp_logit_scale(engine: Any, max_scale: float) -> None:
     ``open_clip_train`` clamps after every step. ZeRO 1-3 keep the master weights in their own
     partitions, which DeepSpeed's ``safe_*_full_fp32_param`` reach; the module's working copy (what
     the next forward reads) is clamped too. No host sync."""
-    module = engine.module if hasattr(engine, "module") else engine
+    module = engine_module(engine)
     param = module.head.logit_scale
     hi = math.log(max_scale)
     stage = getattr(engine, "zero_optimization_stage", lambda: 0)()
@@ -185,14 +187,23 @@ class Contrastive:
         """Every caption, tokenized (no caption dropout: the caption is the training signal)."""
         return tokens if tokens is not None else self.tokenizer(captions)
 
+    def embed(self, engine: Any, images: torch.Tensor, tokens: Tokens
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Image and text embeddings, logit scale and bias, in fp32."""
+        with autocast(images.device, self.autocast_dtype):
+            image, text, scale, bias = engine(images, tokens)
+        return image.float(), text.float(), scale.float(), None if bias is None else bias.float()
+
     def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch | None, tokens: Tokens | None = None,
              health: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if tokens is None:
             raise ValueError("contrastive training needs captions")
-        with autocast(images.device, self.autocast_dtype):
-            image, text, scale, bias = engine(images, tokens)
-        loss, per_dim = self.criterion(image.float(), text.float(), scale.float(),
-                                       None if bias is None else bias.float())
+        image, text, scale, bias = self.embed(engine, images, tokens)
+        loss, per_dim = self.criterion(image, text, scale, bias)
+        return loss, self._metrics(image, scale, bias, per_dim, health)
+
+    def _metrics(self, image: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 per_dim: dict[int, torch.Tensor], health: bool) -> dict[str, torch.Tensor]:
         metrics = {"logit_scale": scale.detach().reshape(())}
         if bias is not None:
             metrics["logit_bias"] = bias.detach().reshape(())
@@ -202,7 +213,40 @@ class Contrastive:
             from tcjepa.eval.health import rankme
 
             self.last_health = {"feature_rankme": rankme(image.detach()[:HEALTH_ROWS])}
-        return loss, metrics
+        return metrics
+
+    def micro_losses(self, engine: Any, images: torch.Tensor, masks: MaskBatch | None, tokens: Tokens | None,
+                     parts: int, health: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The step's ``parts`` micro-batch losses through a gradient cache (tcjepa.accumulate):
+        every micro-batch embedded without gradients, the loss and its gradient with respect to
+        the embeddings taken on the whole batch, then each micro-batch embedded again and given
+        a surrogate whose gradient is its share (its rows of the embedding gradients; 1 / parts
+        of the scale's and bias's, which every micro-batch outputs) and whose value is the loss."""
+        if parts == 1:
+            yield self.loss(engine, images, masks, tokens, health)
+            return
+        if tokens is None:
+            raise ValueError("contrastive training needs captions")
+        chunks = split_micro_batches(images, None, tokens, parts)
+        with torch.no_grad():
+            cached = [self.embed(engine, c.images, c.tokens) for c in chunks]
+        image, text = (torch.cat([c[i] for c in cached]).requires_grad_() for i in (0, 1))
+        scale = cached[0][2].clone().requires_grad_()
+        bias = None if cached[0][3] is None else cached[0][3].clone().requires_grad_()
+        leaves = [image, text, scale] + ([bias] if bias is not None else [])
+        with torch.enable_grad():
+            loss, per_dim = self.criterion(image, text, scale, bias)
+            grads = torch.autograd.grad(loss, leaves)
+        metrics = self._metrics(image, scale, bias, per_dim, health)
+        loss = loss.detach()
+        size = images.size(0) // parts
+        for k, c in enumerate(chunks):
+            outputs = self.embed(engine, c.images, c.tokens)
+            rows = slice(k * size, (k + 1) * size)
+            shares = [grads[0][rows], grads[1][rows]] + [g / parts for g in grads[2:]]
+            surrogate = sum((o * g).sum() for o, g in zip(outputs, shares))
+            # DeepSpeed divides every micro-batch loss by `parts`: scale back; the value is the loss
+            yield parts * surrogate - (parts * surrogate).detach() + loss, metrics
 
     def after_step(self, engine: Any, step: int, total: int) -> dict[str, float]:
         clamp_logit_scale(engine, self.cfg.contrastive.max_logit_scale)

@@ -5,7 +5,8 @@ prediction (SALT stage 2) share this file; they differ only by config.
 Contract used by the training loop (``tcjepa.train``):
 ``method.model`` is the trainable module DeepSpeed wraps; ``method.text_inputs(captions, gen)``
 tokenizes captions (None without a conditioner); ``method.loss(engine, images, masks, tokens)``
-returns ``(loss, metrics)``; ``method.after_step(engine, step, total)`` updates the teacher;
+returns ``(loss, metrics)``; ``method.micro_losses(engine, images, masks, tokens, parts)`` yields
+them per micro-batch under gradient accumulation (``tcjepa.accumulate``); ``method.after_step(engine, step, total)`` updates the teacher;
 ``method.teacher`` is the target encoder (outside the engine, fp32, never trained by SGD).
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,9 @@ from torch import nn
 
 from data_pipelines.tokenizers import (Tokenizer, Tokens, build_tokenizer, drop_captions, tokenize_caption_sets,
                                        trim_caption_slots)
+from tcjepa.accumulate import split_micro_batches, step_count
 from tcjepa.config import Config, captions_per_image, resolved_text_path, resolved_tokenizer
-from tcjepa.distributed import mean_count_over_ranks
+from tcjepa.distributed import engine_module, mean_count_over_ranks
 from tcjepa.masks import MaskBatch
 from tcjepa.models.conditioner import (
     CaptionCrossAttention, build_caption_conditioners, build_conditioners, overlap_regularisers,
@@ -57,6 +59,14 @@ def masked_smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tens
     return masked_mean(per_token_loss(pred, target), valid, count)
 
 
+def caption_token_pairs(masks: MaskBatch, has_text: torch.Tensor) -> torch.Tensor:
+    """[B, N, Q] bool: the real (caption, predictor token) pairs the regularisers average over."""
+    B = masks.target_idx.size(0)
+    tokens = sequence_valid(masks.context_valid, masks.target_valid).reshape(B, -1)  # [B, Q]
+    captions = has_text if has_text.dim() == 2 else has_text[:, None]  # [B, N]
+    return captions[:, :, None] & tokens[:, None, :]
+
+
 HEALTH_TOKENS = 4096  # target tokens in the RankMe estimate: enough to reach full rank at ViT-H width
 
 
@@ -83,8 +93,11 @@ class JEPAStudent(nn.Module):
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor,
-                tokens: Tokens | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss; ``count``: the real target tokens per rank, averaged over the ranks."""
+                tokens: Tokens | None = None, count: torch.Tensor | None = None,
+                pair_count: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss; ``count``: the real target tokens per rank, averaged over the ranks;
+        ``pair_count``: the same for the regularisers' (token, caption) pairs (None: this batch's,
+        averaged over the ranks). Under gradient accumulation both count the whole step."""
         context_valid = masks.context_valid if masks.padded else None
         target_valid = masks.target_valid if masks.padded else None
         z = self.encoder(images, masks.context_idx, context_valid)
@@ -95,7 +108,7 @@ class JEPAStudent(nn.Module):
             return loss
         stats = {"loss_predict": loss.detach()}
         if self._paper_variant():
-            sparse, consistency = self._regularisers(masks, text.has_text)
+            sparse, consistency = self._regularisers(masks, text.has_text, pair_count)
             loss = loss + self.objective.sparse_weight * sparse + self.objective.consistency_weight * consistency
             stats.update(cond_sparse=sparse.detach(), cond_consistency=consistency.detach())
         self.last_stats = {**stats, **self._conditioner_stats()}
@@ -104,16 +117,14 @@ class JEPAStudent(nn.Module):
     def _paper_variant(self) -> bool:
         return any(isinstance(c, CaptionCrossAttention) for c in self.predictor.conditioners.values())
 
-    def _regularisers(self, masks: MaskBatch, has_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _regularisers(self, masks: MaskBatch, has_text: torch.Tensor, pair_count: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """L_sparse and L_consistency over every real (predictor token, caption) pair, normalised
         by the pair count averaged over the ranks (exact under data parallelism, as the
         prediction loss is)."""
-        B, T = masks.target_idx.shape[:2]
-        tokens = sequence_valid(masks.context_valid, masks.target_valid).reshape(B, -1)  # [B, Q]
-        captions = has_text if has_text.dim() == 2 else has_text[:, None]  # [B, N]
-        pairs = captions[:, :, None] & tokens[:, None, :]
+        pairs = caption_token_pairs(masks, has_text)
         overlaps = [c.last_overlap for c in self.predictor.conditioners.values()]
-        return overlap_regularisers(overlaps, pairs, mean_count_over_ranks(pairs))
+        return overlap_regularisers(overlaps, pairs, mean_count_over_ranks(pairs) if pair_count is None else pair_count)
 
     @torch.no_grad()
     def _conditioner_stats(self) -> dict[str, torch.Tensor]:
@@ -274,18 +285,36 @@ class JEPA:
             tokens = drop_captions(tokens, drop, self._empty)
         return trim_caption_slots(tokens)
 
-    def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch,
-             tokens: Tokens | None = None, health: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def micro_losses(self, engine: Any, images: torch.Tensor, masks: MaskBatch, tokens: Tokens | None,
+                     parts: int, health: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The step's ``parts`` micro-batch losses, one at a time (each is back-propagated before
+        the next is computed), each normalised by the whole step's counts (tcjepa.accumulate)."""
+        if parts == 1:
+            yield self.loss(engine, images, masks, tokens, health)
+            return
+        counts = {}
+        if masks.padded:
+            counts["count"] = step_count(masks.target_valid, parts)
+        if tokens is not None and engine_module(engine)._paper_variant():
+            counts["pair_count"] = step_count(caption_token_pairs(masks, tokens.has_text), parts)
+        for i, part in enumerate(split_micro_batches(images, masks, tokens, parts)):
+            yield self.loss(engine, part.images, part.masks, part.tokens, health and i == 0, **counts)
+
+    def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch, tokens: Tokens | None = None,
+             health: bool = False, count: torch.Tensor | None = None, pair_count: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step's loss and metrics to average over the logging window. With ``health`` also
         ``self.last_health``: the effective rank (RankMe) of this step's target tokens, a host
-        computation meant for logging steps only."""
+        computation meant for logging steps only. ``count`` and ``pair_count`` replace this
+        batch's own counts (averaged over the ranks) under gradient accumulation."""
         targets = self.targets(images, masks)
-        count = mean_count_over_ranks(masks.target_valid) if masks.padded else None
+        if count is None and masks.padded:
+            count = mean_count_over_ranks(masks.target_valid)
         with self._autocast(images.device):
-            loss = engine(images, masks, targets, tokens, count)
+            loss = engine(images, masks, targets, tokens, count, pair_count)
         metrics = {"target_std": targets.std(dim=(0, 1, 2)).mean()}
         if tokens is not None:
-            metrics.update(engine.module.last_stats if hasattr(engine, "module") else engine.last_stats)
+            metrics.update(engine_module(engine).last_stats)
         if health:
             from tcjepa.eval.health import rankme
 

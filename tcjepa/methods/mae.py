@@ -13,14 +13,15 @@ teacher and no text.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from data_pipelines.tokenizers import Tokens
 from tcjepa.config import Config
-from tcjepa.distributed import mean_count_over_ranks
+from tcjepa.accumulate import split_micro_batches, step_count
+from tcjepa.distributed import engine_module, mean_count_over_ranks
 from tcjepa.masks import MaskBatch
 from tcjepa.methods.jepa import autocast, masked_mean
 from tcjepa.models.predictor import Predictor
@@ -111,15 +112,24 @@ class MAE:
     def text_inputs(self, captions: list[str], gen: torch.Generator, tokens: Tokens | None = None) -> None:
         return None
 
+    def micro_losses(self, engine: Any, images: torch.Tensor, masks: MaskBatch, tokens: Tokens | None,
+                     parts: int, health: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The step's ``parts`` micro-batch losses, normalised by the whole step's target count."""
+        count = step_count(masks.target_valid, parts) if parts > 1 and masks.padded else None
+        for i, part in enumerate(split_micro_batches(images, masks, None, parts)):
+            yield self.loss(engine, part.images, part.masks, None, health and i == 0, count)
+
     def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch, tokens: Tokens | None = None,
-             health: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        count = mean_count_over_ranks(masks.target_valid) if masks.padded else None
+             health: bool = False, count: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``count`` replaces this batch's target count (averaged over the ranks) under accumulation."""
+        if count is None and masks.padded:
+            count = mean_count_over_ranks(masks.target_valid)
         with autocast(images.device, self.autocast_dtype):
             loss = engine(images, masks, count)
         if health:
             from tcjepa.eval.health import rankme
 
-            module = engine.module if hasattr(engine, "module") else engine
+            module = engine_module(engine)
             z = module.last_features
             self.last_health = {"feature_rankme": rankme(z[masks.context_valid][:HEALTH_TOKENS])}
         return loss, {}
