@@ -11,7 +11,7 @@ import torch
 from tcjepa.cli import main
 from tcjepa.config import ConfigError, load_config
 from tcjepa.plan import (DEEPSPEED_ASSUMED, FP32_MASTER, GIB, activation_memory, draw_mask_counts, estimate_for_masks,
-                         inventory, measure_activations, model_flops, model_states, plan_run, probe_step,
+                         format_plan, inventory, measure_activations, model_flops, model_states, plan_run, probe_step,
                          stats_of_masks, zero_settings)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -323,3 +323,21 @@ def test_attention_layout_is_what_packing_runs():
     eager, compiled = (plan_run(load_config(QUICK, [f"train.compile={c}"])).stages[0].activations.saved
                        for c in ("false", "true"))
     assert compiled > eager  # compiled attention runs on the whole padded rows
+
+
+def test_accumulation_shrinks_the_micro_batch_and_is_suggested_when_nothing_fits():
+    """One 80 GB GPU cannot hold ViT-H/14's 2048 images; the verdict names the fewest accumulation
+    steps that fit at the same global batch, and the plan of that setting fits as it says."""
+    cfg = load_config(VITH)
+    alone = plan_run(cfg, gpus=1, gpu_memory_gb=80)
+    steps, stage = alone.accumulation
+    assert not alone.fitting() and steps > 1 and 2048 % steps == 0
+    assert f"--set train.grad_accum_steps={steps} (micro-batch {2048 // steps}) fits ZeRO-{stage}" in format_plan(alone)
+    fewer = plan_run(load_config(VITH, [f"train.grad_accum_steps={steps // 2}"]), gpus=1, gpu_memory_gb=80)
+    assert stage not in fewer.fitting()  # the fewest: half as many steps does not fit
+    accum = plan_run(load_config(VITH, [f"train.grad_accum_steps={steps}"]), gpus=1, gpu_memory_gb=80)
+    assert accum.micro_batch == 2048 // steps and accum.global_batch == 2048 and stage in accum.fitting()
+    assert f"micro {2048 // steps} per GPU x {steps} accumulation steps" in format_plan(accum)
+    assert accum.step_seconds == pytest.approx(alone.step_seconds)  # the same FLOPs per step
+    with pytest.raises(ConfigError, match="not divisible by 8 GPUs .* x train.grad_accum_steps 512"):
+        plan_run(load_config(VITH, ["train.grad_accum_steps=512"]), gpus=8)

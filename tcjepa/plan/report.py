@@ -37,7 +37,9 @@ def format_plan(plan: Plan) -> str:
         f"parameters: encoder {_count(inv.encoder_params)}, predictor {_count(inv.predictor_params)}"
         + (f", text {_count(inv.text_params)} ({'trained' if inv.text.trained else 'frozen'})" if inv.text else "")
         + f"; {_count(inv.trainable)} trained; teacher {_count(inv.teacher_params)} (fp32, outside the engine)",
-        f"batch: global {plan.global_batch}, micro {plan.micro_batch} per GPU; precision {plan.precision} "
+        f"batch: global {plan.global_batch}, micro {plan.micro_batch} per GPU"
+        + (f" x {plan.grad_accum_steps} accumulation steps" if plan.grad_accum_steps > 1 else "")
+        + f"; precision {plan.precision} "
         f"(fp32 weights and AdamW states, {'bf16 autocast' if plan.precision == 'bf16' else 'fp32'} activations)",
         f"tokens per image: {tok.full} patches, context {tok.context_real / tok.batch:.1f} (padded to "
         f"{tok.context_pad}), {tok.targets} target blocks of {tok.target_real / tok.batch / tok.targets:.1f} "
@@ -105,9 +107,14 @@ def _verdict(plan: Plan) -> str:
     if fits_ckpt and not ckpt:
         text += (f"; with activation checkpointing ZeRO-{fits_ckpt[0]} would fit "
                  "(--set model.activation_checkpointing=true)")
+    if plan.accumulation is not None and plan.accumulation[0] > plan.grad_accum_steps:
+        steps, stage = plan.accumulation
+        text += (f"; on these GPUs, at the same global batch: --set train.grad_accum_steps={steps} (micro-batch "
+                 f"{plan.global_batch // (plan.world * steps)}) fits ZeRO-{stage}"
+                 + ("" if stage == c else f" (--set deepspeed.zero_stage={stage})"))
     if plan.min_gpus is not None:
         text += (f"; {'with' if ckpt else 'without'} checkpointing it fits from {plan.min_gpus} GPUs (micro-batch "
-                 f"{plan.global_batch // plan.min_gpus})")
+                 f"{plan.global_batch // (plan.min_gpus * plan.grad_accum_steps)})")
     else:
         text += "; no GPU count fits even one image per GPU: use a larger card"
     return text

@@ -49,6 +49,7 @@ class Plan:
     usable: float  # bytes available for the run after RESERVE
     global_batch: int
     micro_batch: int
+    grad_accum_steps: int  # micro-batches per optimiser step (train.grad_accum_steps)
     precision: str
     inventory: ModelInventory
     tokens: TokenStats
@@ -61,6 +62,8 @@ class Plan:
     configured_stage: int
     checkpointing: bool  # the recipe's model.activation_checkpointing
     min_gpus: int | None  # fewest GPUs (dividing the global batch) at which some stage fits; None: none does
+    accumulation: tuple[int, int] | None = None  # (steps, stage): fewest grad_accum_steps at which a stage fits
+
 
     @property
     def world(self) -> int:
@@ -117,14 +120,15 @@ def plan_run(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_memory_gb: float = 
                                   ("--samples", samples, samples is None or samples >= 1, ">= 1")):
         if not ok:
             raise ConfigError(f"{name} must be {want}, got {value}")
-    world = gpus * nodes
-    if cfg.train.batch_size % world:
+    world, accum = gpus * nodes, cfg.train.grad_accum_steps
+    if cfg.train.batch_size % (world * accum):
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} GPUs "
-                          f"({nodes} nodes x {gpus}); tcjepa train splits the global batch evenly over ranks")
+                          f"({nodes} nodes x {gpus}) x train.grad_accum_steps {accum}; tcjepa train splits the "
+                          "global batch evenly over ranks and micro-batches")
     inv = inventory(cfg)
     zero = zero_settings(cfg)
     usable = gpu_memory_gb * GIB * (1 - reserve)
-    micro = cfg.train.batch_size // world
+    micro = cfg.train.batch_size // (world * accum)
     draws = [draw_mask_counts(cfg, max(MICRO_LIMIT, cfg.train.batch_size), seed) for seed in range(MASK_DRAWS)]
 
     @functools.lru_cache(maxsize=None)  # every stage's search asks for the same micro-batches
@@ -143,11 +147,24 @@ def plan_run(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_memory_gb: float = 
     flops = mean_flops(inv, draws, micro)
     return Plan(
         recipe=recipe, gpus=gpus, nodes=nodes, gpu_memory=gpu_memory_gb * GIB, usable=usable,
-        global_batch=cfg.train.batch_size, micro_batch=micro, precision=cfg.train.precision, inventory=inv,
+        global_batch=cfg.train.batch_size, micro_batch=micro, grad_accum_steps=accum, precision=cfg.train.precision,
+        inventory=inv,
         tokens=tok, flops=flops, stages=tuple(stages), samples=samples,
         steps=cfg.train.steps, mfu=mfu, gpu_tflops=gpu_tflops, configured_stage=cfg.deepspeed.zero_stage,
         checkpointing=cfg.model.activation_checkpointing, min_gpus=_min_gpus(cfg, inv, zero, usable, acts),
+        accumulation=fewest_accumulation_steps(cfg.train.batch_size // world, stages, cfg.model.activation_checkpointing),
     )
+
+
+def fewest_accumulation_steps(per_gpu: int, stages: list[StagePlan], checkpointing: bool) -> tuple[int, int] | None:
+    """``(steps, stage)``: the fewest ``train.grad_accum_steps`` (dividing the ``per_gpu`` share of
+    the global batch) whose micro-batch some stage fits, and the lowest such stage; None if not
+    even one image fits. Accumulation keeps the global batch, so the recipe's optimisation stays."""
+    for steps in (k for k in range(1, per_gpu + 1) if per_gpu % k == 0):
+        for s in stages:
+            if per_gpu // steps <= (s.max_micro_ckpt if checkpointing else s.max_micro):
+                return steps, s.stage
+    return None
 
 
 def worst_activations(cfg: Config, inv: ModelInventory, draws: list[MaskCounts], micro: int,
@@ -161,11 +178,12 @@ def worst_activations(cfg: Config, inv: ModelInventory, draws: list[MaskCounts],
 
 def _min_gpus(cfg: Config, inv: ModelInventory, zero: dict[str, Any], usable: float,
               acts: Callable[[int, bool], Activations]) -> int | None:
-    """Fewest GPUs, among divisors of the global batch, at which some stage fits the recipe as it
-    is (with or without its activation checkpointing; more GPUs: smaller micro-batches and partitions)."""
-    batch, ckpt = cfg.train.batch_size, cfg.model.activation_checkpointing
-    for world in (w for w in range(1, batch + 1) if batch % w == 0):
-        act = acts(batch // world, ckpt).peak
+    """Fewest GPUs, among those the global batch splits over (with the recipe's accumulation steps),
+    at which some stage fits the recipe as it is (with or without its activation checkpointing;
+    more GPUs: smaller micro-batches and partitions)."""
+    batch, ckpt, accum = cfg.train.batch_size, cfg.model.activation_checkpointing, cfg.train.grad_accum_steps
+    for world in (w for w in range(1, batch + 1) if batch % (w * accum) == 0):
+        act = acts(batch // (world * accum), ckpt).peak
         if any(model_states(inv, s, world, FP32_MASTER, zero).total + act <= usable for s in (0, 1, 2, 3)):
             return world
     return None
