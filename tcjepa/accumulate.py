@@ -42,9 +42,8 @@ def token_rows(tokens: Tokens | None, start: int, end: int) -> Tokens | None:
 
 def split_micro_batches(images: torch.Tensor, masks: MaskBatch | None, tokens: Tokens | None, parts: int
                         ) -> list[MicroBatch]:
-    """``parts`` consecutive slices of equal size. Masks keep the whole batch's padded layout (a
-    slice may pad more than it needs; the models never read padding), so every slice is cut from
-    the same draw as one batch would be."""
+    """``parts`` consecutive slices of equal size, cut from the one draw of masks and captions
+    that a single step over the whole batch would use (:meth:`MaskBatch.rows`)."""
     if parts == 1:
         return [MicroBatch(images, masks, tokens)]
     n = images.size(0)

@@ -85,9 +85,15 @@ class MaskBatch:
         return self.target_valid.sum(dim=-1)
 
     def rows(self, start: int, end: int) -> MaskBatch:
-        """Samples ``start:end``, in the batch's padded layout (and its ``padded`` flag)."""
-        return MaskBatch(self.context_idx[start:end], self.context_valid[start:end], self.target_idx[start:end],
-                         self.target_valid[start:end], _padded=self._padded)
+        """Samples ``start:end`` with the padding none of them needs cut off (valid entries come
+        first in every row). The ``padded`` flag stays the batch's: the losses of a padded batch's
+        slices are normalised by the batch's counts (tcjepa.accumulate), so they must read the
+        valid masks even where a slice happens to need no padding."""
+        cv, tv = self.context_valid[start:end], self.target_valid[start:end]
+        nc = int(cv.sum(1).max()) if self._padded and len(cv) else cv.size(1)
+        nt = int(tv.sum(2).max()) if self._padded and len(tv) else tv.size(2)
+        return MaskBatch(self.context_idx[start:end, :nc], cv[:, :nc], self.target_idx[start:end, :, :nt],
+                         tv[:, :, :nt], _padded=self._padded)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskBatch:
         return MaskBatch(

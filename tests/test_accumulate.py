@@ -48,9 +48,14 @@ def test_micro_batches_are_slices_of_the_one_draw():
         rows = slice(2 * k, 2 * k + 2)
         assert torch.equal(p.images, images[rows]) and torch.equal(p.tokens.ids, tokens.ids[rows])
         assert torch.equal(p.tokens.has_text, tokens.has_text[rows])
-        assert torch.equal(p.masks.target_idx, masks.target_idx[rows])
-        assert torch.equal(p.masks.context_valid, masks.context_valid[rows])
-        assert p.masks.padded == masks.padded  # the whole batch's layout, even if a slice needs no padding
+        nc, nt = p.masks.context_idx.size(1), p.masks.target_idx.size(2)
+        assert nc == masks.context_valid[rows].sum(1).max() and nt == masks.target_valid[rows].sum(2).max()
+        assert torch.equal(p.masks.context_idx, masks.context_idx[rows, :nc])  # only padding is cut off
+        assert not masks.context_valid[rows, nc:].any() and not masks.target_valid[rows, :, nt:].any()
+        assert torch.equal(p.masks.target_idx, masks.target_idx[rows, :, :nt])
+        assert torch.equal(p.masks.target_valid, masks.target_valid[rows, :, :nt])
+        assert p.masks.padded == masks.padded  # the batch's flag, even if a slice needs no padding
+    assert any(p.masks.context_idx.size(1) < masks.context_idx.size(1) for p in parts)
     assert split_micro_batches(images, None, None, 1)[0].images is images
     with pytest.raises(ValueError, match="a batch of 8 does not split into 3 micro-batches"):
         split_micro_batches(images, masks, tokens, 3)
