@@ -1,5 +1,6 @@
 """Look inside shards before training on them: counts, caption lengths, image sizes, broken
-samples by reason, and a contact sheet of a few samples with their captions."""
+samples by reason, segmentation label statistics, and a contact sheet of a few samples with
+their captions."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
 
+from data_pipelines.labels import IGNORE
 from data_pipelines.loader import IMAGE_EXTS, SampleError, SkipCounter, decode_sample, resolve_shards
 from data_pipelines.tarstream import iter_samples
 
@@ -33,6 +36,58 @@ def _summary(values: list[int]) -> dict[str, float]:
         return {}
     return {"min": min(values), "median": statistics.median(values), "mean": round(statistics.fmean(values), 1),
             "max": max(values)}
+
+
+class LabelCounts:
+    """Running counts of the label maps seen: samples with a class / instance map, pixels per
+    class id, and the class names of the first KEY.json ``seg_classes`` list."""
+
+    def __init__(self) -> None:
+        self.samples = {"seg": 0, "inst": 0}
+        self.pixels = np.zeros(256, dtype=np.int64)
+        self.names: list[str] | None = None
+
+    def add(self, labels: dict[str, Image.Image], meta: dict[str, Any]) -> None:
+        for name in labels:
+            self.samples[name] += 1
+        if "seg" in labels:
+            self.pixels += np.bincount(np.asarray(labels["seg"]).ravel(), minlength=256)
+            names = meta.get("seg_classes")
+            if self.names is None and isinstance(names, list) and all(isinstance(n, str) for n in names):
+                self.names = names
+
+    def report(self, samples: int) -> dict[str, Any] | None:
+        """None when no sample has a label map (shards without masks report nothing new)."""
+        if not any(self.samples.values()):
+            return None
+        return {"samples": samples, "with_seg": self.samples["seg"], "with_inst": self.samples["inst"],
+                "classes": seg_class_shares(self.pixels, self.names)}
+
+
+def seg_class_shares(pixels: np.ndarray, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Pixel counts per class id -> the classes seen, by id: ``{"id", "name", "pixels", "share"}``,
+    the share of all labelled pixels; ``name`` from ``names`` (KEY.json ``seg_classes``) when it
+    has the id, "ignore" for 255, else None."""
+    total = int(pixels.sum())
+    seen = []
+    for i in np.flatnonzero(pixels).tolist():
+        if names is not None and i < len(names):
+            name = names[i]
+        else:
+            name = "ignore" if i == IGNORE else None
+        seen.append({"id": i, "name": name, "pixels": int(pixels[i]), "share": round(int(pixels[i]) / total, 4)})
+    return seen
+
+
+def format_label_report(labels: dict[str, Any]) -> list[str]:
+    """Two lines: how many samples have maps, then each class with its share of pixels."""
+    lines = [f"segmentation masks: {labels['with_seg']} of {labels['samples']} samples"
+             + (f"; instance maps: {labels['with_inst']}" if labels["with_inst"] else "")]
+    if labels["classes"]:
+        shares = ", ".join(" ".join(filter(None, [str(c["id"]), c["name"], f"{c['share']:.1%}"]))
+                           for c in labels["classes"])
+        lines.append(f"  {len(labels['classes'])} classes; share of pixels by class id: {shares}")
+    return lines
 
 
 def contact_sheet(samples: list[dict[str, Any]], cell: int = 160, columns: int = 4) -> Image.Image:
@@ -72,6 +127,7 @@ def inspect_shards(shards: str, out: str | Path | None = None, sheet_samples: in
     hist = [0] * len(WORD_BINS)
     sheet: list[dict[str, Any]] = []
     per_shard: Counter[str] = Counter()
+    label_counts = LabelCounts()
 
     def on_tar_error(exn: Exception) -> bool:
         before = counter.counts["tar_error"]
@@ -97,6 +153,7 @@ def inspect_shards(shards: str, out: str | Path | None = None, sheet_samples: in
         per_shard[str(raw.get("__url__", "?"))] += 1
         exts[next(e for e in IMAGE_EXTS if e in raw)] += 1
         json_keys.update(sample["meta"].keys())
+        label_counts.add(sample["labels"], sample["meta"])
         n_words = len(sample["caption"].split())
         words.append(n_words)
         chars.append(len(sample["caption"]))
@@ -123,6 +180,9 @@ def inspect_shards(shards: str, out: str | Path | None = None, sheet_samples: in
         "json_keys": dict(json_keys.most_common()), "samples_per_shard": _summary(list(per_shard.values())),
         "limit": limit or None,
     }
+    labels = label_counts.report(good)
+    if labels is not None:
+        report["labels"] = labels
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +214,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  {label:>6} words | {'#' * round(30 * n / top):<30} {n}")
     if report["json_keys"]:
         lines.append(f"json keys: {report['json_keys']}")
+    if "labels" in report:
+        lines += format_label_report(report["labels"])
     if "contact_sheet" in report:
         lines.append(f"contact sheet: {report['contact_sheet']}")
     return "\n".join(lines)

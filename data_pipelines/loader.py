@@ -3,7 +3,9 @@
 Training mode: shards are resampled forever from a seeded RNG per (rank, worker), samples pass
 a seeded shuffle buffer, are decoded and augmented (random resized crop, flip) and batched.
 Evaluation mode: each shard is read once, split over ranks and workers, with a deterministic
-resize + centre crop.
+resize + centre crop. A sample's dense label maps (``KEY.seg.png``, ``KEY.inst.png``; see
+:mod:`data_pipelines.labels`) go through exactly the image's crop, resize and flip, resized with
+nearest neighbours so that ids are never blended, and reach the batch as ``seg`` / ``inst``.
 
 A sample that cannot be read is skipped and counted by reason (:data:`SKIP_REASONS`); the
 counts travel with each batch (``batch["skipped"]``, the worker's cumulative counts) and
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_pipelines.labels import IGNORE, LABEL_MEMBERS, LabelError, decode_label
 from data_pipelines.tarstream import iter_samples, read_sample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -44,6 +47,7 @@ SKIP_REASONS = (
     "missing_caption",  # no caption, when captions are required
     "bad_json",         # a .json member that does not parse to an object
     "bad_captions",     # a json "captions" that is not a list of strings (read when max_captions > 1)
+    "bad_mask",         # a .seg.png/.inst.png label map that does not decode, has channels or another size
     "decode_error",     # anything else
 )
 MAX_SKIPS_BEFORE_FIRST = 1000  # a stream that never yields a good sample is an error, not a skip
@@ -336,15 +340,17 @@ def decode_sample(
     min_side: int = 0,
     max_captions: int = 1,
 ) -> dict[str, Any]:
-    """Raw tar members -> {key, image (PIL RGB), caption, meta}; raises :class:`SampleError`.
+    """Raw tar members -> {key, image (PIL RGB), caption, meta, labels}; raises :class:`SampleError`.
 
-    ``max_captions`` > 1 also gives ``caption_set``, up to that many captions (see
-    :func:`_caption_set`; ``caption`` is then its first), and ``captions_over_max``, how many
-    were left out.
+    ``labels`` maps ``seg`` / ``inst`` to the sample's label maps (mode "L", the image's size),
+    for those it has: usually none. ``max_captions`` > 1 also gives ``caption_set``, up to that
+    many captions (see :func:`_caption_set`; ``caption`` is then its first), and
+    ``captions_over_max``, how many were left out.
 
     The cheap checks (members present, json, caption) run before the image is decoded. With
     ``min_side`` a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's
-    ``draft``) as long as both sides stay >= ``min_side``: much less work for large images.
+    ``draft``) as long as both sides stay >= ``min_side``: much less work for large images. A
+    sample with label maps is decoded at full size, so that image and maps share one pixel grid.
     """
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
@@ -369,6 +375,9 @@ def decode_sample(
         caption = _caption(raw, meta, rng, max_caption_bytes)
     if require_caption and not caption:
         raise SampleError("missing_caption", "no caption (.txt or json 'captions') and data.require_captions is on")
+    members = [(member, name) for member, name in LABEL_MEMBERS if member in raw]
+    if members:
+        min_side = 0
     try:
         with Image.open(io.BytesIO(data)) as img:
             if min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
@@ -376,7 +385,20 @@ def decode_sample(
             image = img.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise SampleError("bad_image", f".{ext} does not decode: {e!r}") from None
-    return {"key": raw.get("__key__", "?"), "image": image, "caption": caption, "meta": meta, **extra}
+    labels = _label_maps(raw, members, image.size)
+    return {"key": raw.get("__key__", "?"), "image": image, "caption": caption, "meta": meta, "labels": labels,
+            **extra}
+
+
+def _label_maps(raw: dict[str, Any], members: list[tuple[str, str]], size: tuple[int, int]) -> dict[str, Image.Image]:
+    """The sample's label maps by batch key, each checked against the image ``size``."""
+    labels = {}
+    for member, name in members:
+        try:
+            labels[name] = decode_label(raw[member], size)
+        except LabelError as e:
+            raise SampleError("bad_mask", f".{member}: {e}") from None
+    return labels
 
 
 def random_resized_crop_box(
@@ -403,6 +425,34 @@ def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     return left, top, left + side, top + side
+
+
+def crop_and_flip(image: Image.Image, labels: dict[str, Image.Image], rng: random.Random | None, size: int,
+                  crop_scale: tuple[float, float], hflip: bool) -> tuple[Image.Image, dict[str, Image.Image]]:
+    """The augmentation (``rng`` given: random resized crop, then a flip half of the time) or the
+    evaluation view (``rng`` None: centre crop), to ``size`` x ``size``. Label maps get the same
+    box and flip, resized with nearest neighbours; they draw nothing from ``rng``, so a data set
+    with maps sees the same crops and flips as one without."""
+    w, h = image.size
+    box = random_resized_crop_box(rng, w, h, crop_scale) if rng is not None else center_crop_box(w, h)
+    image = image.resize((size, size), Image.BICUBIC, box=box)
+    labels = {k: v.resize((size, size), Image.NEAREST, box=box) for k, v in labels.items()}
+    if rng is not None and hflip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        labels = {k: v.transpose(Image.FLIP_LEFT_RIGHT) for k, v in labels.items()}
+    return image, labels
+
+
+def stack_labels(samples: list[dict[str, Any]], name: str, size: int) -> torch.Tensor | None:
+    """uint8 [B, H, W] of the samples' ``name`` maps, :data:`IGNORE` for a sample without one;
+    None when no sample has one (the batch then has no such key)."""
+    if not any(name in s["labels"] for s in samples):
+        return None
+    batch = np.full((len(samples), size, size), IGNORE, dtype=np.uint8)
+    for i, s in enumerate(samples):
+        if name in s["labels"]:
+            batch[i] = np.asarray(s["labels"][name])
+    return torch.from_numpy(batch)
 
 
 def stack_images(images: list[Image.Image], size: int) -> torch.Tensor:
@@ -499,16 +549,8 @@ class ImageCaptionStream(torch.utils.data.IterableDataset):
             counter.decoded += 1
             if sample.pop("captions_over_max", 0):
                 counter.notes["captions_over_max"] += 1
-            image = sample.pop("image")
-            w, h = image.size
-            if rng is not None:
-                box = random_resized_crop_box(rng, w, h, s.crop_scale)
-            else:
-                box = center_crop_box(w, h)
-            image = image.resize((s.image_size, s.image_size), Image.BICUBIC, box=box)
-            if rng is not None and s.hflip and rng.random() < 0.5:
-                image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            sample["image"] = image
+            sample["image"], sample["labels"] = crop_and_flip(sample["image"], sample["labels"], rng, s.image_size,
+                                                              s.crop_scale, s.hflip)
             batch.append(sample)
             if len(batch) == s.batch_size:
                 out = collate(batch, wid, counter, s.image_size, s.tokenizer, s.max_captions)
@@ -529,7 +571,8 @@ def collate(samples: list[dict[str, Any]], worker: int, counter: SkipCounter, im
             tokenizer: Any = None, max_captions: int = 1) -> dict[str, Any]:
     """A batch; it may hold no samples (the last one of an evaluation worker whose tail was all
     skipped), and always carries the worker's cumulative skip counts. With ``max_captions`` > 1
-    it also holds ``caption_sets`` (and ``tokens`` [B, N, L])."""
+    it also holds ``caption_sets`` (and ``tokens`` [B, N, L]); when a sample has label maps,
+    ``seg`` / ``inst`` (uint8 [B, H, W], see :func:`stack_labels`)."""
     images = stack_images([s["image"] for s in samples], image_size)
     batch = {
         "images": images,
@@ -538,6 +581,10 @@ def collate(samples: list[dict[str, Any]], worker: int, counter: SkipCounter, im
         "meta": [s["meta"] for s in samples],
         "skipped": _skip_record(worker, counter),
     }
+    for _, name in LABEL_MEMBERS:
+        maps = stack_labels(samples, name, image_size)
+        if maps is not None:
+            batch[name] = maps
     if max_captions > 1:
         batch["caption_sets"] = [s["caption_set"] for s in samples]
         if tokenizer is not None:

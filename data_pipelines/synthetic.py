@@ -4,7 +4,10 @@ The data set exists to test text-conditioned feature prediction end to end on a 
 that sees an image with regions masked cannot know what is under the mask, but the caption names
 every object's size, colour, shape and coarse position, so the text carries exactly the missing
 information. Each sample also has probe labels (``KEY.json``: ``label`` is the shape of the
-largest object, ``labels`` holds more attributes) and unambiguous question/answer pairs.
+largest object, ``labels`` holds more attributes), unambiguous question/answer pairs, and dense
+labels drawn with the image's own geometry: ``KEY.seg.png`` (each pixel's class, ids of
+``SEG_CLASSES``, named in KEY.json ``seg_classes``) and ``KEY.inst.png`` (each pixel's object:
+``objects[i]`` of KEY.json is instance i + 1, 0 = background).
 
 Everything is a pure function of ``(seed, index)``: one ``random.Random(f"{seed}-{index}")`` per
 sample, so shards are byte-identical across runs whatever the shard size.
@@ -28,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_pipelines.labels import encode_label
 from data_pipelines.shards import write_shards
 
 SHAPE_NAMES = ("circle", "square", "triangle", "diamond", "star")
@@ -52,6 +56,7 @@ COUNT_WORDS = ("zero", "one", "two", "three", "four")
 MAX_OBJECTS = 4
 
 LABEL_NAMES = SHAPE_NAMES  # classes of the main probe label: the shape of the largest object
+SEG_CLASSES = ("background", *SHAPE_NAMES)  # ids of KEY.seg.png (KEY.json "seg_classes")
 ATTRIBUTE_NAMES: dict[str, tuple[str, ...]] = {  # classes of each entry of KEY.json "labels"
     "shape": SHAPE_NAMES,  # largest object
     "color": COLOR_NAMES,  # largest object
@@ -196,14 +201,32 @@ def draw_scene(scene: Scene, image_size: int = 64) -> Image.Image:
     elif scene.texture == "noise":
         img += gen.normal(0.0, 10.0, (s, s, 1)).astype(np.float32)
     image = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(image)
-    for o in scene.objects:
+    _draw_objects(image, scene.objects, [o.rgb for o in scene.objects])
+    return image
+
+
+def _draw_objects(canvas: Image.Image, objects: tuple[SceneObject, ...], fills: list[Any]) -> None:
+    """Fill each object's shape on ``canvas`` with its entry of ``fills``, in order (later ones
+    over earlier ones). The image and its label maps are drawn by this one function, so a label
+    covers exactly the pixels of its object."""
+    draw = ImageDraw.Draw(canvas)
+    for o, fill in zip(objects, fills):
         if o.shape == "circle":
             h = o.px / 2
-            draw.ellipse([o.x - h, o.y - h, o.x + h, o.y + h], fill=o.rgb)
+            draw.ellipse([o.x - h, o.y - h, o.x + h, o.y + h], fill=fill)
         else:
-            draw.polygon(_shape_points(o.shape, o.x, o.y, o.px), fill=o.rgb)
-    return image
+            draw.polygon(_shape_points(o.shape, o.x, o.y, o.px), fill=fill)
+
+
+def draw_labels(scene: Scene, image_size: int = 64) -> tuple[Image.Image, Image.Image]:
+    """The scene's label maps, mode "L": ``(seg, inst)``. ``seg`` holds each pixel's class id
+    (index in :data:`SEG_CLASSES`, 0 = background), ``inst`` its object's instance id
+    (``objects[i]`` -> i + 1, 0 = background)."""
+    size = (image_size, image_size)
+    seg, inst = Image.new("L", size, 0), Image.new("L", size, 0)
+    _draw_objects(seg, scene.objects, [SEG_CLASSES.index(o.shape) for o in scene.objects])
+    _draw_objects(inst, scene.objects, list(range(1, len(scene.objects) + 1)))
+    return seg, inst
 
 
 # ----------------------------------------------------------------------------- captions
@@ -444,11 +467,13 @@ def _render(rng: random.Random, image_size: int) -> tuple[Scene, Image.Image, st
     caption = caption_scene(scene, rng)
     meta = scene_metadata(scene)
     meta["qa"] = qa_for_scene(scene, rng)
+    meta["seg_classes"] = list(SEG_CLASSES)
     return scene, image, caption, meta
 
 
 def synthetic_sample(index: int, seed: int = 0, image_size: int = 64, captions_per_image: int = 1) -> dict[str, Any]:
-    """Shard sample ``index`` of the data set ``seed``: ``{"__key__", "png", "txt", "json"}``.
+    """Shard sample ``index`` of the data set ``seed``: ``{"__key__", "png", "seg.png", "inst.png",
+    "txt", "json"}`` (the label maps of :func:`draw_labels`, as PNG).
 
     With ``captions_per_image`` N > 1, KEY.json also holds ``"captions"``: the KEY.txt caption
     then N - 1 others, drawn from their own RNG stream, so the image, KEY.txt and the rest of
@@ -458,7 +483,9 @@ def synthetic_sample(index: int, seed: int = 0, image_size: int = 64, captions_p
         meta["captions"] = scene_captions(scene, caption, random.Random(f"{seed}-{index}-captions"), captions_per_image)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return {"__key__": f"{index:09d}", "png": buf.getvalue(), "txt": caption, "json": json.dumps(meta)}
+    seg, inst = draw_labels(scene, image_size)
+    return {"__key__": f"{index:09d}", "png": buf.getvalue(), "seg.png": encode_label(seg),
+            "inst.png": encode_label(inst), "txt": caption, "json": json.dumps(meta)}
 
 
 def iter_synthetic_samples(samples: int, seed: int = 0, image_size: int = 64,
@@ -479,7 +506,8 @@ def write_synthetic_shards(
     """Write ``samples`` synthetic scenes as shards in ``out_dir``; return a summary.
 
     The summary holds ``samples``, ``shards`` (paths as str), ``label_names`` (classes of
-    ``label``) and ``attributes`` (classes of each ``labels`` entry).
+    ``label``), ``attributes`` (classes of each ``labels`` entry) and ``seg_classes`` (ids of
+    the KEY.seg.png maps).
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -497,4 +525,5 @@ def write_synthetic_shards(
         "shards": [str(sh.path) for sh in shards],
         "label_names": list(LABEL_NAMES),
         "attributes": {k: list(v) for k, v in ATTRIBUTE_NAMES.items()},
+        "seg_classes": list(SEG_CLASSES),
     }

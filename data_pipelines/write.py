@@ -3,7 +3,9 @@
 Inputs: a folder (``NAME.jpg`` + ``NAME.txt`` caption + optional ``NAME.json``), or a CSV / TSV /
 JSONL / parquet manifest whose rows name a local image file and a caption. Each row becomes one
 sample ``KEY.{jpg,png,webp}`` + ``KEY.txt`` + ``KEY.json``; the json holds the row's other
-fields (``label``, ``label_name``, ``qa``, ...) plus ``source``, ``width`` and ``height``.
+fields (``label``, ``label_name``, ``qa``, ``seg_classes``, ...) plus ``source``, ``width`` and
+``height``. With ``--mask-column`` a manifest row may also name a segmentation label map, stored
+as ``KEY.seg.png`` (see :mod:`data_pipelines.labels`); a row without one is written without.
 
 Nothing is lost quietly: a row that cannot be used is skipped, counted by reason in
 ``stats.json`` and listed with its source in ``skipped.jsonl``. Shards are written under a
@@ -26,6 +28,7 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
+from data_pipelines.labels import LabelError, decode_label, encode_label, is_missing
 from data_pipelines.loader import IMAGE_SUFFIXES, MANIFEST_SUFFIXES, MAX_CAPTION_BYTES, DataError, die_with_parent
 from data_pipelines.shards import write_shards
 
@@ -38,6 +41,7 @@ WRITE_SKIP_REASONS = (
     "bad_text",       # a caption that is not valid UTF-8
     "huge_caption",   # a caption over max_caption_bytes
     "bad_row",        # a manifest row that does not parse, or lacks the image field
+    "bad_mask",       # the mask file is missing, does not decode, has channels or another size than the image
 )
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become png
 IMAGE_COLUMNS = ("image", "filepath", "image_path", "path", "file")
@@ -52,6 +56,7 @@ class WriteOptions:
     workers: int = 1  # processes decoding and re-encoding images
     image_column: str = ""  # manifest column with the image path; '' tries image, filepath, path, file
     caption_column: str = ""  # manifest column with the caption; '' tries caption, text, txt
+    mask_column: str = ""  # manifest column with a label map path per row (-> KEY.seg.png); '' = no masks
     image_root: str = ""  # relative image paths are taken from here (default: the manifest's directory)
     allow_empty_captions: bool = False
     max_caption_bytes: int = MAX_CAPTION_BYTES
@@ -69,6 +74,7 @@ class Row:
     caption: str | bytes | list[Any] | None  # a list: several captions (a JSONL list, or several columns)
     extra: dict[str, Any] = field(default_factory=dict)
     error: tuple[str, str] | None = None  # (reason, detail) found while reading the manifest
+    mask: str | bytes | None = None  # the label map: path (like ``image``) or bytes; None = no mask
 
 
 class Skipped(Exception):
@@ -139,11 +145,17 @@ def _table_rows(records: Iterable[dict[str, Any]], columns: list[str], name: str
     image_col = _pick_column(columns, opts.image_column, IMAGE_COLUMNS, "image", name)
     wanted = [c.strip() for c in opts.caption_column.split(",") if c.strip()] or [""]
     caption_cols = [_pick_column(columns, c, CAPTION_COLUMNS, "caption", name) for c in wanted]
-    return _rows_of(records, name, image_col, caption_cols, typed)
+    mask_col = _pick_column(columns, opts.mask_column, (), "mask", name) if opts.mask_column else None
+    return _rows_of(records, name, image_col, caption_cols, typed, mask_col)
+
+
+def _file_cell(value: Any) -> Any:
+    """Parquet exports of image datasets hold files as ``{"bytes": ..., "path": ...}``."""
+    return (value.get("bytes") or value.get("path")) if isinstance(value, dict) else value
 
 
 def _rows_of(records: Iterable[dict[str, Any]], name: str, image_col: str, caption_cols: list[str],
-             typed: bool) -> Iterator[Row]:
+             typed: bool, mask_col: str | None = None) -> Iterator[Row]:
     caption_of = ((lambda rec: rec.get(caption_cols[0])) if len(caption_cols) == 1
                   else (lambda rec: [rec.get(c) for c in caption_cols if rec.get(c) not in (None, "")]))
     for i, rec in enumerate(records):
@@ -153,14 +165,13 @@ def _rows_of(records: Iterable[dict[str, Any]], name: str, image_col: str, capti
             yield rec
             continue
         extra = {k: (_typed(v) if typed and isinstance(v, str) else v) for k, v in rec.items()
-                 if k not in (image_col, *caption_cols) and k is not None}
-        image = rec.get(image_col)
-        if isinstance(image, dict):  # parquet exports of image datasets: {"bytes": ..., "path": ...}
-            image = image.get("bytes") or image.get("path")
+                 if k not in (image_col, *caption_cols, mask_col) and k is not None}
+        image = _file_cell(rec.get(image_col))
+        mask = None if mask_col is None or is_missing(rec.get(mask_col)) else _file_cell(rec[mask_col])
         if image is None or image == "":
-            yield Row(i, where, None, caption_of(rec), extra, ("bad_row", f"no value in column {image_col!r}"))
+            yield Row(i, where, None, caption_of(rec), extra, ("bad_row", f"no value in column {image_col!r}"), mask)
             continue
-        yield Row(i, where, image, caption_of(rec), extra)
+        yield Row(i, where, image, caption_of(rec), extra, mask=mask)
 
 
 def _csv_records(path: Path, delimiter: str) -> tuple[Iterator[dict[str, Any]], list[str]]:
@@ -229,6 +240,9 @@ def read_rows(path: Path, opts: WriteOptions) -> tuple[Iterator[Row], Path, int 
     """The rows of ``path``, the directory relative image paths start from, and the row count
     when it is known up front (for the progress bar)."""
     fmt = input_format(path)
+    if fmt == "folder" and opts.mask_column:
+        raise DataError(f"--mask-column {opts.mask_column}: {path} is a folder, which has no columns; list images, "
+                        "captions and mask paths in a .csv, .tsv, .jsonl or .parquet manifest")
     if fmt == "folder":
         rows = list(_folder_rows(path))
         if not rows:
@@ -270,15 +284,21 @@ def _caption(raw: str | bytes | None, opts: WriteOptions, allow_empty: bool | No
     return text
 
 
-def _image(image: str | bytes, root: Path, opts: WriteOptions) -> tuple[str, bytes, int, int]:
-    """-> (extension, bytes, width, height) after decoding, and resizing when asked."""
-    if isinstance(image, (bytes, bytearray)):
-        data = bytes(image)
-    else:
-        path = Path(image) if Path(image).is_absolute() else root / image
-        if not path.is_file():
-            raise Skipped("missing_file", f"no image file {path}")
-        data = path.read_bytes()
+def _read_file(value: str | bytes, root: Path) -> bytes | None:
+    """A cell's file: its bytes, read from the path (relative paths start at ``root``); None when
+    there is no such file."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    path = root / value  # an absolute value stays as it is
+    return path.read_bytes() if path.is_file() else None
+
+
+def _image(image: str | bytes, root: Path, opts: WriteOptions) -> tuple[str, bytes, tuple[int, int], tuple[int, int]]:
+    """-> (extension, bytes, size, source size) after decoding, and resizing when asked (size is
+    what is stored, source size what was read)."""
+    data = _read_file(image, root)
+    if data is None:
+        raise Skipped("missing_file", f"no image file {root / image}")
     if not data:
         raise Skipped("empty_image", "image file is empty (0 bytes)")
     try:
@@ -289,7 +309,7 @@ def _image(image: str | bytes, root: Path, opts: WriteOptions) -> tuple[str, byt
             ext = KEEP_FORMATS.get(fmt or "")
             needs_resize = opts.resize and max(width, height) > opts.resize
             if ext is not None and not needs_resize:
-                return ext, data, width, height
+                return ext, data, (width, height), (width, height)
             out = img
             if needs_resize:
                 scale = opts.resize / max(width, height)
@@ -306,11 +326,29 @@ def _image(image: str | bytes, root: Path, opts: WriteOptions) -> tuple[str, byt
             save = {"jpg": dict(format="JPEG", quality=opts.jpeg_quality), "png": dict(format="PNG"),
                     "webp": dict(format="WEBP", quality=opts.jpeg_quality)}[ext]
             out.save(buf, **save)
-            return ext, buf.getvalue(), out.size[0], out.size[1]
+            return ext, buf.getvalue(), out.size, (width, height)
     except Skipped:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise Skipped("bad_image", f"image does not decode: {e!r}") from None
+
+
+def _mask(mask: str | bytes, root: Path, source_size: tuple[int, int], size: tuple[int, int]) -> bytes:
+    """The row's label map -> KEY.seg.png bytes (mode L). It must cover the image as read, pixel
+    for pixel; when the image was shrunk (--resize) it is shrunk to match, with nearest
+    neighbours so that ids stay ids."""
+    if not isinstance(mask, (str, bytes, bytearray)):
+        raise Skipped("bad_mask", f"the mask cell holds a {type(mask).__name__}, not a file path")
+    data = _read_file(mask, root)
+    if data is None:
+        raise Skipped("bad_mask", f"no mask file {root / mask}")
+    try:
+        label = decode_label(data, source_size)
+    except LabelError as e:
+        raise Skipped("bad_mask", str(e)) from None
+    if label.size != size:
+        label = label.resize(size, Image.NEAREST)
+    return encode_label(label)
 
 
 def _captions(raw: str | bytes | list[Any] | None, opts: WriteOptions) -> list[str]:
@@ -335,7 +373,8 @@ def encode_row(row: Row, root: Path, opts: WriteOptions) -> dict[str, Any] | tup
         captions = _captions(row.caption, opts)  # cheap checks before the image is read
         if row.image is None:
             raise Skipped("bad_row", "no image")
-        ext, data, width, height = _image(row.image, root, opts)
+        ext, data, (width, height), source_size = _image(row.image, root, opts)
+        masks = {} if row.mask is None else {"seg.png": _mask(row.mask, root, source_size, (width, height))}
     except Skipped as e:
         return e.reason, str(e)
     source = row.where if isinstance(row.image, (bytes, bytearray)) else str(row.image)
@@ -347,7 +386,7 @@ def encode_row(row: Row, root: Path, opts: WriteOptions) -> dict[str, Any] | tup
         meta_json.encode("utf-8")
     except UnicodeError:
         return "bad_text", "a field of the row is not UTF-8"
-    return {ext: data, "txt": captions[0], "json": meta_json}
+    return {ext: data, **masks, "txt": captions[0], "json": meta_json}
 
 
 def _encode_star(args: tuple[Row, Path, WriteOptions]) -> tuple[Row, dict[str, Any] | tuple[str, str]]:
@@ -400,6 +439,7 @@ def write_rows(rows: Iterable[Row], root: Path, out: str | Path, opts: WriteOpti
         p.unlink(missing_ok=True)
 
     counts = {r: 0 for r in WRITE_SKIP_REASONS}
+    masks = {"with_mask": 0, "no_mask": 0}  # written rows, with --mask-column
     start = time.perf_counter()
     jobs = ((row, root, opts) for row in rows)
     with (out / "skipped.jsonl").open("w") as skipped_log, \
@@ -414,6 +454,7 @@ def write_rows(rows: Iterable[Row], root: Path, out: str | Path, opts: WriteOpti
                     skipped_log.write(json.dumps({"row": row.index, "source": row.where, "reason": reason,
                                                   "detail": detail}, ensure_ascii=False) + "\n")
                     continue
+                masks["with_mask" if "seg.png" in result else "no_mask"] += 1
                 yield {"__key__": f"{row.index:09d}", **result}
 
         def samples() -> Iterator[dict[str, Any]]:
@@ -437,6 +478,8 @@ def write_rows(rows: Iterable[Row], root: Path, out: str | Path, opts: WriteOpti
         "shards": shard_stats, "seconds": round(seconds, 2), "samples_per_s": round(written / max(seconds, 1e-9), 1),
         "options": asdict(opts),
     }
+    if opts.mask_column:
+        stats["masks"] = masks
     tmp = out / "stats.json.tmp"
     tmp.write_text(json.dumps(stats, indent=1))
     os.replace(tmp, out / "stats.json")
@@ -448,6 +491,9 @@ def write_rows(rows: Iterable[Row], root: Path, out: str | Path, opts: WriteOpti
 
 def summary_line(stats: dict[str, Any]) -> str:
     skipped = ", ".join(f"{r}: {n}" for r, n in stats["skipped_by_reason"].items())
+    masks = stats.get("masks")
     return (f"wrote {stats['written']} samples in {len(stats['shards'])} shards to {stats['out']} "
-            f"({stats['samples_per_s']} samples/s); skipped {stats['skipped']}" + (f" ({skipped})" if skipped else "")
+            f"({stats['samples_per_s']} samples/s)"
+            + (f"; {masks['with_mask']} with a mask, {masks['no_mask']} without (no_mask)" if masks else "")
+            + f"; skipped {stats['skipped']}" + (f" ({skipped})" if skipped else "")
             + f"; see {Path(stats['out']) / 'stats.json'}" + (" and skipped.jsonl" if stats["skipped"] else ""))

@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--caption-column", default="",
                    help="manifest column of captions (default: caption|text|txt); several columns, comma-separated, "
                         "give several captions per image (so does a JSONL list)")
+    d.add_argument("--mask-column", default="",
+                   help="manifest column of segmentation label maps (single-channel 8-bit PNGs, each pixel a class id, "
+                        "the image's size; relative paths like the images'), stored as KEY.seg.png; an empty cell "
+                        "writes the sample without a mask")
     d.add_argument("--image-root", default="", help="relative image paths start here (default: the manifest's folder)")
     d.add_argument("--allow-empty-captions", action="store_true", help="keep rows without a caption")
     d.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
@@ -245,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
         opts = WriteOptions(
             shard_size=args.shard_size, shard_bytes=parse_size(args.shard_bytes), resize=args.resize,
             workers=args.workers, image_column=args.image_column, caption_column=args.caption_column,
-            image_root=args.image_root, allow_empty_captions=args.allow_empty_captions, overwrite=args.overwrite,
+            mask_column=args.mask_column, image_root=args.image_root, allow_empty_captions=args.allow_empty_captions,
+            overwrite=args.overwrite,
         )
         print(summary_line(write_dataset(args.input, args.out, opts)))
     elif args.command == "data" and args.data_command == "inspect":

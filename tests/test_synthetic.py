@@ -70,7 +70,7 @@ def test_summary_shards_and_member_names(dataset):
     sizes = [len(read_samples([p])) for p in summary["shards"]]
     assert sizes == [200, 200, 100]
     assert sorted(samples) == [f"{i:09d}" for i in range(N)]
-    assert all(set(s) == {"png", "txt", "json"} for s in samples.values())
+    assert all(set(s) == {"png", "seg.png", "inst.png", "txt", "json"} for s in samples.values())
     assert not list(Path(summary["shards"][0]).parent.glob("*.tmp"))
 
 
