@@ -473,7 +473,7 @@ def run_training(
         crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, resume=streams, consumed=start,
         require_caption=cfg.data.require_captions, max_caption_bytes=cfg.data.max_caption_bytes,
         tokenizer=method.tokenizer,  # captions are tokenized in the loader's workers
-        max_captions=max(captions_per_image(cfg.conditioner), 1),
+        max_captions=max(captions_per_image(cfg.conditioner), 1), labels=False,
     ))
     streams = dict(streams or {})
     log = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start)

@@ -4,7 +4,6 @@ process and in two; a non-finite micro-batch skips its whole step."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest

@@ -170,6 +170,26 @@ def test_label_maps_draw_nothing_from_the_augmentation_rng(tmp_path):
     b = next(iter(make_loader(LoaderSpec(without, **spec))))
     assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])  # the same crops and flips
     assert "seg" not in b and "inst" not in b
+    unread = next(iter(make_loader(LoaderSpec(with_maps, labels=False, **spec))))  # as training reads
+    assert unread["keys"] == a["keys"] and torch.equal(unread["images"], a["images"])
+    assert "seg" not in unread and "inst" not in unread
+
+
+def test_training_leaves_the_label_maps_unread(monkeypatch, tmp_path):
+    """The training loop's loader is built with labels=False (the maps cost decoding time and no
+    method reads them)."""
+    import tcjepa.train as loop
+    from tcjepa.config import load_config, project_root
+
+    specs = []
+    monkeypatch.setattr(loop, "make_loader", lambda spec: specs.append(spec) or iter(()))
+    cfg = load_config(project_root() / "recipes/ijepa_quickstart.yaml",
+                           [f"data.train={tmp_path}", "model.encoder=vit_micro_8", "model.depth=1",
+                            "model.predictor_depth=1", "model.predictor_width=48", "train.batch_size=4"])
+    write_encoded_shards(tmp_path, range(4), shards=1)
+    with pytest.raises(StopIteration):
+        loop.train(cfg, tmp_path / "run", progress=False)
+    assert specs and specs[0].labels is False
 
 
 def test_evaluation_reads_each_sample_once_with_centre_cropped_maps(tmp_path):
