@@ -139,18 +139,24 @@ def init_from_final(run_dir: str | Path, cfg: Config, method: Any) -> None:
         load_state_exactly(module, _sub_state(state, prefix), f"{run_dir}: {FINAL}/{WEIGHTS} {prefix}.*")
 
 
+def encoder_role(cfg: Config, which: str = "auto") -> str:
+    """``which`` with ``auto`` resolved: ``teacher`` for EMA JEPA runs, ``student`` otherwise (a
+    frozen teacher is just the previous stage's model)."""
+    if which != "auto":
+        return which
+    return "teacher" if cfg.train.method == "jepa" and cfg.teacher.update == "ema" else "student"
+
+
 def load_encoder(run_dir: str | Path, which: str = "auto") -> nn.Module:
     """The trained image encoder of a finished run, in eval mode.
 
     ``which``: ``teacher`` (the EMA target encoder, what I-JEPA evaluates), ``student`` (the
-    context encoder; the image tower of MAE and contrastive runs) or ``auto`` (teacher for EMA
-    JEPA runs, student otherwise: a frozen teacher is just the previous stage's model).
+    context encoder; the image tower of MAE and contrastive runs) or ``auto`` (:func:`encoder_role`).
     """
     from tcjepa.models.vit import build_encoder
 
     cfg = load_run_config(run_dir)
-    if which == "auto":
-        which = "teacher" if cfg.train.method == "jepa" and cfg.teacher.update == "ema" else "student"
+    which = encoder_role(cfg, which)
     prefix = {"teacher": "teacher", "student": "encoder"}.get(which)
     if prefix is None:
         raise ValueError(f"which must be auto, teacher or student, got {which!r}")

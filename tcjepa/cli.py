@@ -58,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a finished run; the result goes to RUN_DIR/eval/TASK.json. "
                                    "probe: linear/attentive probes (train on --data, report on --val-data); "
                                    "zeroshot, retrieval: TC-JEPA runs, scored on --val-data (else --data); "
-                                   "vqa: a VQA head on the frozen encoder (train on --data, test on --val-data). "
-                                   "Task settings: --set probe.* | zeroshot.* | retrieval.* | vqa.*")
-    p.add_argument("task", choices=["probe", "zeroshot", "retrieval", "vqa"])
+                                   "vqa: a VQA head on the frozen encoder (train on --data, test on --val-data); "
+                                   "segment: linear segmentation heads on the frozen patch features, mIoU (train on "
+                                   "--data, report on --val-data; shards with KEY.seg.png maps). "
+                                   "Task settings: --set probe.* | zeroshot.* | retrieval.* | vqa.* | segment.*")
+    p.add_argument("task", choices=["probe", "zeroshot", "retrieval", "vqa", "segment"])
     p.add_argument("--checkpoint", required=True, help="RUN_DIR")
     p.add_argument("--data", required=True, help="train SHARDS (zeroshot/retrieval: evaluated when no --val-data)")
     p.add_argument("--val-data", default="", help="validation / test SHARDS")

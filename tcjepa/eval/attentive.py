@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcjepa.config import ProbeConfig
-from tcjepa.eval.common import classification_metrics, default_device, holdout_split
+from tcjepa.eval.common import classification_metrics, default_device, holdout_split, train_heads_per_lr
 from tcjepa.models.attention import attention
 from tcjepa.models.vit import MLP
 
@@ -92,8 +92,6 @@ def train_attentive_probes(
     """Train one attentive classifier per ``cfg.attentive_lrs`` on patch features [N, P, D]
     (any float dtype; batches are cast to fp32); pick by holdout accuracy; report val metrics.
     The holdout split is the linear probe's (same seed), so the two compare one to one."""
-    from tqdm.auto import trange
-
     device = torch.device(device) if device is not None else default_device()
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     hold_idx, fit_idx, g = holdout_split(len(train_x), cfg.holdout, seed)
@@ -103,22 +101,14 @@ def train_attentive_probes(
 
     torch.manual_seed(seed)
     heads = nn.ModuleList(AttentiveClassifier(dim, num_classes, heads_n) for _ in lrs).to(device)
-    opt = torch.optim.AdamW([{"params": h.parameters(), "lr": lr} for h, lr in zip(heads, lrs)],
-                            weight_decay=cfg.attentive_weight_decay)
-    steps_per_epoch = max(1, (len(fit_idx) + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.attentive_epochs * steps_per_epoch)
-    heads.train()
-    for _ in trange(cfg.attentive_epochs, desc="attentive probes", unit="epoch", disable=not progress):
-        order = fit_idx[torch.randperm(len(fit_idx), generator=g)]
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            x, y = train_x[idx].to(device).float(), train_y[idx].to(device)
-            loss = sum(F.cross_entropy(h(x), y) for h in heads)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
 
+    def loss_of(positions: torch.Tensor) -> torch.Tensor:
+        idx = fit_idx[positions]
+        x, y = train_x[idx].to(device).float(), train_y[idx].to(device)
+        return sum(F.cross_entropy(h(x), y) for h in heads)
+
+    train_heads_per_lr(heads, lrs, cfg.attentive_weight_decay, len(fit_idx), cfg.attentive_epochs, cfg.batch_size, g,
+                       loss_of, progress, desc="attentive probes")
     heads.eval()
     hold_acc = [(_predict(h, train_x[hold_idx], cfg.batch_size, device) == train_y[hold_idx]).float().mean().item()
                 for h in heads]

@@ -1,5 +1,5 @@
-"""What every evaluation shares: reading an evaluation split, the probes' holdout split and
-classification metrics, tie-aware top-k hits, and writing
+"""What every evaluation shares: reading an evaluation split, the probes' holdout split, their
+learning-rate sweep and classification metrics, tie-aware top-k hits, and writing
 the result JSON in the shape DESIGN.md fixes (``{"task", "checkpoint", "data", "metrics"}``).
 """
 
@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from data_pipelines.loader import DataError, LoaderSpec, SkipTracker, make_loader, resolve_shards
 
@@ -88,6 +89,31 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     perm = torch.randperm(n, generator=g)
     n_hold = max(1, int(n * fraction))
     return perm[:n_hold], perm[n_hold:], g
+
+
+def train_heads_per_lr(heads: Sequence[nn.Module], lrs: Sequence[float], weight_decay: float, n: int, epochs: int,
+                       batch_size: int, g: torch.Generator, loss_of: Callable[[torch.Tensor], torch.Tensor],
+                       progress: bool = False, desc: str = "heads") -> None:
+    """Train ``heads[i]`` at learning rate ``lrs[i]``, all at once: AdamW with a cosine schedule,
+    each step on the summed loss ``loss_of(positions)`` of one batch of positions in ``0..n-1``
+    (a fresh order from ``g`` each epoch). The heads share every batch, so a learning-rate sweep
+    costs one pass over the features (DINOv2's linear evaluation)."""
+    from tqdm.auto import trange
+
+    opt = torch.optim.AdamW([{"params": h.parameters(), "lr": lr} for h, lr in zip(heads, lrs)],
+                            weight_decay=weight_decay)
+    steps_per_epoch = max(1, (n + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    for h in heads:
+        h.train()
+    for _ in trange(epochs, desc=desc, unit="epoch", disable=not progress):
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, batch_size):
+            loss = loss_of(order[i : i + batch_size])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
 
 
 def classification_metrics(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:

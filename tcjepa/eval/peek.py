@@ -26,6 +26,7 @@ class Peek:
 
     metas: list[dict[str, Any]]
     captions: int  # samples with a non-empty caption
+    seg_maps: int = 0  # samples with a segmentation map (KEY.seg.png)
 
     def keys(self) -> list[str]:
         """Every json key, nested ones dotted (``labels.color``), in first-seen order."""
@@ -46,9 +47,10 @@ class Peek:
 
 
 def peek(shards: str, data_key: str, limit: int = PEEK_SAMPLES) -> Peek:
-    """The json (and whether there is a caption) of the first ``limit`` samples of ``shards``.
-    Unreadable json counts as none; shards that cannot be read are left to the full read."""
-    metas, captions = [], 0
+    """The json (and whether there is a caption or a segmentation map) of the first ``limit``
+    samples of ``shards``. Unreadable json counts as none; shards that cannot be read are left to
+    the full read."""
+    metas, captions, seg_maps = [], 0, 0
     urls = resolve_shards(shards, data_key)
     for sample in iter_samples(urls, on_error=lambda e: True):
         if "json" in sample:
@@ -60,11 +62,12 @@ def peek(shards: str, data_key: str, limit: int = PEEK_SAMPLES) -> Peek:
             meta = {}
         metas.append(meta if isinstance(meta, dict) else {})
         captions += bool(sample.get("txt", b"").strip())
+        seg_maps += "seg.png" in sample
         if len(metas) >= limit:
             break
     if not metas:
         raise DataError(f"{data_key}: no sample in {shards}")
-    return Peek(metas, captions)
+    return Peek(metas, captions, seg_maps)
 
 
 def _listing(p: Peek) -> str:

@@ -1,5 +1,5 @@
 """Small PNG charts drawn with PIL alone (matplotlib is not a dependency): line plots for
-training curves, grouped bars for accuracies, and confusion matrices.
+training curves, grouped bars for accuracies, confusion matrices and segmentation maps.
 
 Each function takes plain Python numbers, writes one PNG and returns its path; none keeps state.
 They are deliberately plain (axes, ticks, a legend) so that a report reads the same on any
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -248,4 +248,65 @@ def confusion_plot(matrix: Sequence[Sequence[int]], names: Sequence[str], path: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+    return path
+
+
+def class_colour(c: int) -> tuple[int, int, int]:
+    """The fixed colour of segmentation class ``c``: black for 0 (background), the palette for
+    1-10, golden-ratio hues beyond, white for 255 (ignore), so every plot colours a class alike."""
+    import colorsys
+
+    if c == 255:
+        return (255, 255, 255)
+    if c == 0:
+        return (0, 0, 0)
+    if c <= len(PALETTE):
+        return PALETTE[c - 1]
+    r, g, b = colorsys.hsv_to_rgb((c * 0.618034) % 1.0, 0.65, 0.9)
+    return (int(r * 255), int(g * 255), int(b * 255))
+
+
+def _coloured(label_map: Any, scale: int):
+    """A [H, W] array of class ids -> an RGB PIL image ``scale`` times larger (nearest)."""
+    import numpy as np
+    from PIL import Image
+
+    ids = np.asarray(label_map, dtype=np.uint8)
+    lut = np.array([class_colour(c) for c in range(256)], dtype=np.uint8)
+    image = Image.fromarray(lut[ids])
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def segmentation_plot(images: Sequence[Any], predictions: Sequence[Any], truths: Sequence[Any], names: Sequence[str],
+                      path: str | Path, title: str) -> Path:
+    """One row per sample: the image ([H, W, 3] uint8), the predicted and the true map ([H, W]
+    class ids, coloured by :func:`class_colour`), and a legend of the classes they show."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    h, w = np.asarray(truths[0]).shape
+    scale = max(1, math.ceil(128 / max(h, w)))
+    tile_w, tile_h, gap, top = w * scale, h * scale, 8, 56
+    shown = sorted({int(c) for m in (*predictions, *truths) for c in np.unique(np.asarray(m)) if c < len(names)})
+    legend_rows = math.ceil(len(shown) / 4)
+    size = (max(3 * tile_w + 4 * gap, 520), top + len(images) * (tile_h + gap) + 20 * legend_rows + 16)
+    canvas = Image.new("RGB", size, "white")
+    d, f = ImageDraw.Draw(canvas), _font(12)
+    d.text((gap, 10), title, fill="black", font=_font(14))
+    for col, header in enumerate(("image", "prediction", "ground truth")):
+        d.text((gap + col * (tile_w + gap), top - 18), header, fill="black", font=f)
+    for row, (image, pred, truth) in enumerate(zip(images, predictions, truths)):
+        y = top + row * (tile_h + gap)
+        picture = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((tile_w, tile_h), Image.NEAREST)
+        for col, tile in enumerate((picture, _coloured(pred, scale), _coloured(truth, scale))):
+            canvas.paste(tile, (gap + col * (tile_w + gap), y))
+    y0 = top + len(images) * (tile_h + gap) + 4
+    column = (size[0] - 2 * gap) / 4
+    for i, c in enumerate(shown):
+        x, y = gap + (i % 4) * column, y0 + 20 * (i // 4)
+        d.rectangle([x, y + 2, x + 12, y + 14], fill=class_colour(c), outline=(120, 120, 120))
+        d.text((x + 18, y), names[c], fill="black", font=f)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
     return path

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_pipelines.labels import IGNORE
 from data_pipelines.loader import DataError, SkipTracker, normalize
 from tcjepa.config import Config, ConfigError, ProbeConfig, to_dict
 from tcjepa.eval.attentive import train_attentive_probes
 from tcjepa.eval.common import (classification_metrics, default_device, holdout_split, is_label, iter_eval_batches, lookup,
-                                plot_dir, result_dict, write_result)
+                                plot_dir, result_dict, train_heads_per_lr, write_result)
 
 KINDS = ("linear", "attentive", "both")
 MAX_CONFUSION_IN_JSON = 100  # classes; larger matrices are only drawn
@@ -42,6 +43,7 @@ class Features:
     metas: list[dict[str, Any]]
     keys: list[str]
     skipped: dict[str, int]
+    seg: torch.Tensor | None = None  # [N, H, W] uint8 class ids, 255 (IGNORE) where a sample has no map
 
 
 @torch.no_grad()
@@ -57,9 +59,11 @@ def extract(
     max_skip_rate: float = 0.05,
     patches: bool = False,
     max_samples: int = 0,
+    seg: bool = False,
 ) -> Features:
     """Mean-pooled features [N, D] (fp32), patch features [N, P, D] (fp16, only if ``patches``),
-    each sample's json metadata and key, and skip counts by reason.
+    each sample's json metadata and key, skip counts by reason and (only if ``seg``) each
+    sample's segmentation map, aligned with the image the features saw.
 
     Every sample is read exactly once; more than ``max_skip_rate`` of them skipped is an error
     (an evaluation on what is left of a broken data set would not be comparable); ``max_samples``
@@ -68,7 +72,7 @@ def extract(
     memory of the attentive probe's feature bank."""
     from tqdm.auto import tqdm
 
-    pooled, tokens, metas, keys, tracker = [], [], [], [], SkipTracker()
+    pooled, tokens, maps, metas, keys, tracker = [], [], [], [], [], SkipTracker()
     encoder = encoder.to(device).eval()
     batches = iter_eval_batches(shards, image_size, batch_size, data_key, tracker, workers)
     for batch in tqdm(batches, desc=f"features {Path(shards).name}", unit="batch", disable=not progress):
@@ -76,6 +80,9 @@ def extract(
         pooled.append(h.mean(dim=1).cpu())
         if patches:
             tokens.append(h.half().cpu())
+        if seg:
+            maps.append(batch["seg"] if "seg" in batch else
+                        torch.full((len(batch["keys"]), image_size, image_size), IGNORE, dtype=torch.uint8))
         metas += batch["meta"]
         keys += batch["keys"]
         if max_samples and len(keys) >= max_samples:
@@ -85,7 +92,7 @@ def extract(
     tracker.check_rate(max_skip_rate, 1, f"{data_key} {shards}")
     n = max_samples or len(keys)
     return Features(torch.cat(pooled)[:n], torch.cat(tokens)[:n] if patches else None, metas[:n], keys[:n],
-                    tracker.counts)
+                    tracker.counts, torch.cat(maps)[:n] if seg else None)
 
 
 def extract_features(encoder: nn.Module, shards: str, image_size: int, batch_size: int = 128,
@@ -135,20 +142,8 @@ def train_linear_probes(
 
     torch.manual_seed(seed)
     heads = nn.ModuleList(nn.Linear(fx.size(1), num_classes) for _ in cfg.lrs)
-    opt = torch.optim.AdamW(
-        [{"params": h.parameters(), "lr": lr} for h, lr in zip(heads, cfg.lrs)], weight_decay=cfg.weight_decay
-    )
-    steps_per_epoch = max(1, (len(fx) + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
-    for _ in range(cfg.epochs):
-        order = torch.randperm(len(fx), generator=g)
-        for i in range(0, len(fx), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            loss = sum(F.cross_entropy(h(fx[idx]), fy[idx]) for h in heads)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    train_heads_per_lr(heads, cfg.lrs, cfg.weight_decay, len(fx), cfg.epochs, cfg.batch_size, g,
+                       lambda idx: sum(F.cross_entropy(h(fx[idx]), fy[idx]) for h in heads))
 
     with torch.no_grad():
         hold_acc = [(h(hx).argmax(1) == hy).float().mean().item() for h in heads]

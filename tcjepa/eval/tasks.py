@@ -3,7 +3,7 @@ short summary the command line prints.
 
 Each task reads its settings from one section, set with ``--set SECTION.KEY=VALUE``: ``probe.*``
 (``ProbeConfig``, stored in the run's config, so a recipe can choose its probe), ``zeroshot.*``,
-``retrieval.*`` and ``vqa.*`` (dataclasses beside each task; defaults unless overridden). Keys
+``retrieval.*``, ``vqa.*`` and ``segment.*`` (dataclasses beside each task; defaults unless overridden). Keys
 are checked as strictly as training configs: a typo is an error naming the key.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from tcjepa.config import ConfigError, apply_overrides, from_dict, parse_overrides, to_dict
 
-TASKS = ("probe", "zeroshot", "retrieval", "vqa")
+TASKS = ("probe", "zeroshot", "retrieval", "vqa", "segment")
 
 
 def _task_config_class(task: str) -> type:
@@ -30,6 +30,10 @@ def _task_config_class(task: str) -> type:
         from tcjepa.eval.vqa import VQAConfig
 
         return VQAConfig
+    if task == "segment":
+        from tcjepa.eval.segment import SegmentConfig
+
+        return SegmentConfig
     raise ConfigError(f"unknown eval task {task!r}; choose one of {', '.join(TASKS)}")
 
 
@@ -71,6 +75,10 @@ def run_eval(task: str, checkpoint: str | Path, data: str, val_data: str = "", o
         from tcjepa.eval.retrieval import run_retrieval
 
         return run_retrieval(checkpoint, data, val_data, cfg, json_out, progress=progress)
+    if task == "segment":
+        from tcjepa.eval.segment import run_segment
+
+        return run_segment(checkpoint, data, val_data, cfg, json_out, progress=progress)
     from tcjepa.eval.vqa import run_vqa
 
     return run_vqa(checkpoint, data, val_data, cfg, json_out, progress=progress)
@@ -108,6 +116,12 @@ def format_result(result: dict[str, Any]) -> str:
                      for name, d in (("image->text", "image_to_text"), ("text->image", "text_to_image"))]
         rows.append(("chance", f(m["chance_r1"]), f(m["chance_r5"]), f(m["chance_r10"])))
         head = f"retrieval in {m['num_blocks']} blocks of {m['block_size']} ({m['scorer']} scorer)"
+    elif task == "segment":
+        rows = [("", "mIoU", "pixel acc."), ("linear head", f(m["miou"]), f(m["pixel_accuracy"])),
+                (f"majority class ({m['majority_class']})", f(m["majority_miou"]), f(m["majority_pixel_accuracy"]))]
+        rows += [(f"  IoU {name}", f(iou), "") for name, iou in m["per_class_iou"].items()]
+        head = (f"segmentation: {m['num_classes']} classes, {m['num_val']} val images "
+                f"(head trained on {m['num_train']}, lr {m['lr']:g})")
     else:
         types = list(m["per_type"])
         rows = [("", "all", *types), ("VQA head", f(m["accuracy"]), *[f(m["per_type"][t]) for t in types])]
