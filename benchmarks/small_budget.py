@@ -1,0 +1,95 @@
+"""Does a small-budget run beat its own random initialisation? Train a recipe for N steps per
+seed on the synthetic scenes, probe the trained encoder and the same encoder at initialisation
+(the student's first draw after the seed, as ``tcjepa quickstart`` does), and print trained - init
+per label with its mean and standard deviation over the seeds (RESULTS.md, "Small budgets").
+
+    python benchmarks/small_budget.py --recipe recipes/ijepa_quickstart.yaml --steps 900 --seeds 0,1,2 \\
+        --out runs/small_budget [--set train.eval_every=150 ...]
+
+Runs already finished in ``--out`` are probed again, not retrained; every result is appended as one
+JSON line to ``OUT/results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def probe_top1(run: Path, train: Path, val: Path, encoder: torch.nn.Module | None = None) -> dict[str, float]:
+    from tcjepa.eval.probe import run_probe
+
+    res = run_probe(run, str(train), str(val), encoder=encoder, progress=False, save_to_run=encoder is None)
+    return {k: round(v["top1"], 3) for k, v in res["metrics"]["per_label"].items()}
+
+
+def one_seed(recipe: Path, steps: int, seed: int, out: Path, data: Path, overrides: list[str]) -> dict:
+    from tcjepa.config import load_config
+    from tcjepa.models.vit import build_encoder
+    from tcjepa.train import train
+
+    run = out / f"{recipe.stem}_{steps}_s{seed}"
+    cfg = load_config(recipe, [f"data.train={data / 'train'}", f"data.val={data / 'val'}", f"train.seed={seed}",
+                               f"train.steps={steps}", "checkpoint.every=0", *overrides])
+    t0 = time.time()
+    if not (run / "final" / "model.safetensors").is_file():
+        train(cfg, run, progress=False)
+    wall = time.time() - t0
+    torch.manual_seed(seed)
+    m = cfg.model
+    init = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l]
+    return {"recipe": str(recipe), "steps": steps, "seed": seed, "overrides": overrides, "train_seconds": round(wall),
+            "trained": probe_top1(run, data / "train", data / "val"),
+            "init": probe_top1(run, data / "train", data / "val", init),
+            "probe_curve": [(r["step"], round(r["probe_top1"], 3)) for r in recs if "probe_top1" in r]}
+
+
+def summary(results: list[dict]) -> str:
+    """One line per label: trained - init per seed, then mean +- sd over the seeds."""
+    lines = []
+    for label in results[0]["trained"]:
+        diffs = [r["trained"][label] - r["init"][label] for r in results]
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+        lines.append(f"{label:>16}: trained - init " + " ".join(f"{d:+.3f}" for d in diffs)
+                     + f"   mean {statistics.mean(diffs):+.3f} +- {sd:.3f} (n={len(diffs)})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_pipelines.synthetic import write_synthetic_shards
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", type=Path, default=Path("recipes/ijepa_quickstart.yaml"))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", type=Path, default=Path("runs/small_budget"))
+    p.add_argument("--train-samples", type=int, default=3000)
+    p.add_argument("--val-samples", type=int, default=1000)
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    data = args.out / "data"
+    for split, n, seed in (("train", args.train_samples, 0), ("val", args.val_samples, 1)):
+        if not any((data / split).glob("*.tar")):
+            write_synthetic_shards(data / split, samples=n, shard_size=500, seed=seed, progress=False)
+    results = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        r = one_seed(args.recipe, args.steps, seed, args.out, data, args.overrides)
+        print(json.dumps(r), flush=True)
+        with open(args.out / "results.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+        results.append(r)
+    print(summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
