@@ -20,6 +20,7 @@ What keeps it exact (the same update as one step on the whole batch):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,9 @@ import torch
 from data_pipelines.tokenizers import Tokens
 from tcjepa.distributed import mean_count_over_ranks
 from tcjepa.masks import MaskBatch
+
+
+LossAndMetrics = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -43,15 +47,16 @@ def token_rows(tokens: Tokens | None, start: int, end: int) -> Tokens | None:
 def split_micro_batches(images: torch.Tensor, masks: MaskBatch | None, tokens: Tokens | None, parts: int
                         ) -> list[MicroBatch]:
     """``parts`` consecutive slices of equal size, cut from the one draw of masks and captions
-    that a single step over the whole batch would use (:meth:`MaskBatch.rows`)."""
+    that a single step over the whole batch would use (:meth:`MaskBatch.split`)."""
     if parts == 1:
         return [MicroBatch(images, masks, tokens)]
     n = images.size(0)
     if n % parts:
         raise ValueError(f"a batch of {n} does not split into {parts} micro-batches")
     size = n // parts
-    return [MicroBatch(images[a:a + size], None if masks is None else masks.rows(a, a + size),
-                       token_rows(tokens, a, a + size)) for a in range(0, n, size)]
+    mask_parts = masks.split(parts) if masks is not None else [None] * parts
+    return [MicroBatch(images[a:a + size], m, token_rows(tokens, a, a + size))
+            for a, m in zip(range(0, n, size), mask_parts)]
 
 
 def step_count(valid: torch.Tensor, parts: int) -> torch.Tensor:
@@ -59,3 +64,19 @@ def step_count(valid: torch.Tensor, parts: int) -> torch.Tensor:
     ``parts`` micro-batches: dividing each micro-batch's summed loss by it makes the losses that
     DeepSpeed averages (over micro-batches, then ranks) the mean over every real entry."""
     return mean_count_over_ranks(valid) / parts
+
+
+def target_counts(masks: MaskBatch, parts: int) -> dict[str, torch.Tensor]:
+    """``{"count": ...}``, the whole step's target count (:func:`step_count`), where the
+    micro-batch losses need it: several micro-batches of a padded batch; else ``{}`` (each
+    micro-batch's own count is the right one)."""
+    return {"count": step_count(masks.target_valid, parts)} if parts > 1 and masks.padded else {}
+
+
+def micro_batch_losses(loss: Callable[..., LossAndMetrics], images: torch.Tensor, masks: MaskBatch | None,
+                       tokens: Tokens | None, parts: int, health: bool, counts: dict[str, torch.Tensor]
+                       ) -> Iterator[LossAndMetrics]:
+    """``loss(images, masks, tokens, health, **counts)`` of each micro-batch in turn (``health``
+    for the first only), computed lazily: each is back-propagated before the next one runs."""
+    for i, part in enumerate(split_micro_batches(images, masks, tokens, parts)):
+        yield loss(part.images, part.masks, part.tokens, health and i == 0, **counts)

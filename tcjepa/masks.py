@@ -84,16 +84,23 @@ class MaskBatch:
         """Valid patches per target block, int64 [B, T]."""
         return self.target_valid.sum(dim=-1)
 
-    def rows(self, start: int, end: int) -> MaskBatch:
-        """Samples ``start:end`` with the padding none of them needs cut off (valid entries come
-        first in every row). The ``padded`` flag stays the batch's: the losses of a padded batch's
-        slices are normalised by the batch's counts (tcjepa.accumulate), so they must read the
-        valid masks even where a slice happens to need no padding."""
-        cv, tv = self.context_valid[start:end], self.target_valid[start:end]
-        nc = int(cv.sum(1).max()) if self._padded and len(cv) else cv.size(1)
-        nt = int(tv.sum(2).max()) if self._padded and len(tv) else tv.size(2)
-        return MaskBatch(self.context_idx[start:end, :nc], cv[:, :nc], self.target_idx[start:end, :, :nt],
-                         tv[:, :, :nt], _padded=self._padded)
+    def split(self, parts: int) -> list[MaskBatch]:
+        """``parts`` consecutive equal slices of the batch, each without the padding none of its
+        samples needs (valid entries come first in every row); one host sync for all of them.
+        Each keeps the batch's ``padded`` flag: the losses of a padded batch's slices are
+        normalised by the batch's counts (tcjepa.accumulate), so they must read the valid masks
+        even where a slice happens to need no padding."""
+        size = self.batch_size // parts
+        if self._padded:
+            nc = self.context_valid.sum(1).view(parts, size).amax(1)
+            nt = self.target_valid.sum(2).view(parts, -1).amax(1)
+            lengths = torch.stack([nc, nt], 1).tolist()
+        else:
+            lengths = [[self.context_idx.size(1), self.target_idx.size(2)]] * parts
+        return [MaskBatch(self.context_idx[a:a + size, :nc], self.context_valid[a:a + size, :nc],
+                          self.target_idx[a:a + size, :, :nt], self.target_valid[a:a + size, :, :nt],
+                          _padded=self._padded)
+                for a, (nc, nt) in zip(range(0, self.batch_size, size), lengths)]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskBatch:
         return MaskBatch(

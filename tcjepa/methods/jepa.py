@@ -13,6 +13,7 @@ them per micro-batch under gradient accumulation (``tcjepa.accumulate``); ``meth
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from data_pipelines.tokenizers import (Tokenizer, Tokens, build_tokenizer, drop_captions, tokenize_caption_sets,
                                        trim_caption_slots)
-from tcjepa.accumulate import split_micro_batches, step_count
+from tcjepa.accumulate import micro_batch_losses, step_count, target_counts
 from tcjepa.config import Config, captions_per_image, resolved_text_path, resolved_tokenizer
 from tcjepa.distributed import engine_module, mean_count_over_ranks
 from tcjepa.masks import MaskBatch
@@ -289,16 +290,10 @@ class JEPA:
                      parts: int, health: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """The step's ``parts`` micro-batch losses, one at a time (each is back-propagated before
         the next is computed), each normalised by the whole step's counts (tcjepa.accumulate)."""
-        if parts == 1:
-            yield self.loss(engine, images, masks, tokens, health)
-            return
-        counts = {}
-        if masks.padded:
-            counts["count"] = step_count(masks.target_valid, parts)
-        if tokens is not None and engine_module(engine)._paper_variant():
+        counts = target_counts(masks, parts)
+        if parts > 1 and tokens is not None and engine_module(engine)._paper_variant():
             counts["pair_count"] = step_count(caption_token_pairs(masks, tokens.has_text), parts)
-        for i, part in enumerate(split_micro_batches(images, masks, tokens, parts)):
-            yield self.loss(engine, part.images, part.masks, part.tokens, health and i == 0, **counts)
+        yield from micro_batch_losses(functools.partial(self.loss, engine), images, masks, tokens, parts, health, counts)
 
     def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch, tokens: Tokens | None = None,
              health: bool = False, count: torch.Tensor | None = None, pair_count: torch.Tensor | None = None

@@ -13,6 +13,7 @@ teacher and no text.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from data_pipelines.tokenizers import Tokens
 from tcjepa.config import Config
-from tcjepa.accumulate import split_micro_batches, step_count
+from tcjepa.accumulate import micro_batch_losses, target_counts
 from tcjepa.distributed import engine_module, mean_count_over_ranks
 from tcjepa.masks import MaskBatch
 from tcjepa.methods.jepa import autocast, masked_mean
@@ -115,9 +116,8 @@ class MAE:
     def micro_losses(self, engine: Any, images: torch.Tensor, masks: MaskBatch, tokens: Tokens | None,
                      parts: int, health: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """The step's ``parts`` micro-batch losses, normalised by the whole step's target count."""
-        count = step_count(masks.target_valid, parts) if parts > 1 and masks.padded else None
-        for i, part in enumerate(split_micro_batches(images, masks, None, parts)):
-            yield self.loss(engine, part.images, part.masks, None, health and i == 0, count)
+        yield from micro_batch_losses(functools.partial(self.loss, engine), images, masks, None, parts, health,
+                                      target_counts(masks, parts))
 
     def loss(self, engine: Any, images: torch.Tensor, masks: MaskBatch, tokens: Tokens | None = None,
              health: bool = False, count: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
