@@ -61,10 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "vqa: a VQA head on the frozen encoder (train on --data, test on --val-data); "
                                    "segment: linear segmentation heads on the frozen patch features, mIoU (train on "
                                    "--data, report on --val-data; shards with KEY.seg.png maps). "
-                                   "Task settings: --set probe.* | zeroshot.* | retrieval.* | vqa.* | segment.*")
-    p.add_argument("task", choices=["probe", "zeroshot", "retrieval", "vqa", "segment"])
+                                   "grounding: TC-JEPA runs, does the conditioner read each colour/shape word on "
+                                   "its object (pointing game on --val-data, else --data; KEY.inst.png maps). "
+                                   "Task settings: --set probe.* | zeroshot.* | retrieval.* | vqa.* | segment.* | "
+                                   "grounding.*")
+    p.add_argument("task", choices=["probe", "zeroshot", "retrieval", "vqa", "segment", "grounding"])
     p.add_argument("--checkpoint", required=True, help="RUN_DIR")
-    p.add_argument("--data", required=True, help="train SHARDS (zeroshot/retrieval: evaluated when no --val-data)")
+    p.add_argument("--data", required=True, help="train SHARDS (zeroshot/retrieval/grounding: evaluated when no --val-data)")
     p.add_argument("--val-data", default="", help="validation / test SHARDS")
     p.add_argument("--json", help="also write the result here")
     _add_set(p)

@@ -28,7 +28,7 @@ def attention_maps(student: Any, images: torch.Tensor, tokens: Any) -> dict[str,
     and, for the paper variant, ``overlap`` (O = max(cos(q, k), 0), what its regularisers see)."""
     enc, pred = student.encoder, student.predictor
     B, N = images.size(0), enc.grid[0] * enc.grid[1]
-    idx = torch.arange(N).expand(B, N)
+    idx = torch.arange(N, device=images.device).expand(B, N)
     layers = list(pred.conditioners.values())
     for c in layers:
         c.keep_weights = True

@@ -37,6 +37,16 @@ def fake_run(root: Path, conditioner: bool, probe: float, rankme: bool = False) 
                "metrics": {"accuracy": 0.5, "majority_baseline": 0.18, "per_type": {"color": 0.6},
                            "per_type_majority": {"color": 0.15}}}
         (root / "eval" / "vqa.json").write_text(json.dumps(vqa))
+        ground = {"task": "grounding", "checkpoint": str(root), "data": "v",
+                  "metrics": {"pointing_accuracy": 0.7, "pointing_chance": 0.25, "mass_in_object": 0.4,
+                              "mass_chance": 0.1, "per_attribute": {"color": {"pointing_accuracy": 0.8,
+                                                                              "pointing_chance": 0.3}},
+                              "skipped_words": {"ambiguous": 3}}}
+        (root / "eval" / "grounding.json").write_text(json.dumps(ground))
+    seg = {"task": "segment", "checkpoint": str(root), "data": "d",
+           "metrics": {"miou": probe / 2, "pixel_accuracy": 0.9, "majority_miou": 0.13, "majority_pixel_accuracy": 0.8,
+                       "per_class_iou": {"circle": 0.5}, "num_classes": 6, "lr": 0.01}}
+    (root / "eval" / "segment.json").write_text(json.dumps(seg))
     return root
 
 
@@ -53,6 +63,13 @@ def test_report_table_and_plots(tmp_path, capsys):
     assert "| probe label top-1 (linear) | 0.610 | 0.550 | 0.200 |" in text
     assert "| zeroshot label top-1 | 0.400 |  | 0.200 |" in text
     assert "| vqa color | 0.600 |  | 0.150 |" in text
+    assert "| segment mIoU | 0.305 | 0.275 | 0.130 |" in text and "| segment pixel accuracy | 0.900 | 0.900 | 0.800 |" in text
+    assert "| grounding pointing accuracy | 0.700 |  | 0.250 |" in text
+    assert "| grounding attention mass in object | 0.400 |  | 0.100 |" in text
+    assert "| grounding pointing accuracy, color words | 0.800 |  | 0.300 |" in text
+    assert "num_classes" not in text and "lr |" not in text  # only the headline metrics, not every number
+    rows = [line.split(" |")[0] for line in text.splitlines() if line.startswith("| ")]
+    assert rows.index("| segment mIoU") < rows.index("| grounding pointing accuracy") < rows.index("| zeroshot label top-1")
     for name in ("report_loss.png", "report_rankme.png", "report_target_std.png", "report_cond_sparse.png",
                  "report_probe.png", "report_accuracy.png"):
         assert f"]({name})" in text

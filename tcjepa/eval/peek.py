@@ -27,6 +27,7 @@ class Peek:
     metas: list[dict[str, Any]]
     captions: int  # samples with a non-empty caption
     seg_maps: int = 0  # samples with a segmentation map (KEY.seg.png)
+    inst_maps: int = 0  # samples with an instance map (KEY.inst.png)
 
     def keys(self) -> list[str]:
         """Every json key, nested ones dotted (``labels.color``), in first-seen order."""
@@ -47,10 +48,10 @@ class Peek:
 
 
 def peek(shards: str, data_key: str, limit: int = PEEK_SAMPLES) -> Peek:
-    """The json (and whether there is a caption or a segmentation map) of the first ``limit``
+    """The json (and whether there is a caption, a segmentation or an instance map) of the first ``limit``
     samples of ``shards``. Unreadable json counts as none; shards that cannot be read are left to
     the full read."""
-    metas, captions, seg_maps = [], 0, 0
+    metas, captions, seg_maps, inst_maps = [], 0, 0, 0
     urls = resolve_shards(shards, data_key)
     for sample in iter_samples(urls, on_error=lambda e: True):
         if "json" in sample:
@@ -63,11 +64,12 @@ def peek(shards: str, data_key: str, limit: int = PEEK_SAMPLES) -> Peek:
         metas.append(meta if isinstance(meta, dict) else {})
         captions += bool(sample.get("txt", b"").strip())
         seg_maps += "seg.png" in sample
+        inst_maps += "inst.png" in sample
         if len(metas) >= limit:
             break
     if not metas:
         raise DataError(f"{data_key}: no sample in {shards}")
-    return Peek(metas, captions, seg_maps)
+    return Peek(metas, captions, seg_maps, inst_maps)
 
 
 def _listing(p: Peek) -> str:

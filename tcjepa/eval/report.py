@@ -5,7 +5,8 @@ For each run it reads ``final/config.yaml`` (or ``config.yaml`` of a run still t
 
 - a table of the runs (method, encoder, steps, last loss, speed, last RankMe when logged);
 - a table with one row per evaluation metric and one column per run, plus a reference column
-  (majority class, chance, majority answer) so that each number can be read;
+  (majority class, chance, majority answer) so that each number can be read: probes, segmentation
+  mIoU and grounding first, as the headline results of a pretraining comparison;
 - with ``--out FILE.md``, PNG plots beside it: loss curves, RankMe over steps (when
   ``metrics.jsonl`` has ``target_rankme`` or another ``*rankme`` key), and bars of the
   headline accuracies.
@@ -24,7 +25,7 @@ from typing import Any
 
 from tcjepa.config import ConfigError
 
-TASK_ORDER = ("probe", "zeroshot", "retrieval", "vqa")
+TASK_ORDER = ("probe", "segment", "grounding", "zeroshot", "retrieval", "vqa")
 
 
 @dataclass
@@ -152,6 +153,14 @@ def eval_metrics(result: dict[str, Any], stem: str) -> list[tuple[str, float, fl
         for t, v in (m.get("per_type") or {}).items():
             add(f"{stem} {t}", v, (m.get("per_type_majority") or {}).get(t))
         add(f"{stem} blind head (no image)", m.get("blind_accuracy"), m.get("majority_baseline"))
+    elif task == "segment":
+        add(f"{stem} mIoU", m.get("miou"), m.get("majority_miou"))
+        add(f"{stem} pixel accuracy", m.get("pixel_accuracy"), m.get("majority_pixel_accuracy"))
+    elif task == "grounding":
+        add(f"{stem} pointing accuracy", m.get("pointing_accuracy"), m.get("pointing_chance"))
+        add(f"{stem} attention mass in object", m.get("mass_in_object"), m.get("mass_chance"))
+        for attr, v in (m.get("per_attribute") or {}).items():
+            add(f"{stem} pointing accuracy, {attr} words", v.get("pointing_accuracy"), v.get("pointing_chance"))
     else:
         for k, v in m.items():
             add(f"{stem} {k}", v)
@@ -198,8 +207,9 @@ def render_markdown(runs: list[RunInfo], plots: dict[str, str] | None = None) ->
                     if refs.get(label) is None:
                         refs[label] = ref
         lines += ["", "## Evaluations", "",
-                  "Rows are metrics (fractions in [0, 1]); the reference column is the majority class (probe), "
-                  "chance (zero-shot, retrieval) or the majority answer (VQA; per question type on type rows).", "",
+                  "Rows are metrics (fractions in [0, 1]); the reference column is the majority class (probe, "
+                  "segmentation), chance (zero-shot, retrieval, grounding) or the majority answer (VQA; per "
+                  "question type on type rows).", "",
                   "| metric | " + " | ".join(r.name for r in runs) + " | reference |",
                   "|---|" + "---|" * (len(runs) + 1)]
         for label, values in table.items():

@@ -3,7 +3,7 @@ short summary the command line prints.
 
 Each task reads its settings from one section, set with ``--set SECTION.KEY=VALUE``: ``probe.*``
 (``ProbeConfig``, stored in the run's config, so a recipe can choose its probe), ``zeroshot.*``,
-``retrieval.*``, ``vqa.*`` and ``segment.*`` (dataclasses beside each task; defaults unless overridden). Keys
+``retrieval.*``, ``vqa.*``, ``segment.*`` and ``grounding.*`` (dataclasses beside each task; defaults unless overridden). Keys
 are checked as strictly as training configs: a typo is an error naming the key.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from tcjepa.config import ConfigError, apply_overrides, from_dict, parse_overrides, to_dict
 
-TASKS = ("probe", "zeroshot", "retrieval", "vqa", "segment")
+TASKS = ("probe", "zeroshot", "retrieval", "vqa", "segment", "grounding")
 
 
 def _task_config_class(task: str) -> type:
@@ -34,6 +34,10 @@ def _task_config_class(task: str) -> type:
         from tcjepa.eval.segment import SegmentConfig
 
         return SegmentConfig
+    if task == "grounding":
+        from tcjepa.eval.grounding import GroundingConfig
+
+        return GroundingConfig
     raise ConfigError(f"unknown eval task {task!r}; choose one of {', '.join(TASKS)}")
 
 
@@ -79,6 +83,10 @@ def run_eval(task: str, checkpoint: str | Path, data: str, val_data: str = "", o
         from tcjepa.eval.segment import run_segment
 
         return run_segment(checkpoint, data, val_data, cfg, json_out, progress=progress)
+    if task == "grounding":
+        from tcjepa.eval.grounding import run_grounding
+
+        return run_grounding(checkpoint, data, val_data, cfg, json_out, progress=progress)
     from tcjepa.eval.vqa import run_vqa
 
     return run_vqa(checkpoint, data, val_data, cfg, json_out, progress=progress)
@@ -122,6 +130,17 @@ def format_result(result: dict[str, Any]) -> str:
         rows += [(f"  IoU {name}", f(iou), "") for name, iou in m["per_class_iou"].items()]
         head = (f"segmentation: {m['num_classes']} classes, {m['num_val']} val images "
                 f"(head trained on {m['num_train']}, lr {m['lr']:g})")
+    elif task == "grounding":
+        rows = [("", "pointing", "chance", "mass in object", "chance"),
+                ("all words", f(m["pointing_accuracy"]), f(m["pointing_chance"]), f(m["mass_in_object"]), f(m["mass_chance"]))]
+        rows += [(f"  {a} words", f(v["pointing_accuracy"]), f(v["pointing_chance"]), f(v["mass_in_object"]),
+                  f(v["mass_chance"])) for a, v in m["per_attribute"].items()]
+        if "overlap" in m:
+            o = m["overlap"]
+            rows.append(("overlaps O (paper)", f(o["pointing_accuracy"]), f(o["pointing_chance"]), f(o["mass_in_object"]),
+                         f(o["mass_chance"])))
+        head = (f"grounding ({m['variant']} conditioner): {m['words']} words naming one object in {m['num_samples']} "
+                f"val images; skipped words: " + ", ".join(f"{k} {v}" for k, v in m["skipped_words"].items()))
     else:
         types = list(m["per_type"])
         rows = [("", "all", *types), ("VQA head", f(m["accuracy"]), *[f(m["per_type"][t]) for t in types])]
