@@ -18,6 +18,14 @@ Every baseline (``--all-methods``: I-JEPA, TC-JEPA, SALT stage 1 -> stage 2, CLI
 stage-1 run as ``teacher.checkpoint={out}/salt_stage_1_s{seed}``); variants train in the order
 given, so a teacher comes before its student.
 
+Dense evaluation and grounding (issue 21's table): ``--segment`` adds each run's linear
+segmentation mIoU (``tcjepa eval segment``), ``--grounding`` the pointing game of each TC-JEPA
+run's conditioner (``tcjepa eval grounding``), ``--random-init`` a row for the I-JEPA recipe's
+encoder at initialisation (the seed's first draw), probed and segmented like the trained ones:
+
+    python benchmarks/compare_tcjepa.py --all-methods --segment --grounding --random-init --shuffled-captions \
+      --seeds 0,1,2 --steps 150 --out runs/dense
+
 Control for "is it the text?": ``--shuffled-captions`` writes ``OUT/data/train_shuffled`` (the
 same images and labels, every caption moved to another image by a fixed permutation); a variant
 can train on it with ``data.train=OUT/data/train_shuffled`` (the probe still uses the real data).
@@ -86,7 +94,7 @@ def write_shuffled_captions(src: Path, dst: Path, seed: int = 0) -> Path:
 
 
 def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: Path, steps: int | None,
-            zeroshot: bool = False) -> dict:
+            zeroshot: bool = False, segment: bool = False, grounding: bool = False) -> dict:
     from tcjepa.eval.probe import run_probe
     from tcjepa.train import train
 
@@ -108,7 +116,57 @@ def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: P
     zs = zeroshot_top1(run_dir, val_dir) if zeroshot else None
     return {"top1": {k: v["top1"] for k, v in metrics["per_label"].items()}, "zeroshot": zs,
             "final_loss": recs[-1]["loss"], "img_per_s": statistics.median(r["img_per_s"] for r in recs if "img_per_s" in r),
-            "cond_gate": recs[-1].get("cond_gate"), "cond_entropy": recs[-1].get("cond_entropy")}
+            "cond_gate": recs[-1].get("cond_gate"), "cond_entropy": recs[-1].get("cond_entropy"),
+            "miou": segment_miou(run_dir, train_dir, val_dir) if segment else None,
+            "grounding": pointing_game(run_dir, val_dir) if grounding else None}
+
+
+def cached_eval(path: Path, run) -> dict:
+    """The metrics of an evaluation result at ``path``, run (``run()``) only if absent."""
+    if not path.is_file():
+        run()
+    return json.loads(path.read_text())["metrics"]
+
+
+def segment_miou(run_dir: Path, train_dir: Path, val_dir: Path) -> float:
+    from tcjepa.eval.segment import run_segment
+
+    return cached_eval(run_dir / "eval" / "segment.json",
+                       lambda: run_segment(run_dir, str(train_dir), str(val_dir), progress=False))["miou"]
+
+
+def pointing_game(run_dir: Path, val_dir: Path) -> dict | None:
+    """Pointing accuracy and attention mass in the object, with their chance levels; None for a
+    run without a text conditioner."""
+    from tcjepa.checkpoint import load_run_config
+    from tcjepa.eval.grounding import run_grounding
+
+    cfg = load_run_config(run_dir)
+    if cfg.train.method != "jepa" or not cfg.conditioner.enabled:
+        return None
+    m = cached_eval(run_dir / "eval" / "grounding.json", lambda: run_grounding(run_dir, str(val_dir), progress=False))
+    keys = ("pointing_accuracy", "pointing_chance", "mass_in_object", "mass_chance", "words")
+    return {k: m[k] for k in keys}
+
+
+def random_init(recipe: str, seed: int, data: Path, out: Path, segment: bool) -> dict:
+    """Probe (and segment) the recipe's encoder at initialisation: the seed's first draw, as
+    ``tcjepa quickstart`` draws its random-init row. Needs a finished run of ``recipe`` at this
+    seed for its settings (``out``: its run directory)."""
+    import torch
+
+    from tcjepa.eval.probe import run_probe
+    from tcjepa.eval.segment import run_segment
+    from tcjepa.models.vit import build_encoder
+
+    cfg = load_config(project_root() / recipe, [f"train.seed={seed}"]).model
+    torch.manual_seed(seed)
+    init = build_encoder(cfg.encoder, cfg.image_size, cfg.depth, cfg.init_std)
+    train_dir, val_dir = str(data / "train"), str(data / "val")
+    probe = run_probe(out, train_dir, val_dir, encoder=init, progress=False, save_to_run=False)["metrics"]
+    miou = (run_segment(out, train_dir, val_dir, encoder=init, progress=False, save_to_run=False)["metrics"]["miou"]
+            if segment else None)
+    return {"top1": {k: v["top1"] for k, v in probe["per_label"].items()}, "miou": miou}
 
 
 def zeroshot_top1(run_dir: Path, val_dir: Path) -> float | None:
@@ -127,23 +185,35 @@ def zeroshot_top1(run_dir: Path, val_dir: Path) -> float | None:
 
 def summarise(results: dict[str, dict[int, dict]]) -> str:
     labels = list(next(iter(next(iter(results.values())).values()))["top1"])
-    with_zs = any(r.get("zeroshot") is not None for by_seed in results.values() for r in by_seed.values())
-    head = ("| method | " + " | ".join(TITLES.get(k, k) for k in labels) + (" | zero-shot shape" if with_zs else "")
+    every = [r for by_seed in results.values() for r in by_seed.values()]
+    extra = [(title, get) for title, get in (
+        ("zero-shot shape", lambda r: r.get("zeroshot")),
+        ("mIoU", lambda r: r.get("miou")),
+        ("pointing (chance)", lambda r: (r.get("grounding") or {}).get("pointing_accuracy")),
+        ("mass in object (chance)", lambda r: (r.get("grounding") or {}).get("mass_in_object")),
+    ) if any(get(r) is not None for r in every)]
+    chance = {"pointing (chance)": "pointing_chance", "mass in object (chance)": "mass_chance"}
+    head = ("| method | " + " | ".join(TITLES.get(k, k) for k in labels) + "".join(f" | {t}" for t, _ in extra)
             + " | final loss | img/s |")
-    lines = [head, "|---" * (len(labels) + 3 + with_zs) + "|"]
+    lines = [head, "|---" * (len(labels) + 3 + len(extra)) + "|"]
 
     def fmt(xs: list[float], digits: int = 3) -> str:
+        if not xs:
+            return "—"
         sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
         return f"{statistics.mean(xs):.{digits}f} ± {sd:.{digits}f}"
 
     for name, by_seed in results.items():
         runs = list(by_seed.values())
         cells = [fmt([r["top1"][k] for r in runs]) for k in labels]
-        if with_zs:
-            zs = [r["zeroshot"] for r in runs if r.get("zeroshot") is not None]
-            cells.append(fmt(zs) if zs else "—")
+        for title, get in extra:
+            values = [get(r) for r in runs if get(r) is not None]
+            cells.append(fmt(values) + (f" ({statistics.mean(r['grounding'][chance[title]] for r in runs):.3f})"
+                                        if title in chance and values else ""))
+        losses = [r["final_loss"] for r in runs if r.get("final_loss") is not None]
+        speeds = [r["img_per_s"] for r in runs if r.get("img_per_s") is not None]
         lines.append(f"| {name} (n={len(runs)}) | " + " | ".join(cells)
-                     + f" | {fmt([r['final_loss'] for r in runs], 4)} | {statistics.median(r['img_per_s'] for r in runs):.0f} |")
+                     + f" | {fmt(losses, 4)} | {f'{statistics.median(speeds):.0f}' if speeds else '—'} |")
     # seeds pair the runs (same init, data order and masks): paired differences to the first method
     ref_name, ref = next(iter(results.items()))
     for name, by_seed in list(results.items())[1:]:
@@ -152,8 +222,12 @@ def summarise(results: dict[str, dict[int, dict]]) -> str:
             continue
         cells = [fmt([by_seed[s]["top1"][k] - ref[s]["top1"][k] for s in seeds]) for k in labels]
         wins = [sum(by_seed[s]["top1"][k] > ref[s]["top1"][k] for s in seeds) for k in labels]
-        lines.append(f"| {name} − {ref_name}, paired | " + " | ".join(f"{c} ({w}/{len(seeds)} seeds up)" for c, w in zip(cells, wins))
-                     + " |" * with_zs + " | | |")
+        cells = [f"{c} ({w}/{len(seeds)} seeds up)" for c, w in zip(cells, wins)]
+        for title, get in extra:
+            pairs = [(get(by_seed[s]), get(ref[s])) for s in seeds]
+            diffs = [a - b for a, b in pairs if a is not None and b is not None]
+            cells.append(f"{fmt(diffs)} ({sum(d > 0 for d in diffs)}/{len(diffs)} seeds up)" if diffs else "")
+        lines.append(f"| {name} − {ref_name}, paired | " + " | ".join(cells) + " | | |")
     return "\n".join(lines)
 
 
@@ -169,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                    "replaces the default I-JEPA / TC-JEPA pair")
     p.add_argument("--all-methods", action="store_true", help="every baseline: I-JEPA, TC-JEPA, SALT, CLIP, SigLIP")
     p.add_argument("--zeroshot", action="store_true", help="also zero-shot shape top-1 where defined")
+    p.add_argument("--segment", action="store_true", help="also linear segmentation mIoU (tcjepa eval segment)")
+    p.add_argument("--grounding", action="store_true", help="also the pointing game of TC-JEPA runs (tcjepa eval grounding)")
+    p.add_argument("--random-init", action="store_true",
+                   help="also a row for the first variant's encoder at initialisation (probe, and mIoU with --segment)")
     args = p.parse_args(argv)
     from data_pipelines.synthetic import write_synthetic_shards
 
@@ -188,8 +266,14 @@ def main(argv: list[str] | None = None) -> int:
             slug = name.lower().replace(" ", "_").replace("=", "").replace("/", "_")
             print(f"{name} seed {seed}", flush=True)
             results[name][seed] = run_one(recipe, overrides, seed, data, out / f"{slug}_s{seed}", args.steps,
-                                          args.zeroshot)
+                                          args.zeroshot, args.segment, args.grounding)
             print(f"  {json.dumps(results[name][seed])}", flush=True)
+        if args.random_init:
+            name, (recipe, _) = next(iter(variants.items()))
+            slug = name.lower().replace(" ", "_").replace("=", "").replace("/", "_")
+            results.setdefault("Random init", {})[seed] = random_init(recipe, seed, data, out / f"{slug}_s{seed}",
+                                                                      args.segment)
+            print(f"  random init: {json.dumps(results['Random init'][seed])}", flush=True)
     table = summarise(results)
     print(table)
     (out / "summary.json").write_text(json.dumps({"variants": {k: list(v) for k, v in variants.items()},
