@@ -148,3 +148,17 @@ def test_eval_grounding_errors(ground_data, capsys):
     assert f"--data: none of the first 6 samples of {plain} has an instance map (KEY.inst.png)" in err, err
     assert main(argv + ["--checkpoint", str(ground_data["paper"]), "--set", "grounding.attributes=[size2]"]) == 2
     assert "no sample lists objects with size2 in its json" in capsys.readouterr().err
+
+
+def test_eval_batches_decode_label_maps_only_when_asked(ground_data):
+    """Probes and VQA never read the maps: their loaders leave them encoded."""
+    from data_pipelines.loader import SkipTracker
+    from tcjepa.eval.common import iter_eval_batches
+
+    plain = next(iter_eval_batches(str(ground_data["val"]), 32, 4, "--data", SkipTracker()))
+    assert "seg" not in plain and "inst" not in plain
+    both = next(iter_eval_batches(str(ground_data["val"]), 32, 4, "--data", SkipTracker(), labels=True))
+    assert both["seg"].shape == both["inst"].shape == (4, 32, 32)
+    for inst, meta in zip(both["inst"], both["meta"]):
+        ids = set(inst.unique().tolist())
+        assert 1 in ids and ids <= set(range(len(meta["objects"]) + 1))  # the largest object shows; no stray id

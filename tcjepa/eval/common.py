@@ -35,11 +35,13 @@ def is_label(value: Any) -> bool:
 
 
 def iter_eval_batches(shards: str, image_size: int, batch_size: int, data_key: str, tracker: SkipTracker,
-                      workers: int = 0) -> Iterator[dict[str, Any]]:
+                      workers: int = 0, labels: bool = False) -> Iterator[dict[str, Any]]:
     """Centre-cropped batches of ``shards``, each sample exactly once; batches without samples are
-    not yielded, but their skip counts reach ``tracker`` (check its rate when done)."""
+    not yielded, but their skip counts reach ``tracker`` (check its rate when done). ``labels``:
+    also decode the label maps (``batch["seg"]``, ``batch["inst"]``); tasks that never read them
+    leave them encoded."""
     urls = resolve_shards(shards, data_key)
-    for batch in make_loader(LoaderSpec(urls, batch_size, image_size, workers=workers, train=False)):
+    for batch in make_loader(LoaderSpec(urls, batch_size, image_size, workers=workers, train=False, labels=labels)):
         tracker.update(batch["skipped"])
         if batch["keys"]:
             yield batch

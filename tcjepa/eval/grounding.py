@@ -215,7 +215,7 @@ def run_grounding(checkpoint: str | Path, data: str, val_data: str = "", cfg: Gr
     student.to(device)
     tracker, samples = SkipTracker(), 0
     counts: dict[str, WordCounts] = {}
-    batches = iter_eval_batches(shards, run_cfg.model.image_size, cfg.batch_size, key, tracker)
+    batches = iter_eval_batches(shards, run_cfg.model.image_size, cfg.batch_size, key, tracker, labels=True)
     for batch in tqdm(batches, desc="grounding", unit="batch", disable=not progress):
         if cfg.max_samples and samples + len(batch["keys"]) > cfg.max_samples:
             batch = first_samples(batch, cfg.max_samples - samples)

@@ -74,7 +74,7 @@ def extract(
 
     pooled, tokens, maps, metas, keys, tracker = [], [], [], [], [], SkipTracker()
     encoder = encoder.to(device).eval()
-    batches = iter_eval_batches(shards, image_size, batch_size, data_key, tracker, workers)
+    batches = iter_eval_batches(shards, image_size, batch_size, data_key, tracker, workers, labels=seg)
     for batch in tqdm(batches, desc=f"features {Path(shards).name}", unit="batch", disable=not progress):
         h = encoder(normalize(batch["images"].to(device))).float()
         pooled.append(h.mean(dim=1).cpu())
