@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--language-model", required=True, metavar="PATH",
                    help="local Hugging Face causal language model directory (with its tokenizer)")
     e.add_argument("--which", choices=["auto", "teacher", "student"], default="auto")
+    e.add_argument("--feature-layer", type=int, default=-1,
+                   help="the encoder hidden state LLaVA feeds its projector: -1 the final, layer-normed output (what "
+                        "tcjepa's evaluations read), -2 the block before it (LLaVA-1.5's choice for CLIP)")
+    e.add_argument("--feature-select", choices=["full"], default="full",
+                   help="every patch token (the encoder has no class token for LLaVA's 'default' to drop)")
 
     e = esub.add_parser("open_clip", help="a contrastive run as an open_clip model (config + safetensors)")
     e.add_argument("--checkpoint", required=True, help="RUN_DIR of a finished contrastive (CLIP/SigLIP) run")
@@ -235,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "export" and args.export_command == "llava":
         from tcjepa.export.hf import export_llava
 
-        out = export_llava(args.checkpoint, args.out, args.language_model, args.which)
+        out = export_llava(args.checkpoint, args.out, args.language_model, args.which, args.feature_layer,
+                           args.feature_select)
         print(f"wrote {out} (transformers.LlavaForConditionalGeneration + LlavaProcessor; the projector is untrained)")
     elif args.command == "export" and args.export_command == "open_clip":
         from tcjepa.export.open_clip import export_open_clip, how_to_load

@@ -149,6 +149,7 @@ def test_llava_export_builds_saves_reloads_and_generates(run_dir, tmp_path):
     model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert model.config.vision_config.model_type == "ijepa" and model.config.vision_feature_select_strategy == "full"
+    assert model.config.vision_feature_layer == -1  # the default: the final, layer-normed output
     processor = LlavaProcessor.from_pretrained(out)
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8))
     inputs = processor(images=image, text="<image> what is this ?", return_tensors="pt")
@@ -161,6 +162,33 @@ def test_llava_export_builds_saves_reloads_and_generates(run_dir, tmp_path):
         selected = model.model.vision_tower(x, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
         assert (selected - load_encoder(run_dir)(x)).abs().max() <= 1e-4
         assert model.model.get_image_features(x).pooler_output[0].shape == (16, 32)
+
+
+def test_llava_export_feature_layer_selects_that_blocks_output(run_dir, tmp_path, capsys):
+    """--feature-layer -2: LLaVA's projector reads the output of the block before the last (no
+    norm), and the config and the image features say so; out of range is an error."""
+    from transformers import LlavaForConditionalGeneration
+
+    lm = tiny_language_model(tmp_path / "lm")
+    out = tmp_path / "llava"
+    argv = ["export", "llava", "--checkpoint", str(run_dir), "--out", str(out), "--language-model", str(lm)]
+    assert main(argv + ["--feature-layer", "-2"]) == 0
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    assert model.config.vision_feature_layer == -2
+    encoder = load_encoder(run_dir)
+    outputs = []
+    hook = encoder.blocks[-2].register_forward_hook(lambda m, a, o: outputs.append(o))
+    x = torch.randn(2, 3, encoder.image_size, encoder.image_size)
+    with torch.no_grad():
+        final = encoder(x)
+        hook.remove()
+        selected = model.model.vision_tower(x, output_hidden_states=True).hidden_states[-2]
+        projected = model.model.get_image_features(x).pooler_output
+    assert (selected - outputs[0]).abs().max() <= 1e-4 and (selected - final).abs().max() > 1e-2
+    assert torch.allclose(projected[0], model.model.multi_modal_projector(outputs[0])[0], atol=1e-4)
+    depth = len(encoder.blocks)
+    assert main(argv + ["--feature-layer", str(-depth - 2)]) == 2
+    assert f"the encoder has {depth} blocks, so its hidden states are -{depth + 1} .. {depth}" in capsys.readouterr().err
 
 
 def test_llava_export_needs_a_tokenizer(run_dir, tmp_path):

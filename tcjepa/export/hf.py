@@ -186,31 +186,47 @@ def _add_image_token(tokenizer: Any, lm: Any) -> int:
     return int(token_id)
 
 
-def llava_config(vision_config: Any, text_config: Any, image_token_id: int, num_patches: int) -> Any:
-    """LLaVA reading every patch token of our encoder's final (layer-normed) output.
+FEATURE_SELECT = ("full",)  # LLaVA's "default" drops the first token, a CLS our encoder does not have
+
+
+def check_features(feature_layer: int, feature_select: str, depth: int) -> None:
+    """LLaVA indexes the vision tower's hidden states: the patch embeddings, then each block's
+    output (depth + 1 states), so -(depth + 1) .. depth are the valid layers."""
+    if feature_select not in FEATURE_SELECT:
+        raise ConfigError(f"--feature-select {feature_select!r}: our encoder has no class token to drop; use full")
+    if not -(depth + 1) <= feature_layer <= depth:
+        raise ConfigError(f"--feature-layer {feature_layer}: the encoder has {depth} blocks, so its hidden states "
+                          f"are -{depth + 1} .. {depth} (-1: the final output, -2: the block before it)")
+
+
+def llava_config(vision_config: Any, text_config: Any, image_token_id: int, num_patches: int,
+                 feature_layer: int = -1, feature_select: str = "full") -> Any:
+    """LLaVA reading every patch token of one of our encoder's hidden states.
 
     There is no CLS token, so the feature strategy is ``full`` (``default`` drops the first
-    token). ``vision_feature_layer=-1`` with ``tie_last_hidden_states`` makes the selected hidden
+    token). ``feature_layer=-1`` with ``tie_last_hidden_states`` makes the selected hidden
     state the post-LayerNorm ``last_hidden_state``, i.e. exactly the features our evaluations use
-    (transformers < 5 ignores that flag and takes the last block's output before the final norm)."""
+    (transformers < 5 ignores that flag and takes the last block's output before the final norm);
+    -2 (LLaVA-1.5's choice for CLIP) is the output of the block before the last, without a norm."""
     from transformers import LlavaConfig
 
     vision_config.tie_last_hidden_states = True
     return LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
-        image_seq_length=num_patches, vision_feature_select_strategy="full", vision_feature_layer=-1,
+        image_seq_length=num_patches, vision_feature_select_strategy=feature_select, vision_feature_layer=feature_layer,
         projector_hidden_act="gelu", tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
 
 
-def build_llava(encoder: VisionTransformer, lm: Any, image_token_id: int, seed: int = 0) -> Any:
+def build_llava(encoder: VisionTransformer, lm: Any, image_token_id: int, seed: int = 0, feature_layer: int = -1,
+                feature_select: str = "full") -> Any:
     """``LlavaForConditionalGeneration`` from our encoder, the language model ``lm`` (its modules
     are moved in, not copied) and a freshly initialised two-layer projector (seeded)."""
     from transformers import LlavaForConditionalGeneration
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     vision = to_hf_model(encoder)
-    config = llava_config(vision.config, lm.config, image_token_id, encoder.num_patches)
+    config = llava_config(vision.config, lm.config, image_token_id, encoder.num_patches, feature_layer, feature_select)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     if not hasattr(model, "model") or not hasattr(model.model, "vision_tower"):
@@ -231,23 +247,25 @@ def build_llava(encoder: VisionTransformer, lm: Any, image_token_id: int, seed: 
 
 
 def export_llava(run_dir: str | Path, out_dir: str | Path, language_model_path: str | Path,
-                 which: str = "auto") -> Path:
+                 which: str = "auto", feature_layer: int = -1, feature_select: str = "full") -> Path:
     """Write a ``LlavaForConditionalGeneration`` (+ ``LlavaProcessor``) whose vision tower is
     ``run_dir``'s encoder and whose language model is the local ``language_model_path``, with a
     fresh projector: the starting point of LLaVA's stage 1 (projector) and stage 2 (instruction)
-    training. Returns ``out_dir``."""
+    training. ``feature_layer`` / ``feature_select``: which hidden state LLaVA feeds its projector
+    (:func:`llava_config`). Returns ``out_dir``."""
     from transformers import LlavaProcessor
 
     lm_dir = Path(language_model_path)
     _check_language_model_dir(lm_dir)
     encoder = load_encoder(run_dir, which)  # the cheap checks first: the language model may take minutes to load
+    check_features(feature_layer, feature_select, len(encoder.blocks))
     tokenizer = _load_tokenizer(lm_dir)
     lm = _load_language_model(lm_dir)
     image_token_id = _add_image_token(tokenizer, lm)
-    model = build_llava(encoder, lm, image_token_id)
+    model = build_llava(encoder, lm, image_token_id, feature_layer=feature_layer, feature_select=feature_select)
     processor = LlavaProcessor(
         image_processor=image_processor(encoder.image_size), tokenizer=tokenizer,
-        patch_size=encoder.patch_size, vision_feature_select_strategy="full", num_additional_image_tokens=0,
+        patch_size=encoder.patch_size, vision_feature_select_strategy=feature_select, num_additional_image_tokens=0,
         image_token=IMAGE_TOKEN, chat_template=getattr(tokenizer, "chat_template", None),
     )
     out = make_out_dir(out_dir)
