@@ -79,6 +79,8 @@ class Tokenizer(Protocol):
 
     def words(self, ids: Sequence[int]) -> list[tuple[str, list[int]]]: ...
 
+    def decode(self, ids: Sequence[int]) -> str: ...
+
 
 Word = tuple[str, list[int]]  # a word as a reader sees it, and the positions of its tokens
 
@@ -163,6 +165,13 @@ class OpenCLIPTokenizer:
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self._tok.decoder.get(int(i), "?").replace("</w>", "") for i in ids]
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids`` (real tokens, not padding: id 0 is also '!'), begin/end markers left
+        out; open_clip's cleaning lower-cased it and punctuation comes back as its own word
+        ("a red square , left")."""
+        special = {self._tok.sot_token_id, self._tok.eot_token_id}
+        return " ".join(self._tok.decode([int(i) for i in ids if int(i) not in special]).split())
+
     def words(self, ids: Sequence[int]) -> list[Word]:
         """CLIP BPE marks the last piece of a word with ``</w>``."""
         raw = [self._tok.decoder.get(int(i), "?") for i in ids]
@@ -200,6 +209,10 @@ class HFTokenizer:
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return self._tok.convert_ids_to_tokens([int(i) for i in ids])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, special tokens (CLS, SEP, padding, ...) left out."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True).strip()
 
     def words(self, ids: Sequence[int]) -> list[Word]:
         """WordPiece continues a word with ``##``; SentencePiece (T5) and byte-level BPE open one
@@ -242,6 +255,11 @@ class SentencePieceTokenizer:
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self._sp.id_to_piece(int(i)) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, begin/end markers and padding left out."""
+        special = {self._bos, self._eos, self._pad}
+        return self._sp.decode([int(i) for i in ids if int(i) not in special]).strip()
 
     def words(self, ids: Sequence[int]) -> list[Word]:
         """SentencePiece opens a word with ``▁``."""

@@ -35,13 +35,15 @@ def is_label(value: Any) -> bool:
 
 
 def iter_eval_batches(shards: str, image_size: int, batch_size: int, data_key: str, tracker: SkipTracker,
-                      workers: int = 0, labels: bool = False) -> Iterator[dict[str, Any]]:
+                      workers: int = 0, labels: bool = False, max_captions: int = 1) -> Iterator[dict[str, Any]]:
     """Centre-cropped batches of ``shards``, each sample exactly once; batches without samples are
     not yielded, but their skip counts reach ``tracker`` (check its rate when done). ``labels``:
     also decode the label maps (``batch["seg"]``, ``batch["inst"]``); tasks that never read them
-    leave them encoded."""
+    leave them encoded. ``max_captions`` > 1: also each sample's captions (``batch["caption_sets"]``,
+    KEY.txt then KEY.json ``captions``, as training reads them)."""
     urls = resolve_shards(shards, data_key)
-    for batch in make_loader(LoaderSpec(urls, batch_size, image_size, workers=workers, train=False, labels=labels)):
+    spec = LoaderSpec(urls, batch_size, image_size, workers=workers, train=False, labels=labels, max_captions=max_captions)
+    for batch in make_loader(spec):
         tracker.update(batch["skipped"])
         if batch["keys"]:
             yield batch

@@ -44,6 +44,7 @@ class Features:
     keys: list[str]
     skipped: dict[str, int]
     seg: torch.Tensor | None = None  # [N, H, W] uint8 class ids, 255 (IGNORE) where a sample has no map
+    caption_sets: list[list[str]] | None = None  # each sample's captions (KEY.txt, then KEY.json "captions")
 
 
 @torch.no_grad()
@@ -60,10 +61,12 @@ def extract(
     patches: bool = False,
     max_samples: int = 0,
     seg: bool = False,
+    max_captions: int = 1,
 ) -> Features:
     """Mean-pooled features [N, D] (fp32), patch features [N, P, D] (fp16, only if ``patches``),
     each sample's json metadata and key, skip counts by reason and (only if ``seg``) each
-    sample's segmentation map, aligned with the image the features saw.
+    sample's segmentation map, aligned with the image the features saw; ``max_captions`` > 1:
+    also up to that many captions of each sample (``caption_sets``).
 
     Every sample is read exactly once; more than ``max_skip_rate`` of them skipped is an error
     (an evaluation on what is left of a broken data set would not be comparable); ``max_samples``
@@ -72,9 +75,10 @@ def extract(
     memory of the attentive probe's feature bank."""
     from tqdm.auto import tqdm
 
-    pooled, tokens, maps, metas, keys, tracker = [], [], [], [], [], SkipTracker()
+    pooled, tokens, maps, metas, keys, captions, tracker = [], [], [], [], [], [], SkipTracker()
     encoder = encoder.to(device).eval()
-    batches = iter_eval_batches(shards, image_size, batch_size, data_key, tracker, workers, labels=seg)
+    batches = iter_eval_batches(shards, image_size, batch_size, data_key, tracker, workers, labels=seg,
+                                max_captions=max_captions)
     for batch in tqdm(batches, desc=f"features {Path(shards).name}", unit="batch", disable=not progress):
         h = encoder(normalize(batch["images"].to(device))).float()
         pooled.append(h.mean(dim=1).cpu())
@@ -85,6 +89,7 @@ def extract(
                         torch.full((len(batch["keys"]), image_size, image_size), IGNORE, dtype=torch.uint8))
         metas += batch["meta"]
         keys += batch["keys"]
+        captions += batch.get("caption_sets", [])
         if max_samples and len(keys) >= max_samples:
             break
     if not pooled:
@@ -92,7 +97,7 @@ def extract(
     tracker.check_rate(max_skip_rate, 1, f"{data_key} {shards}")
     n = max_samples or len(keys)
     return Features(torch.cat(pooled)[:n], torch.cat(tokens)[:n] if patches else None, metas[:n], keys[:n],
-                    tracker.counts, torch.cat(maps)[:n] if seg else None)
+                    tracker.counts, torch.cat(maps)[:n] if seg else None, captions[:n] if max_captions > 1 else None)
 
 
 def extract_features(encoder: nn.Module, shards: str, image_size: int, batch_size: int = 128,
