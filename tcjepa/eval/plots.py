@@ -310,3 +310,40 @@ def segmentation_plot(images: Sequence[Any], predictions: Sequence[Any], truths:
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def caption_plot(images: Sequence[Any], lines: Sequence[Sequence[tuple[str, str]]], path: str | Path,
+                 title: str) -> Path:
+    """One row per sample: the image ([H, W, 3] uint8, scaled to >= 128 px) and, beside it, its
+    ``(label, text)`` lines (the captions written, then references), each wrapped to the column."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    h, w = np.asarray(images[0]).shape[:2]
+    scale = max(1, math.ceil(128 / max(h, w)))
+    tile_w, tile_h, gap, top, text_w, line_h = w * scale, h * scale, 8, 40, 520, 15
+    f = _font(12)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [[_wrap(f"{label}: {text}", text_w, measure, f) for label, text in sample] for sample in lines]
+    heights = [max(tile_h, sum(len(block) for block in blocks) * line_h + 4 * len(blocks)) for blocks in wrapped]
+    size = (max(tile_w + text_w + 3 * gap, int(measure.textlength(title, font=_font(14))) + 2 * gap),
+            top + sum(heights) + gap * len(heights) + gap)
+    canvas = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(canvas)
+    d.text((gap, 12), title, fill="black", font=_font(14))
+    y = top
+    for image, blocks, height in zip(images, wrapped, heights):
+        picture = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((tile_w, tile_h), Image.NEAREST)
+        canvas.paste(picture, (gap, y))
+        ty = y
+        for i, block in enumerate(blocks):
+            colour = PALETTE[i % len(PALETTE)] if not block[0].startswith("reference:") else (60, 60, 60)
+            for line in block:
+                d.text((tile_w + 2 * gap, ty), line, fill=colour, font=f)
+                ty += line_h
+            ty += 4
+        y += height + gap
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
