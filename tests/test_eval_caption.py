@@ -1,6 +1,7 @@
-"""`tcjepa eval caption`: the scoring against pycocoevalcap's scorers called directly, tokenizers'
-decode, the decoder on stand-in features that encode the caption (it writes it) or are noise (it
-scores as the blind decoder), greedy against beam search."""
+"""`tcjepa eval caption` and `eval vqa --set vqa.head=decoder`: the scoring against pycocoevalcap's
+scorers called directly, tokenizers' decode, the decoder on stand-in features that encode the
+caption (it writes it) or are noise (it scores as the blind decoder), greedy against beam
+search, answer normalisation, generative VQA on features that encode the answer."""
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ import torch.nn.functional as F
 from data_pipelines.tokenizers import HFTokenizer, OpenCLIPTokenizer, build_tokenizer, train_sentencepiece
 from tcjepa.eval.caption import (BOS, EOS, CaptionConfig, PAPER_DECODER, TextDecoder, beam_decode, caption_metrics,
                                  caption_scores, check_config, greedy_decode, next_logprobs, score_tokens)
+from tcjepa.eval.probe import Features
+from tcjepa.eval.vqa import VQAConfig, decoder_metrics, normalize_answer
 
 CANDIDATES = ["A red circle, on the LEFT.", "two Blue squares at the top-right!", "", "a green star"]
 REFERENCES = [["a red circle on the left", "A red circle (left side)."],
@@ -178,3 +181,60 @@ def test_the_runs_tokenizer_is_used_and_open_clip_otherwise(tmp_path):
     plain = load_config(project_root() / "recipes/ijepa_quickstart.yaml")
     tok = caption_tokenizer(plain, 20)
     assert isinstance(tok, OpenCLIPTokenizer) and tok.context_length == 20
+
+
+def test_vqa_head_is_classifier_or_decoder():
+    from tcjepa.config import ConfigError
+    from tcjepa.eval.vqa import check_config as check_vqa
+
+    assert VQAConfig().head == "classifier"
+    with pytest.raises(ConfigError, match="vqa.head must be classifier or decoder, got 'generator'"):
+        check_vqa(VQAConfig(head="generator"))
+
+
+def test_normalize_answer_as_vqa_v2():
+    assert normalize_answer("Two") == "2" and normalize_answer("none") == "0" and normalize_answer("ten") == "10"
+    assert normalize_answer("The red circle.") == "red circle"
+    assert normalize_answer("  an   Apple ") == "apple"
+    assert normalize_answer("1,000") == "1000" and normalize_answer("3.5") == "3.5"
+    assert normalize_answer("top-left!") == "top left" and normalize_answer("yes, it is") == "yes it is"
+    assert normalize_answer("man's") == "man's"
+
+
+COLOURS, SHAPES, PLACES = ("red", "green", "blue", "yellow"), ("circle", "square", "star"), ("top left", "bottom right")
+
+
+def qa_stand_in(n: int, seed: int) -> tuple[Features, tuple[list[int], list[str], list[str], list[str]]]:
+    """Images whose patch features encode their colour, shape, count and place (one-hots in
+    separate channels); one question of each kind per image, answered by the image alone."""
+    g = torch.Generator().manual_seed(seed)
+    c, s, k, p = (torch.randint(0, m, (n,), generator=g) for m in (4, 3, 3, 2))
+    x = 0.1 * torch.randn(n, 4, 16, generator=g)
+    x[:, :, :4] += F.one_hot(c, 4)[:, None]
+    x[:, :, 4:7] += F.one_hot(s, 3)[:, None]
+    x[:, :, 7:10] += F.one_hot(k, 3)[:, None]
+    x[:, :, 10:12] += F.one_hot(p, 2)[:, None]
+    image, questions, answers, types = [], [], [], []
+    for i in range(n):
+        for q, a, t in (("What color is the shape?", COLOURS[c[i]], "color"), ("What shape is it?", SHAPES[s[i]], "shape"),
+                        ("How many shapes are there?", ("one", "two", "three")[k[i]], "count"),
+                        ("Where is the shape?", PLACES[p[i]], "position")):
+            image.append(i)
+            questions.append(q)
+            answers.append(a)
+            types.append(t)
+    feats = Features(x.float().mean(1), x.half(), [{}] * n, [f"{seed}-{i}" for i in range(n)], {})
+    return feats, (image, questions, answers, types)
+
+
+def test_generative_vqa_reads_the_answer_the_features_encode():
+    (ftrain, qtrain), (ftest, qtest) = qa_stand_in(150, 0), qa_stand_in(40, 1)
+    cfg = VQAConfig(epochs=25, width=64, heads=2, text_depth=0, fusion_depth=1, lr=3e-3, batch_size=64,
+                    blind_baseline=True, head="decoder")
+    m = decoder_metrics(qtrain, qtest, ftrain, ftest, OpenCLIPTokenizer(16), cfg, torch.device("cpu"), False)
+    assert m["head"] == "decoder" and m["accuracy"] >= 0.99, m
+    assert set(m["per_type"]) == {"color", "shape", "count", "position"} and min(m["per_type"].values()) >= 0.95
+    assert m["blind_accuracy"] < 0.6 and m["blind_accuracy"] <= m["per_type_majority_overall"] + 0.1, m
+    assert m["num_answers"] == 12 and m["unseen_test_answers"] == 0 and m["num_test_questions"] == 160
+    assert m["majority_answer"] in {"1", "2", "3", "top left", "bottom right"}  # counts compare as digits
+    assert all(normalize_answer(e["generated"]) == normalize_answer(e["answer"]) for e in m["examples"])

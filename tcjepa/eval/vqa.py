@@ -13,15 +13,24 @@ So that a number can be read, the result carries baselines that never look at th
 common training answer of each question type: a question-type prior), and with
 ``vqa.blind_baseline`` the same head trained on zeroed image features. An encoder is only
 useful for VQA by as much as it beats those.
+
+``vqa.head=decoder`` answers generatively instead, as the TC-JEPA paper does: the captioning
+decoder of ``tcjepa.eval.caption`` (``vqa.text_depth + vqa.fusion_depth`` blocks, each with
+causal self-attention and cross-attention to the patch features) learns ``question [SEP] answer``
+sequences, its loss on the answer's tokens only, and writes each test answer greedily after its
+question. An answer is right when it equals the true one after :func:`normalize_answer`
+(VQAv2's normalisation: lower case, punctuation, articles, number words as digits); the
+baselines compare normalised answers too, and the result has ``head: "decoder"``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +42,9 @@ from tcjepa.eval.common import default_device, result_dict, write_result
 from tcjepa.eval.peek import peek, require
 from tcjepa.models.attention import attention
 from tcjepa.models.vit import MLP, init_weights
+
+if TYPE_CHECKING:
+    from tcjepa.eval.probe import Features
 
 
 @dataclass
@@ -50,6 +62,7 @@ class VQAConfig:
     seed: int = 0
     blind_baseline: bool = False  # also train the head on zeroed image features (a question-only model)
     max_samples: int = 0  # images read per split (0: all)
+    head: str = "classifier"  # classifier (over the train answers) | decoder (generates the answer)
 
 
 def check_config(cfg: VQAConfig) -> None:
@@ -60,6 +73,8 @@ def check_config(cfg: VQAConfig) -> None:
                           "vqa.text_depth >= 0")
     if cfg.encoder not in ("auto", "teacher", "student"):
         raise ConfigError(f"vqa.encoder must be auto, teacher or student, got {cfg.encoder!r}")
+    if cfg.head not in ("classifier", "decoder"):
+        raise ConfigError(f"vqa.head must be classifier or decoder, got {cfg.head!r}")
 
 
 # ----------------------------------------------------------------------------- the head
@@ -261,11 +276,155 @@ def accuracy_by_type(correct: torch.Tensor, types: list[str]) -> dict[str, float
     return {t: correct[idx].float().mean().item() for t, idx in sorted(by.items())}
 
 
+QA = tuple[list[int], list[str], list[str], list[str]]  # what collect_qa returns
+
+
+def answer_priors(train_answers: list[str], train_types: list[str], test_answers: list[str],
+                  test_types: list[str]) -> dict[str, Any]:
+    """What answering without the image or the question's words scores: the most common training
+    answer (``majority_baseline``), and the most common one of each question type."""
+    majority = Counter(train_answers).most_common(1)[0][0]
+    type_majority = {t: Counter(a for a, tt in zip(train_answers, train_types) if tt == t).most_common(1)[0][0]
+                     for t in set(train_types)}
+    prior = torch.tensor([type_majority.get(t) == a for a, t in zip(test_answers, test_types)])
+    return {
+        "majority_baseline": sum(a == majority for a in test_answers) / len(test_answers),
+        "per_type_majority": accuracy_by_type(prior, test_types),
+        "per_type_majority_overall": prior.float().mean().item(),
+        "majority_answer": majority,
+    }
+
+
+def classifier_metrics(qtrain: QA, qtest: QA, ftrain: Features, ftest: Features, tokenizer: Any, cfg: VQAConfig,
+                       device: torch.device, progress: bool) -> dict[str, Any]:
+    """The classifier head over the train answers (and its blind twin), scored on the test QA pairs."""
+    train, vocab = to_qaset(*qtrain, tokenizer=tokenizer, vocab=None)
+    test, _ = to_qaset(*qtest, tokenizer=tokenizer, vocab=vocab)
+
+    counts = Counter(train.answers)
+    answer_ids = {a: i for i, (a, _) in enumerate(counts.most_common())}
+    truth = torch.tensor([answer_ids.get(a, -1) for a in test.answers])  # -1: never seen in training: always wrong
+    head = train_head(train, ftrain.patches, answer_ids, len(vocab) + 2, cfg, device, progress=progress)
+    correct = predict(head, test, ftest.patches, device, cfg.batch_size) == truth
+
+    priors = answer_priors(train.answers, train.types, test.answers, test.types)
+    metrics: dict[str, Any] = {
+        "accuracy": correct.float().mean().item(),
+        "majority_baseline": priors["majority_baseline"],
+        "per_type": accuracy_by_type(correct, test.types),
+        "per_type_majority": priors["per_type_majority"],
+        "per_type_majority_overall": priors["per_type_majority_overall"],
+        "majority_answer": priors["majority_answer"],
+        "num_train_questions": len(train.answers),
+        "num_test_questions": len(test.answers),
+        "num_train_images": len(ftrain.keys),
+        "num_test_images": len(ftest.keys),
+        "num_answers": len(answer_ids),
+        "unseen_test_answers": int((truth < 0).sum()),
+        "skipped": {"train": ftrain.skipped, "test": ftest.skipped},
+    }
+    if cfg.blind_baseline:
+        blind = train_head(train, ftrain.patches, answer_ids, len(vocab) + 2, cfg, device, blind=True, progress=progress)
+        blind_correct = predict(blind, test, ftest.patches, device, cfg.batch_size, blind=True) == truth
+        metrics["blind_accuracy"] = blind_correct.float().mean().item()
+        metrics["blind_per_type"] = accuracy_by_type(blind_correct, test.types)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the generative head
+
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # VQAv2's manualMap
+ARTICLES = frozenset({"a", "an", "the"})
+NUM_EXAMPLES = 8  # test questions whose generated answers go into the result
+
+
+def normalize_answer(text: str) -> str:
+    """VQAv2's answer normalisation without its contraction table: lower case; a comma between
+    digits dropped ("1,000" -> "1000"), a period not followed by a digit dropped ("3.5" stays),
+    other punctuation but the apostrophe a space; number words as digits ("two" -> "2", "none" ->
+    "0"); the articles a, an, the dropped; words joined by single spaces."""
+    text = re.sub(r"(?<=\d),(?=\d)", "", text.lower())
+    text = re.sub(r"\.(?!\d)", "", text)
+    text = re.sub(r"[^\w\s'.]|_", " ", text)
+    return " ".join(NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES)
+
+
+def qa_sequences(image: list[int], questions: list[list[int]], answers: list[list[int]], vocab: Any) -> Any:
+    """``[BOS] question [SEP] answer [EOS]`` per QA pair (decoder ids); the loss is on the answer
+    and the end marker, after the separator."""
+    from tcjepa.eval.caption import BOS, EOS, SEP, Sequences, pad_rows
+
+    rows = [[BOS, *vocab.encode(q), SEP, *vocab.encode(a), EOS] for q, a in zip(questions, answers)]
+    return Sequences(pad_rows(rows), torch.tensor(image, dtype=torch.long),
+                     torch.tensor([len(q) + 1 for q in questions], dtype=torch.long))
+
+
+def decoder_config(cfg: VQAConfig, context_length: int) -> Any:
+    """The captioning decoder at the classifier head's size: ``vqa.text_depth + vqa.fusion_depth``
+    blocks (each cross-attends to the image), ``vqa.width``, ``vqa.heads``, its training settings."""
+    from tcjepa.eval.caption import CaptionConfig
+
+    return CaptionConfig(depth=cfg.text_depth + cfg.fusion_depth, width=cfg.width, heads=cfg.heads,
+                         context_length=context_length, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         batch_size=cfg.batch_size, encoder=cfg.encoder, seed=cfg.seed)
+
+
+def decoder_metrics(qtrain: QA, qtest: QA, ftrain: Features, ftest: Features, tokenizer: Any, cfg: VQAConfig,
+                    device: torch.device, progress: bool) -> dict[str, Any]:
+    """The generative head: a decoder trained on ``question [SEP] answer`` sequences writes each
+    test answer greedily after its question; exact match after :func:`normalize_answer` (the
+    baselines compare normalised answers too)."""
+    from tcjepa.eval.caption import BOS, SEP, Vocab, content_ids, decode_all, train_decoder
+
+    (train_image, train_q, train_a, train_types), (test_image, test_q, test_a, test_types) = qtrain, qtest
+    q_ids, a_ids = content_ids(tokenizer, train_q), content_ids(tokenizer, train_a)
+    vocab = Vocab.of(q_ids + a_ids)
+    train = qa_sequences(train_image, q_ids, a_ids, vocab)
+    prefixes = [[BOS, *vocab.encode(q), SEP] for q in content_ids(tokenizer, test_q)]
+    max_new = max(map(len, a_ids)) + 1  # the longest train answer and the end marker
+    dcfg = decoder_config(cfg, max(train.ids.size(1), max(map(len, prefixes)) + max_new))
+
+    def answers(blind: bool) -> list[str]:
+        model = train_decoder(train, ftrain.patches, len(vocab), dcfg, device, blind, progress, desc="vqa decoder")
+        tokens = decode_all(model, ftest.patches, prefixes, torch.tensor(test_image), max_new, 1, cfg.batch_size,
+                            device, blind)
+        return [tokenizer.decode(vocab.tokenizer_ids(t)) for t in tokens]
+
+    truth, seen = [normalize_answer(a) for a in test_a], {normalize_answer(a) for a in train_a}
+    generated = answers(blind=False)
+    correct = torch.tensor([normalize_answer(g) == t for g, t in zip(generated, truth)])
+    priors = answer_priors([normalize_answer(a) for a in train_a], train_types, truth, test_types)
+    metrics: dict[str, Any] = {
+        "head": "decoder",
+        "accuracy": correct.float().mean().item(),
+        "majority_baseline": priors["majority_baseline"],
+        "per_type": accuracy_by_type(correct, test_types),
+        "per_type_majority": priors["per_type_majority"],
+        "per_type_majority_overall": priors["per_type_majority_overall"],
+        "majority_answer": priors["majority_answer"],
+        "num_train_questions": len(train_a),
+        "num_test_questions": len(test_a),
+        "num_train_images": len(ftrain.keys),
+        "num_test_images": len(ftest.keys),
+        "num_answers": len(seen),
+        "unseen_test_answers": sum(t not in seen for t in truth),
+        "skipped": {"train": ftrain.skipped, "test": ftest.skipped},
+        "examples": [{"key": ftest.keys[test_image[i]], "question": test_q[i], "generated": generated[i],
+                      "answer": test_a[i]} for i in range(min(NUM_EXAMPLES, len(test_q)))],
+    }
+    if cfg.blind_baseline:
+        blind_correct = torch.tensor([normalize_answer(g) == t for g, t in zip(answers(blind=True), truth)])
+        metrics["blind_accuracy"] = blind_correct.float().mean().item()
+        metrics["blind_per_type"] = accuracy_by_type(blind_correct, test_types)
+    return metrics
+
+
 def run_vqa(checkpoint: str | Path, data: str, val_data: str, cfg: VQAConfig | None = None,
             json_out: str | Path | None = None, progress: bool = True, save_to_run: bool = True,
             encoder: nn.Module | None = None) -> dict[str, Any]:
-    """Train the VQA head on ``data``'s QA pairs, score it on ``val_data``'s (the test split).
-    Writes ``RUN_DIR/eval/vqa.json`` and ``json_out``; returns the result."""
+    """Train the VQA head (``cfg.head``: classifier or decoder) on ``data``'s QA pairs, score it on
+    ``val_data``'s (the test split). Writes ``RUN_DIR/eval/vqa.json`` and ``json_out``; returns the result."""
     from data_pipelines.tokenizers import build_tokenizer
     from tcjepa.checkpoint import load_encoder, load_run_config
     from tcjepa.config import resolved_tokenizer
@@ -291,39 +450,8 @@ def run_vqa(checkpoint: str | Path, data: str, val_data: str, cfg: VQAConfig | N
                     patches=True, max_samples=cfg.max_samples)
         splits[name] = (f, collect_qa(f.metas, f.keys, key))
     (ftrain, qtrain), (ftest, qtest) = splits["train"], splits["test"]
-    train, vocab = to_qaset(*qtrain, tokenizer=tokenizer, vocab=None)
-    test, _ = to_qaset(*qtest, tokenizer=tokenizer, vocab=vocab)
-
-    counts = Counter(train.answers)
-    answer_ids = {a: i for i, (a, _) in enumerate(counts.most_common())}
-    truth = torch.tensor([answer_ids.get(a, -1) for a in test.answers])  # -1: never seen in training: always wrong
-    head = train_head(train, ftrain.patches, answer_ids, len(vocab) + 2, cfg, device, progress=progress)
-    correct = predict(head, test, ftest.patches, device, cfg.batch_size) == truth
-
-    majority = counts.most_common(1)[0][0]
-    type_majority = {t: Counter(a for a, tt in zip(train.answers, train.types) if tt == t).most_common(1)[0][0]
-                     for t in set(train.types)}
-    prior = torch.tensor([type_majority.get(t) == a for a, t in zip(test.answers, test.types)])
-    metrics: dict[str, Any] = {
-        "accuracy": correct.float().mean().item(),
-        "majority_baseline": sum(a == majority for a in test.answers) / len(test.answers),
-        "per_type": accuracy_by_type(correct, test.types),
-        "per_type_majority": accuracy_by_type(prior, test.types),
-        "per_type_majority_overall": prior.float().mean().item(),
-        "majority_answer": majority,
-        "num_train_questions": len(train.answers),
-        "num_test_questions": len(test.answers),
-        "num_train_images": len(ftrain.keys),
-        "num_test_images": len(ftest.keys),
-        "num_answers": len(answer_ids),
-        "unseen_test_answers": int((truth < 0).sum()),
-        "skipped": {"train": ftrain.skipped, "test": ftest.skipped},
-    }
-    if cfg.blind_baseline:
-        blind = train_head(train, ftrain.patches, answer_ids, len(vocab) + 2, cfg, device, blind=True, progress=progress)
-        blind_correct = predict(blind, test, ftest.patches, device, cfg.batch_size, blind=True) == truth
-        metrics["blind_accuracy"] = blind_correct.float().mean().item()
-        metrics["blind_per_type"] = accuracy_by_type(blind_correct, test.types)
+    scored = decoder_metrics if cfg.head == "decoder" else classifier_metrics
+    metrics = scored(qtrain, qtest, ftrain, ftest, tokenizer, cfg, device, progress)
     result = result_dict("vqa", checkpoint, data, metrics, val_data=val_data, config=to_dict(cfg))
     write_result(result, checkpoint if save_to_run else None, json_out)
     return result
