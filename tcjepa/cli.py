@@ -63,9 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--data, report on --val-data; shards with KEY.seg.png maps). "
                                    "grounding: TC-JEPA runs, does the conditioner read each colour/shape word on "
                                    "its object (pointing game on --val-data, else --data; KEY.inst.png maps). "
+                                   "caption: a text decoder on the frozen encoder writes captions, CIDEr-D and "
+                                   "BLEU-4 beside a blind decoder's (train on --data's captions, score on "
+                                   "--val-data's; needs pip install 'tcjepa[caption]'); vqa.head=decoder answers with "
+                                   "the same decoder. "
                                    "Task settings: --set probe.* | zeroshot.* | retrieval.* | vqa.* | segment.* | "
-                                   "grounding.*")
-    p.add_argument("task", choices=["probe", "zeroshot", "retrieval", "vqa", "segment", "grounding"])
+                                   "grounding.* | caption.*")
+    p.add_argument("task", choices=["probe", "zeroshot", "retrieval", "vqa", "segment", "grounding", "caption"])
     p.add_argument("--checkpoint", required=True, help="RUN_DIR")
     p.add_argument("--data", required=True, help="train SHARDS (zeroshot/retrieval/grounding: evaluated when no --val-data)")
     p.add_argument("--val-data", default="", help="validation / test SHARDS")

@@ -1,17 +1,26 @@
 """`tcjepa eval caption` and `eval vqa --set vqa.head=decoder`: the scoring against pycocoevalcap's
 scorers called directly, tokenizers' decode, the decoder on stand-in features that encode the
 caption (it writes it) or are noise (it scores as the blind decoder), greedy against beam
-search, answer normalisation, generative VQA on features that encode the answer."""
+search, answer normalisation, generative VQA on features that encode the answer, then both
+end to end through the CLI on tiny synthetic shards and a tiny run, with their errors."""
+
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from data_pipelines.tokenizers import HFTokenizer, OpenCLIPTokenizer, build_tokenizer, train_sentencepiece
+from tcjepa.cli import main
 from tcjepa.eval.caption import (BOS, EOS, CaptionConfig, PAPER_DECODER, TextDecoder, beam_decode, caption_metrics,
                                  caption_scores, check_config, greedy_decode, next_logprobs, score_tokens)
 from tcjepa.eval.probe import Features
 from tcjepa.eval.vqa import VQAConfig, decoder_metrics, normalize_answer
+from tests.conftest import write_tar
+from tests.eval_runs import colour_members, train_tiny
 
 CANDIDATES = ["A red circle, on the LEFT.", "two Blue squares at the top-right!", "", "a green star"]
 REFERENCES = [["a red circle on the left", "A red circle (left side)."],
@@ -238,3 +247,88 @@ def test_generative_vqa_reads_the_answer_the_features_encode():
     assert m["num_answers"] == 12 and m["unseen_test_answers"] == 0 and m["num_test_questions"] == 160
     assert m["majority_answer"] in {"1", "2", "3", "top left", "bottom right"}  # counts compare as digits
     assert all(normalize_answer(e["generated"]) == normalize_answer(e["answer"]) for e in m["examples"])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def caption_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("caption")
+    for name, samples, seed in (("train", 48, 0), ("val", 16, 1)):
+        assert main(["data", "synthetic", "--out", str(root / name), "--samples", str(samples), "--seed", str(seed),
+                     "--shard-size", "32", "--image-size", "32", "--captions-per-image", "3"]) == 0
+    bare = root / "bare"  # images and json, no caption
+    bare.mkdir()
+    write_tar(bare / "000000.tar", [m for m in colour_members(0, 6, size=32) if not m[0].endswith(".txt")])
+    run = train_tiny(root / "train", root / "run", False, "model.image_size=32")
+    return {"train": root / "train", "val": root / "val", "bare": bare, "run": run}
+
+
+E2E = ["caption.epochs=2", "caption.depth=1", "caption.width=32", "caption.heads=2", "caption.context_length=24",
+       "caption.batch_size=16"]
+
+
+def test_eval_caption_end_to_end(caption_data, tmp_path, capsys):
+    run, out = caption_data["run"], tmp_path / "caption.json"
+    argv = ["eval", "caption", "--checkpoint", str(run), "--data", str(caption_data["train"]), "--val-data",
+            str(caption_data["val"]), "--json", str(out), "--set", *E2E, "caption.beam_size=2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "captioning: 16 val images, 48 references (decoder trained on 48 images, 144 captions" in printed, printed
+    assert "CIDEr  BLEU-4" in printed and "blind decoder (no image)" in printed and "beam 2" in printed
+    saved = json.loads((run / "eval" / "caption.json").read_text())
+    assert saved["task"] == "caption" and saved == json.loads(out.read_text())
+    m = saved["metrics"]
+    for key in ("cider", "bleu4", "blind_cider", "blind_bleu4"):
+        assert isinstance(m[key], float) and m[key] >= 0, key
+    assert m["num_train"] == 48 and m["num_val"] == 16 and m["num_train_captions"] == 144
+    assert 0 < m["captions_cut"] < 144  # the full synthetic captions run past 22 tokens, the partial ones do not
+    assert m["no_caption"] == {"train": 0, "val": 0} and set(m["skipped"]) == {"train", "val"}
+    assert m["method"] == "I-JEPA" and m["weights"] == "teacher" and m["decoding"] == "beam 2"
+    example = m["examples"][0]
+    assert set(example) == {"key", "generated", "blind", "references", "cider"} and len(m["examples"]) == 8
+    assert len(example["references"]) == 3 and isinstance(example["generated"], str)
+    assert saved["config"]["beam_size"] == 2 and "per_image_cider" not in m
+    png = Path(saved["plots"][0])
+    assert png == run / "eval" / "caption_examples.png"
+    with Image.open(png) as im:
+        assert im.width >= 128 + 520 and im.height >= 4 * 128 and im.getextrema() != ((255, 255),) * 3
+
+
+def test_eval_vqa_decoder_end_to_end(caption_data, tmp_path, capsys):
+    argv = ["eval", "vqa", "--checkpoint", str(caption_data["run"]), "--data", str(caption_data["train"]),
+            "--val-data", str(caption_data["val"]), "--json", str(tmp_path / "vqa.json"), "--set", "vqa.head=decoder",
+            "vqa.epochs=1", "vqa.width=32", "vqa.heads=2", "vqa.text_depth=0", "vqa.fusion_depth=1",
+            "vqa.blind_baseline=true"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "VQA decoder" in printed and "blind decoder (no image)" in printed and "(decoder trained on" in printed
+    m = json.loads((tmp_path / "vqa.json").read_text())["metrics"]
+    assert m["head"] == "decoder" and 0 <= m["accuracy"] <= 1 and 0 <= m["blind_accuracy"] <= 1
+    assert set(m["per_type"]) == {"color", "count", "position", "shape", "yes/no"} and m["num_test_images"] == 16
+    assert {"question", "generated", "answer", "key"} <= set(m["examples"][0])
+
+
+def test_eval_caption_errors_come_before_the_model(caption_data, capsys, monkeypatch):
+    import tcjepa.checkpoint
+
+    def no_model(*a, **k):
+        raise AssertionError("the encoder was loaded before the data was checked")
+
+    monkeypatch.setattr(tcjepa.checkpoint, "load_encoder", no_model)
+    base = ["eval", "caption", "--checkpoint", str(caption_data["run"]), "--data", str(caption_data["train"])]
+    bare = str(caption_data["bare"])
+    assert main([*base, "--val-data", bare]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --val-data: none of the first 6 samples of {bare} has a caption (KEY.txt or KEY.json "
+                   "'captions'); its json keys are: label, label_name"), err
+    assert main(base) == 2
+    assert "--val-data: captioning needs a validation split" in capsys.readouterr().err
+    assert main([*base, "--val-data", str(caption_data["val"]), "--set", "caption.depht=2"]) == 2
+    assert "unknown key caption.depht (did you mean caption.depth?)" in capsys.readouterr().err
+    for name in [m for m in sys.modules if m.split(".")[0] == "pycocoevalcap"] + ["pycocoevalcap"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    assert main([*base, "--val-data", str(caption_data["val"])]) == 2
+    assert capsys.readouterr().err.strip() == ("error: eval caption scores with pycocoevalcap (CIDEr-D, BLEU-4), which "
+                                               "is not installed: pip install 'tcjepa[caption]'")

@@ -43,6 +43,10 @@ def fake_run(root: Path, conditioner: bool, probe: float, rankme: bool = False) 
                                                                               "pointing_chance": 0.3}},
                               "skipped_words": {"ambiguous": 3}}}
         (root / "eval" / "grounding.json").write_text(json.dumps(ground))
+    caption = {"task": "caption", "checkpoint": str(root), "data": "d", "val_data": "v",
+               "metrics": {"cider": probe * 2, "bleu4": 0.2, "blind_cider": 0.4, "blind_bleu4": 0.1, "num_train": 30,
+                           "num_val": 10, "captions_cut": 2, "examples": [{"key": "k", "generated": "a"}]}}
+    (root / "eval" / "caption.json").write_text(json.dumps(caption))
     seg = {"task": "segment", "checkpoint": str(root), "data": "d",
            "metrics": {"miou": probe / 2, "pixel_accuracy": 0.9, "majority_miou": 0.13, "majority_pixel_accuracy": 0.8,
                        "per_class_iou": {"circle": 0.5}, "num_classes": 6, "lr": 0.01}}
@@ -67,9 +71,13 @@ def test_report_table_and_plots(tmp_path, capsys):
     assert "| grounding pointing accuracy | 0.700 |  | 0.250 |" in text
     assert "| grounding attention mass in object | 0.400 |  | 0.100 |" in text
     assert "| grounding pointing accuracy, color words | 0.800 |  | 0.300 |" in text
+    assert "| caption CIDEr | 1.220 | 1.100 | 0.400 |" in text  # the reference is the blind decoder's
+    assert "| caption BLEU-4 | 0.200 | 0.200 | 0.100 |" in text
     assert "num_classes" not in text and "lr |" not in text  # only the headline metrics, not every number
+    assert "captions_cut" not in text and "examples" not in text
     rows = [line.split(" |")[0] for line in text.splitlines() if line.startswith("| ")]
-    assert rows.index("| segment mIoU") < rows.index("| grounding pointing accuracy") < rows.index("| zeroshot label top-1")
+    assert rows.index("| segment mIoU") < rows.index("| grounding pointing accuracy") < rows.index("| caption CIDEr")
+    assert rows.index("| caption BLEU-4") < rows.index("| zeroshot label top-1")
     for name in ("report_loss.png", "report_rankme.png", "report_target_std.png", "report_cond_sparse.png",
                  "report_probe.png", "report_accuracy.png"):
         assert f"]({name})" in text
@@ -97,3 +105,17 @@ def test_ticks_and_confusion_plot(tmp_path):
     path = confusion_plot([[5, 1], [0, 4]], ["cat", "dog"], tmp_path / "c.png", "probe")
     with Image.open(path) as im:
         assert im.width > 80
+
+
+def test_decoder_vqa_rows_stand_apart_and_captioning_has_no_accuracy_bar():
+    from tcjepa.eval.report import eval_metrics, headline
+
+    m = {"head": "decoder", "accuracy": 0.5, "majority_baseline": 0.2, "per_type": {"color": 0.6},
+         "per_type_majority": {"color": 0.15}, "blind_accuracy": 0.3}
+    assert eval_metrics({"task": "vqa", "metrics": m}, "vqa") == [
+        ("vqa accuracy (decoder)", 0.5, 0.2), ("vqa color (decoder)", 0.6, 0.15), ("vqa blind decoder (no image)", 0.3, 0.2)]
+    del m["head"]
+    assert eval_metrics({"task": "vqa", "metrics": m}, "vqa")[0] == ("vqa accuracy", 0.5, 0.2)
+    caption = {"task": "caption", "metrics": {"cider": 1.5, "bleu4": 0.2, "blind_cider": 0.4, "blind_bleu4": 0.1}}
+    assert headline(caption, "caption") is None  # CIDEr is no fraction: it stays out of the accuracy bars
+    assert eval_metrics(caption, "caption") == [("caption CIDEr", 1.5, 0.4), ("caption BLEU-4", 0.2, 0.1)]

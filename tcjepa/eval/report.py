@@ -5,8 +5,9 @@ For each run it reads ``final/config.yaml`` (or ``config.yaml`` of a run still t
 
 - a table of the runs (method, encoder, steps, last loss, speed, last RankMe when logged);
 - a table with one row per evaluation metric and one column per run, plus a reference column
-  (majority class, chance, majority answer) so that each number can be read: probes, segmentation
-  mIoU and grounding first, as the headline results of a pretraining comparison;
+  (majority class, chance, majority answer, the blind caption decoder) so that each number can be
+  read: probes, segmentation mIoU, grounding and captioning first, as the headline results of a
+  pretraining comparison;
 - with ``--out FILE.md``, PNG plots beside it: loss curves, RankMe over steps (when
   ``metrics.jsonl`` has ``target_rankme`` or another ``*rankme`` key), and bars of the
   headline accuracies.
@@ -25,7 +26,7 @@ from typing import Any
 
 from tcjepa.config import ConfigError
 
-TASK_ORDER = ("probe", "segment", "grounding", "zeroshot", "retrieval", "vqa")
+TASK_ORDER = ("probe", "segment", "grounding", "caption", "zeroshot", "retrieval", "vqa")
 
 
 @dataclass
@@ -149,10 +150,16 @@ def eval_metrics(result: dict[str, Any], stem: str) -> list[tuple[str, float, fl
             for d, title in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
                 add(f"{stem} {title} R@1, first {dim} dims", v.get(f"{d}_r1"), m.get("chance_r1"))
     elif task == "vqa":
-        add(f"{stem} accuracy", m.get("accuracy"), m.get("majority_baseline"))
+        decoder = m.get("head") == "decoder"  # generated answers: rows apart from the classifier's
+        tag = " (decoder)" if decoder else ""
+        add(f"{stem} accuracy{tag}", m.get("accuracy"), m.get("majority_baseline"))
         for t, v in (m.get("per_type") or {}).items():
-            add(f"{stem} {t}", v, (m.get("per_type_majority") or {}).get(t))
-        add(f"{stem} blind head (no image)", m.get("blind_accuracy"), m.get("majority_baseline"))
+            add(f"{stem} {t}{tag}", v, (m.get("per_type_majority") or {}).get(t))
+        add(f"{stem} blind {'decoder' if decoder else 'head'} (no image)", m.get("blind_accuracy"),
+            m.get("majority_baseline"))
+    elif task == "caption":
+        add(f"{stem} CIDEr", m.get("cider"), m.get("blind_cider"))
+        add(f"{stem} BLEU-4", m.get("bleu4"), m.get("blind_bleu4"))
     elif task == "segment":
         add(f"{stem} mIoU", m.get("miou"), m.get("majority_miou"))
         add(f"{stem} pixel accuracy", m.get("pixel_accuracy"), m.get("majority_pixel_accuracy"))
@@ -168,7 +175,10 @@ def eval_metrics(result: dict[str, Any], stem: str) -> list[tuple[str, float, fl
 
 
 def headline(result: dict[str, Any], stem: str) -> tuple[str, float, float | None] | None:
-    """The one number per evaluation drawn in the accuracy bars."""
+    """The one number per evaluation drawn in the accuracy bars (none for captioning: CIDEr is
+    not a fraction)."""
+    if result["task"] == "caption":
+        return None
     rows = eval_metrics(result, stem)
     return rows[0] if rows else None
 
@@ -207,9 +217,10 @@ def render_markdown(runs: list[RunInfo], plots: dict[str, str] | None = None) ->
                     if refs.get(label) is None:
                         refs[label] = ref
         lines += ["", "## Evaluations", "",
-                  "Rows are metrics (fractions in [0, 1]); the reference column is the majority class (probe, "
-                  "segmentation), chance (zero-shot, retrieval, grounding) or the majority answer (VQA; per "
-                  "question type on type rows).", "",
+                  "Rows are metrics (fractions in [0, 1]; CIDEr on its 0-10 scale); the reference column is the "
+                  "majority class (probe, segmentation), chance (zero-shot, retrieval, grounding), the majority "
+                  "answer (VQA; per question type on type rows) or the decoder trained without the image "
+                  "(captioning).", "",
                   "| metric | " + " | ".join(r.name for r in runs) + " | reference |",
                   "|---|" + "---|" * (len(runs) + 1)]
         for label, values in table.items():

@@ -3,7 +3,7 @@ short summary the command line prints.
 
 Each task reads its settings from one section, set with ``--set SECTION.KEY=VALUE``: ``probe.*``
 (``ProbeConfig``, stored in the run's config, so a recipe can choose its probe), ``zeroshot.*``,
-``retrieval.*``, ``vqa.*``, ``segment.*`` and ``grounding.*`` (dataclasses beside each task; defaults unless overridden). Keys
+``retrieval.*``, ``vqa.*``, ``segment.*``, ``grounding.*`` and ``caption.*`` (dataclasses beside each task; defaults unless overridden). Keys
 are checked as strictly as training configs: a typo is an error naming the key.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from tcjepa.config import ConfigError, apply_overrides, from_dict, parse_overrides, to_dict
 
-TASKS = ("probe", "zeroshot", "retrieval", "vqa", "segment", "grounding")
+TASKS = ("probe", "zeroshot", "retrieval", "vqa", "segment", "grounding", "caption")
 
 
 def _task_config_class(task: str) -> type:
@@ -38,6 +38,10 @@ def _task_config_class(task: str) -> type:
         from tcjepa.eval.grounding import GroundingConfig
 
         return GroundingConfig
+    if task == "caption":
+        from tcjepa.eval.caption import CaptionConfig
+
+        return CaptionConfig
     raise ConfigError(f"unknown eval task {task!r}; choose one of {', '.join(TASKS)}")
 
 
@@ -87,6 +91,10 @@ def run_eval(task: str, checkpoint: str | Path, data: str, val_data: str = "", o
         from tcjepa.eval.grounding import run_grounding
 
         return run_grounding(checkpoint, data, val_data, cfg, json_out, progress=progress)
+    if task == "caption":
+        from tcjepa.eval.caption import run_caption
+
+        return run_caption(checkpoint, data, val_data, cfg, json_out, progress=progress)
     from tcjepa.eval.vqa import run_vqa
 
     return run_vqa(checkpoint, data, val_data, cfg, json_out, progress=progress)
@@ -141,15 +149,24 @@ def format_result(result: dict[str, Any]) -> str:
                          f(o["mass_chance"])))
         head = (f"grounding ({m['variant']} conditioner): {m['words']} words naming one object in {m['num_samples']} "
                 f"val images; skipped words: " + ", ".join(f"{k} {v}" for k, v in m["skipped_words"].items()))
+    elif task == "caption":
+        rows = [("", "CIDEr", "BLEU-4"), ("decoder", f(m["cider"]), f(m["bleu4"]))]
+        if "blind_cider" in m:
+            rows.append(("blind decoder (no image)", f(m["blind_cider"]), f(m["blind_bleu4"])))
+        head = (f"captioning: {m['num_val']} val images, {m['num_val_references']} references (decoder trained on "
+                f"{m['num_train']} images, {m['num_train_captions']} captions, {m['captions_cut']} cut; {m['decoding']})")
     else:
+        decoder = m.get("head") == "decoder"
         types = list(m["per_type"])
-        rows = [("", "all", *types), ("VQA head", f(m["accuracy"]), *[f(m["per_type"][t]) for t in types])]
+        rows = [("", "all", *types), ("VQA decoder" if decoder else "VQA head", f(m["accuracy"]),
+                                      *[f(m["per_type"][t]) for t in types])]
         if "blind_accuracy" in m:
-            rows.append(("blind head (no image)", f(m["blind_accuracy"]), *[f(m["blind_per_type"][t]) for t in types]))
+            rows.append((f"blind {'decoder' if decoder else 'head'} (no image)", f(m["blind_accuracy"]),
+                         *[f(m["blind_per_type"][t]) for t in types]))
         rows.append(("majority answer per type", f(m["per_type_majority_overall"]),
                      *[f(m["per_type_majority"][t]) for t in types]))
         rows.append(("majority answer", f(m["majority_baseline"]), *["" for _ in types]))
         head = (f"VQA: {m['num_test_questions']} test questions, {m['num_answers']} answers "
-                f"(head trained on {m['num_train_questions']})")
+                f"({'decoder' if decoder else 'head'} trained on {m['num_train_questions']})")
     return head + "\n" + _table(rows)
 
