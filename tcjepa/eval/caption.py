@@ -67,7 +67,7 @@ class CaptionConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     context_length: int = 48  # decoder positions: begin marker, caption tokens, end marker
-    epochs: int = 8
+    epochs: int = 6  # passes over every train caption
     lr: float = 1e-3
     weight_decay: float = 0.05
     batch_size: int = 64  # captions per step (every caption of the images drawn); images per decoding batch
