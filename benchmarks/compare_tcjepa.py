@@ -26,6 +26,11 @@ encoder at initialisation (the seed's first draw), probed and segmented like the
     python benchmarks/compare_tcjepa.py --all-methods --segment --grounding --random-init --shuffled-captions \
       --seeds 0,1,2 --steps 150 --out runs/dense
 
+Vision-language evaluation (issue 22's table): ``--caption`` adds each run's captioning CIDEr
+and BLEU-4 with the blind decoder's CIDEr (``tcjepa eval caption``), ``--vqa-decoder`` the
+generative VQA accuracy (``tcjepa eval vqa --set vqa.head=decoder``); both also for
+``--random-init``.
+
 Control for "is it the text?": ``--shuffled-captions`` writes ``OUT/data/train_shuffled`` (the
 same images and labels, every caption moved to another image by a fixed permutation); a variant
 can train on it with ``data.train=OUT/data/train_shuffled`` (the probe still uses the real data).
@@ -94,7 +99,8 @@ def write_shuffled_captions(src: Path, dst: Path, seed: int = 0) -> Path:
 
 
 def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: Path, steps: int | None,
-            zeroshot: bool = False, segment: bool = False, grounding: bool = False) -> dict:
+            zeroshot: bool = False, segment: bool = False, grounding: bool = False, caption: bool = False,
+            vqa_decoder: bool = False) -> dict:
     from tcjepa.eval.probe import run_probe
     from tcjepa.train import train
 
@@ -118,7 +124,31 @@ def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: P
             "final_loss": recs[-1]["loss"], "img_per_s": statistics.median(r["img_per_s"] for r in recs if "img_per_s" in r),
             "cond_gate": recs[-1].get("cond_gate"), "cond_entropy": recs[-1].get("cond_entropy"),
             "miou": segment_miou(run_dir, train_dir, val_dir) if segment else None,
-            "grounding": pointing_game(run_dir, val_dir) if grounding else None}
+            "grounding": pointing_game(run_dir, val_dir) if grounding else None,
+            **vision_language(run_dir, train_dir, val_dir, caption, vqa_decoder)}
+
+
+def vision_language(run_dir: Path, train_dir: Path, val_dir: Path, caption: bool, vqa_decoder: bool,
+                    encoder=None) -> dict:
+    """Captioning (CIDEr, BLEU-4, blind CIDEr) and generative VQA accuracy of the frozen encoder
+    (the run's, or ``encoder``), each cached in ``RUN_DIR/eval/`` under its own name (so the
+    decoder's VQA never overwrites the classifier's ``vqa.json``)."""
+    from tcjepa.eval.caption import run_caption
+    from tcjepa.eval.vqa import VQAConfig, run_vqa
+
+    tag = "" if encoder is None else "_random_init"
+    out: dict = {}
+    if caption:
+        path = run_dir / "eval" / f"caption_bench{tag}.json"
+        m = cached_eval(path, lambda: run_caption(run_dir, str(train_dir), str(val_dir), json_out=path, progress=False,
+                                                  save_to_run=False, encoder=encoder))
+        out["caption"] = {k: m[k] for k in ("cider", "bleu4", "blind_cider")}
+    if vqa_decoder:
+        path = run_dir / "eval" / f"vqa_decoder_bench{tag}.json"
+        m = cached_eval(path, lambda: run_vqa(run_dir, str(train_dir), str(val_dir), VQAConfig(head="decoder"),
+                                              json_out=path, progress=False, save_to_run=False, encoder=encoder))
+        out["vqa_decoder"] = m["accuracy"]
+    return out
 
 
 def cached_eval(path: Path, run) -> dict:
@@ -149,7 +179,8 @@ def pointing_game(run_dir: Path, val_dir: Path) -> dict | None:
     return {k: m[k] for k in keys}
 
 
-def random_init(recipe: str, seed: int, data: Path, out: Path, segment: bool) -> dict:
+def random_init(recipe: str, seed: int, data: Path, out: Path, segment: bool, caption: bool = False,
+                vqa_decoder: bool = False) -> dict:
     """Probe (and segment) the recipe's encoder at initialisation: the seed's first draw, as
     ``tcjepa quickstart`` draws its random-init row. Needs a finished run of ``recipe`` at this
     seed for its settings (``out``: its run directory)."""
@@ -166,7 +197,8 @@ def random_init(recipe: str, seed: int, data: Path, out: Path, segment: bool) ->
     probe = run_probe(out, train_dir, val_dir, encoder=init, progress=False, save_to_run=False)["metrics"]
     miou = (run_segment(out, train_dir, val_dir, encoder=init, progress=False, save_to_run=False)["metrics"]["miou"]
             if segment else None)
-    return {"top1": {k: v["top1"] for k, v in probe["per_label"].items()}, "miou": miou}
+    return {"top1": {k: v["top1"] for k, v in probe["per_label"].items()}, "miou": miou,
+            **vision_language(out, data / "train", data / "val", caption, vqa_decoder, encoder=init)}
 
 
 def zeroshot_top1(run_dir: Path, val_dir: Path) -> float | None:
@@ -191,6 +223,10 @@ def summarise(results: dict[str, dict[int, dict]]) -> str:
         ("mIoU", lambda r: r.get("miou")),
         ("pointing (chance)", lambda r: (r.get("grounding") or {}).get("pointing_accuracy")),
         ("mass in object (chance)", lambda r: (r.get("grounding") or {}).get("mass_in_object")),
+        ("CIDEr", lambda r: (r.get("caption") or {}).get("cider")),
+        ("blind CIDEr", lambda r: (r.get("caption") or {}).get("blind_cider")),
+        ("BLEU-4", lambda r: (r.get("caption") or {}).get("bleu4")),
+        ("VQA (decoder)", lambda r: r.get("vqa_decoder")),
     ) if any(get(r) is not None for r in every)]
     chance = {"pointing (chance)": "pointing_chance", "mass in object (chance)": "mass_chance"}
     head = ("| method | " + " | ".join(TITLES.get(k, k) for k in labels) + "".join(f" | {t}" for t, _ in extra)
@@ -245,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zeroshot", action="store_true", help="also zero-shot shape top-1 where defined")
     p.add_argument("--segment", action="store_true", help="also linear segmentation mIoU (tcjepa eval segment)")
     p.add_argument("--grounding", action="store_true", help="also the pointing game of TC-JEPA runs (tcjepa eval grounding)")
+    p.add_argument("--caption", action="store_true", help="also captioning CIDEr / BLEU-4 (tcjepa eval caption)")
+    p.add_argument("--vqa-decoder", action="store_true", help="also generative VQA accuracy (eval vqa, vqa.head=decoder)")
     p.add_argument("--random-init", action="store_true",
                    help="also a row for the first variant's encoder at initialisation (probe, and mIoU with --segment)")
     args = p.parse_args(argv)
@@ -266,13 +304,14 @@ def main(argv: list[str] | None = None) -> int:
             slug = name.lower().replace(" ", "_").replace("=", "").replace("/", "_")
             print(f"{name} seed {seed}", flush=True)
             results[name][seed] = run_one(recipe, overrides, seed, data, out / f"{slug}_s{seed}", args.steps,
-                                          args.zeroshot, args.segment, args.grounding)
+                                          args.zeroshot, args.segment, args.grounding, args.caption,
+                                          args.vqa_decoder)
             print(f"  {json.dumps(results[name][seed])}", flush=True)
         if args.random_init:
             name, (recipe, _) = next(iter(variants.items()))
             slug = name.lower().replace(" ", "_").replace("=", "").replace("/", "_")
             results.setdefault("Random init", {})[seed] = random_init(recipe, seed, data, out / f"{slug}_s{seed}",
-                                                                      args.segment)
+                                                                      args.segment, args.caption, args.vqa_decoder)
             print(f"  random init: {json.dumps(results['Random init'][seed])}", flush=True)
     table = summarise(results)
     print(table)
