@@ -37,7 +37,11 @@ def reference_layer(layer: CaptionCrossAttention, x: torch.Tensor, text: torch.T
             k, v = layer.k(t).view(-1, H, dh), layer.v(t).view(-1, H, dh)
             heads = []
             for h in range(H):
-                w = torch.softmax(q[:, h] @ k[:, h].T / math.sqrt(dh), dim=-1)
+                if layer.log_scale is None:  # logits: dot
+                    logits = q[:, h] @ k[:, h].T / math.sqrt(dh)
+                else:  # logits: cosine, times the learned scale
+                    logits = F.normalize(q[:, h], dim=-1) @ F.normalize(k[:, h], dim=-1).T * layer.log_scale.exp()
+                w = torch.softmax(logits, dim=-1)
                 heads.append(w @ v[:, h])
             states.append(x[b] + torch.cat(heads, dim=-1))
         if states:
@@ -75,6 +79,38 @@ def test_batched_captions_equal_a_loop_over_captions_then_a_max():
     packing = Packing(seq_valid)
     packed = layer(packing.pack(x), text, valid, has_text, packing)
     torch.testing.assert_close(packed, packing.pack(out), rtol=1e-10, atol=1e-10)
+
+
+def test_cosine_logits_are_the_scaled_cosines_and_learn_their_scale():
+    """conditioner.logits=cosine: the same loop-then-max reference with softmax(scale * cos(q, k));
+    the scale starts at logit_scale, gets a gradient, is capped at 100, and the logged attention
+    entropy re-scores the kernel's own logits."""
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    B, T, Ns, N, S, C = 2, 2, 3, 3, 5, 16
+    layer = build_caption_conditioners(C, 1, 1, num_heads=4, logits="cosine", logit_scale=7.0)["0"].double()
+    assert layer.log_scale.item() == pytest.approx(math.log(7.0))
+    text, valid = random_text(B, N, S, C, gen)
+    has_text = torch.tensor([[True, True, False], [True, False, True]])
+    x = torch.randn(B * T, Ns, C, generator=gen, dtype=torch.float64)
+    layer.keep_weights = True
+    out = layer(x, text, valid, has_text)
+    torch.testing.assert_close(out.reshape(B, T * Ns, C), reference_layer(layer, x.reshape(B, T * Ns, C), text, valid,
+                                                                          has_text), rtol=1e-10, atol=1e-10)
+    q = layer.q(layer.norm(x.reshape(B, T * Ns, C)))[0].view(-1, 4, 4)  # sample 0's queries, per head
+    k = layer.k(text[0, 0][valid[0, 0]]).view(-1, 4, 4)  # its first caption's real words
+    heads = [torch.softmax(F.normalize(q[:, h], dim=-1) @ F.normalize(k[:, h], dim=-1).T * 7.0, -1) for h in range(4)]
+    n_real = int(valid[0, 0].sum())
+    torch.testing.assert_close(layer.last_weights[0, 0, :, :n_real], torch.stack(heads).mean(0).float(), rtol=1e-5,
+                               atol=1e-6)  # what viz and eval grounding read
+    out.sum().backward()
+    assert layer.log_scale.grad is not None and layer.log_scale.grad.abs() > 0
+    with torch.no_grad():
+        layer.log_scale.fill_(math.log(1000.0))
+    scaled_q = layer.logit_inputs(q.transpose(0, 1)[None], k.transpose(0, 1)[None, None])[0]
+    assert scaled_q.norm(dim=-1).max().item() == pytest.approx(100.0)  # the scale is capped
+    with pytest.raises(ValueError, match="unknown conditioner logits 'l2'"):
+        build_caption_conditioners(C, 1, 1, num_heads=4, logits="l2")
 
 
 def test_overlaps_are_head_averaged_rectified_cosines_with_padding_zero():
@@ -205,3 +241,24 @@ def test_unused_caption_slots_are_trimmed_without_changing_the_loss(student_and_
         torch.testing.assert_close(v, stats[k])
     gen = torch.Generator().manual_seed(0)
     assert method.text_inputs(sets, gen, four).ids.shape[1] <= 2  # what a training step gets
+
+
+def test_cosine_logits_train_through_the_student():
+    """conditioner.logits=cosine from the config: every layer's learned scale gets a gradient from
+    the loss and sits in the optimiser group without weight decay."""
+    from tcjepa.masks import sample_masks
+    from tcjepa.methods.jepa import JEPA, param_groups
+
+    cfg = load_config(QUICK, PAPER + ["conditioner.logits=cosine", "conditioner.logit_scale=5"])
+    method = JEPA(cfg)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, cfg.model.image_size, cfg.model.image_size, generator=gen)
+    masks = sample_masks(2, method.model.encoder.grid, gen, **vars(cfg.mask))
+    tokens = method.tokenizer(["a red circle on the left", "two blue squares"])
+    loss = method.model(images, masks, method.targets(images, masks), tokens)
+    loss = loss[0] if isinstance(loss, tuple) else loss
+    loss.backward()
+    scales = [c.log_scale for c in method.model.predictor.conditioners.values()]
+    assert len(scales) == 2 and all(s.item() == pytest.approx(math.log(5)) and s.grad.abs() > 0 for s in scales)
+    no_decay = next(g for g in param_groups(method.model) if not g["apply_wd"])["params"]
+    assert all(any(s is p for p in no_decay) for s in scales)

@@ -192,7 +192,8 @@ def build_conditioners_for(cfg: Config, heads: int, mlp_ratio: float) -> nn.Modu
     and the planner's: one place decides which variant is built and with what)."""
     c, m = cfg.conditioner, cfg.model
     if c.variant == "paper":
-        return build_caption_conditioners(m.predictor_width, m.predictor_depth, c.every, heads, mlp_ratio, m.init_std)
+        return build_caption_conditioners(m.predictor_width, m.predictor_depth, c.every, heads, mlp_ratio, m.init_std,
+                                          c.logits, c.logit_scale)
     return build_conditioners(m.predictor_width, m.predictor_depth, c.every, heads, c.sparsity, c.top_k, c.qk_norm,
                               c.gate_scale, m.init_std)
 

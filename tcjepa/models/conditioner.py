@@ -37,6 +37,14 @@ leaves open, and the choice made:
   never stored; the overlaps are one product of per-head-normalised q and k over the full width
   (the head mean of the cosines), in fp32 even in a bf16 run; the logged attention entropy
   re-scores the first caption only.
+- *Logits* (``conditioner.logits``). ``dot`` (the default): the summary's softmax(q_l^T K_l),
+  scaled by 1/sqrt(head_dim). Under it the regularisers and the attention are decoupled: every
+  cosine <= 0 satisfies both regularisers exactly while the softmax still ranks the words by
+  their dot products, and in the quickstart the overlaps reach that state within ~60 steps
+  (benchmarks/RESULTS.md). ``cosine`` is the reading that couples them: the logits are the
+  per-head cosines themselves times a learned scale (CLIP's logit scale: initialised at
+  ``conditioner.logit_scale``, at most 100), so the words the sparsity loss pushes below zero are
+  the words the attention leaves out, and a word the prediction needs keeps a positive overlap.
 - *Init.* The predictor's truncated-normal init (``model.init_std``) with the residual
   projections rescaled by depth, as the ViT blocks are; no zero gate. A fresh ``paper`` TC-JEPA
   therefore differs from I-JEPA from step 0 (``gated_topk`` starts equal to it), and a gradient
@@ -217,6 +225,8 @@ def build_conditioners(width: int, depth: int, every: int, num_heads: int, spars
 # ----------------------------------------------------------------------------- the paper's variant
 
 VARIANTS = ("paper", "gated_topk")
+LOGITS = ("dot", "cosine")  # the paper variant's attention logits (conditioner.logits)
+MAX_LOGIT_SCALE = 100.0  # CLIP's cap on its learned logit scale
 
 
 def as_captions(features: torch.Tensor, valid: torch.Tensor, has_text: torch.Tensor
@@ -237,13 +247,18 @@ class CaptionCrossAttention(nn.Module):
     backpropagate through it), and ``last_weights`` the attention weights averaged over heads
     when ``keep_weights`` is set (visualisation)."""
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0, logits: str = "dot",
+                 logit_scale: float = 10.0):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"conditioner width {width} is not divisible by {num_heads} heads")
+        if logits not in LOGITS:
+            raise ValueError(f"unknown conditioner logits {logits!r}; expected one of {', '.join(LOGITS)}")
         from tcjepa.models.vit import MLP
 
         self.num_heads = num_heads
+        # cosine logits: log of the learned scale of the cosines (CLIP's logit_scale); dot: none
+        self.log_scale = nn.Parameter(torch.tensor(math.log(logit_scale))) if logits == "cosine" else None
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.q = nn.Linear(width, width)
         self.k = nn.Linear(width, width)
@@ -270,10 +285,11 @@ class CaptionCrossAttention(nn.Module):
         q = self.q(self.norm(x_b)).view(B, Q, H, dh).transpose(1, 2)  # [B, H, Q, dh]: shared by the captions
         k = self.k(text).view(B, N, S, H, dh).transpose(2, 3)  # [B, N, H, S, dh]
         v = self.v(text).view(B, N, S, H, dh).transpose(2, 3)
+        qs, ks, scale = self.logit_inputs(q, k)
         # fused attention (SDPA): the [Q, S] weights of every caption and head are never stored
         attended = F.scaled_dot_product_attention(  # 4-d, so that the CPU's flash kernel takes it
-            q[:, None].expand(B, N, H, Q, dh).reshape(B * N, H, Q, dh), k.reshape(B * N, H, S, dh),
-            v.reshape(B * N, H, S, dh), attn_mask=words.reshape(B * N, 1, 1, S))  # [B * N, H, Q, dh]
+            qs[:, None].expand(B, N, H, Q, dh).reshape(B * N, H, Q, dh), ks.reshape(B * N, H, S, dh),
+            v.reshape(B * N, H, S, dh), attn_mask=words.reshape(B * N, 1, 1, S), scale=scale)  # [B * N, H, Q, dh]
         update = attended.view(B, N, H, Q, dh).transpose(2, 3).reshape(B, N, Q, C)  # each caption's update
         pooled = update.masked_fill(~has_text[:, :, None, None], float("-inf")).amax(1)  # max over real captions
         some = has_text.any(1)[:, None, None]
@@ -282,17 +298,28 @@ class CaptionCrossAttention(nn.Module):
         conditioned = h + self.mlp(self.mlp_norm(h))
         out = torch.where(some, conditioned, x_b)  # no caption: identity
         self.last_overlap = overlaps(q, k, text_valid)
-        self._record(q, k, words, has_text)
+        self._record(qs, ks, scale, words, has_text)
         out = out.reshape(BT, Ns, C)
         return packing.pack(out) if packing is not None else out
 
+    def logit_inputs(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Queries, keys and the factor whose scaled products are the attention logits: q.k /
+        sqrt(head_dim) (``dot``), or the per-head cosines times the learned scale (``cosine``;
+        the scale rides on the queries, so the fused kernel's own factor is 1)."""
+        if self.log_scale is None:
+            return q, k, 1.0 / math.sqrt(q.size(-1))
+        scale = self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE).to(q.dtype)
+        return F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1), 1.0
+
     @torch.no_grad()
-    def _record(self, q: torch.Tensor, k: torch.Tensor, words: torch.Tensor, has_text: torch.Tensor) -> None:
+    def _record(self, q: torch.Tensor, k: torch.Tensor, scale: float, words: torch.Tensor, has_text: torch.Tensor
+                ) -> None:
         """Attention entropy of the first caption's weights (every image with text has one: a
-        cheap, steady sample for metrics.jsonl), recomputed outside the fused kernel; all
-        captions' weights, averaged over heads, when ``keep_weights`` is set (visualisation)."""
+        cheap, steady sample for metrics.jsonl), recomputed outside the fused kernel from the
+        kernel's own inputs; all captions' weights, averaged over heads, when ``keep_weights`` is
+        set (visualisation)."""
         n = k.size(1) if self.keep_weights else 1
-        scores = torch.einsum("bhqd,bnhsd->bnhqs", q, k[:, :n]) * (1.0 / math.sqrt(q.size(-1)))
+        scores = torch.einsum("bhqd,bnhsd->bnhqs", q, k[:, :n]) * scale
         w = torch.softmax(scores.float().masked_fill(~words[:, :n, None, None, :], float("-inf")), dim=-1)
         self.last_weights = w.mean(2) if self.keep_weights else None
         ent = attention_entropy(w[:, 0]).mean(1)  # [B, Q]
@@ -315,12 +342,13 @@ def overlaps(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor) -> torc
 
 
 def build_caption_conditioners(width: int, depth: int, every: int, num_heads: int, mlp_ratio: float = 4.0,
-                               init_std: float = 0.02) -> nn.ModuleDict:
+                               init_std: float = 0.02, logits: str = "dot", logit_scale: float = 10.0
+                               ) -> nn.ModuleDict:
     """``variant: paper`` conditioners keyed by predictor block index (``Predictor.conditioners``);
     residual projections rescaled by their layer id, as :func:`rescale_residual_branches` does."""
     from tcjepa.models.vit import init_weights
 
-    layers = nn.ModuleDict({str(i): CaptionCrossAttention(width, num_heads, mlp_ratio)
+    layers = nn.ModuleDict({str(i): CaptionCrossAttention(width, num_heads, mlp_ratio, logits, logit_scale)
                             for i in conditioned_blocks(depth, every)})
     init_weights(layers, init_std)
     for i, layer in layers.items():
