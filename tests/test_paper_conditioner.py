@@ -262,3 +262,19 @@ def test_cosine_logits_train_through_the_student():
     assert len(scales) == 2 and all(s.item() == pytest.approx(math.log(5)) and s.grad.abs() > 0 for s in scales)
     no_decay = next(g for g in param_groups(method.model) if not g["apply_wd"])["params"]
     assert all(any(s is p for p in no_decay) for s in scales)
+
+
+def test_cosine_logits_train_end_to_end(tmp_path):
+    """Two DeepSpeed steps with cosine logits (its parameter broadcast refuses 0-d tensors); the
+    learned scales are saved with the run."""
+    from safetensors.torch import load_file
+
+    from tests.eval_runs import TINY, TINY_TEXT, write_colour_shards
+    from tcjepa.train import train
+
+    cfg = load_config(QUICK, [f"data.train={write_colour_shards(tmp_path / 'data', 16)}", *TINY, *TINY_TEXT,
+                              "conditioner.logits=cosine"])
+    run = train(cfg, tmp_path / "run", progress=False)
+    state = load_file(str(run / "final" / "model.safetensors"))
+    scales = [v for k, v in state.items() if k.endswith("log_scale")]
+    assert len(scales) == cfg.model.predictor_depth and all(torch.isfinite(s).all() for s in scales)

@@ -257,8 +257,9 @@ class CaptionCrossAttention(nn.Module):
         from tcjepa.models.vit import MLP
 
         self.num_heads = num_heads
-        # cosine logits: log of the learned scale of the cosines (CLIP's logit_scale); dot: none
-        self.log_scale = nn.Parameter(torch.tensor(math.log(logit_scale))) if logits == "cosine" else None
+        # cosine logits: log of the learned scale of the cosines (CLIP's logit_scale); dot: none.
+        # Shape [1], not a 0-d scalar: DeepSpeed's parameter broadcast views every parameter as bytes
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(logit_scale))) if logits == "cosine" else None
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.q = nn.Linear(width, width)
         self.k = nn.Linear(width, width)
