@@ -43,8 +43,11 @@ leaves open, and the choice made:
   their dot products, and in the quickstart the overlaps reach that state within ~60 steps
   (benchmarks/RESULTS.md). ``cosine`` is the reading that couples them: the logits are the
   per-head cosines themselves times a learned scale (CLIP's logit scale: initialised at
-  ``conditioner.logit_scale``, at most 100), so the words the sparsity loss pushes below zero are
-  the words the attention leaves out, and a word the prediction needs keeps a positive overlap.
+  ``conditioner.logit_scale``, at most 100), meant to make the words the sparsity loss pushes
+  below zero the words the attention leaves out. Measured, it does not stop the collapse: the
+  softmax is shift-invariant, so all cosines below zero still rank the words while zeroing both
+  regularisers, and the overlaps reach zero as fast as with ``dot`` (benchmarks/RESULTS.md, "Dense
+  evaluation and grounding"). Kept for ablations.
 - *Init.* The predictor's truncated-normal init (``model.init_std``) with the residual
   projections rescaled by depth, as the ViT blocks are; no zero gate. A fresh ``paper`` TC-JEPA
   therefore differs from I-JEPA from step 0 (``gated_topk`` starts equal to it), and a gradient
