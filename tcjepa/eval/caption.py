@@ -44,7 +44,7 @@ from torch import nn
 
 from data_pipelines.loader import DataError
 from tcjepa.config import ConfigError, to_dict
-from tcjepa.eval.common import default_device, plot_dir, result_dict, write_result
+from tcjepa.eval.common import default_device, plot_dir, result_dict, run_description, write_result
 from tcjepa.models.attention import attention
 from tcjepa.models.vit import MLP, init_weights
 
@@ -552,9 +552,8 @@ def run_caption(checkpoint: str | Path, data: str, val_data: str, cfg: CaptionCo
     """Train the caption decoder on ``data``'s captions and score it on ``val_data``'s. Writes
     ``RUN_DIR/eval/caption.json`` (unless ``save_to_run`` is False), ``json_out`` if given and a
     PNG of a few val images with their captions beside them; returns the result."""
-    from tcjepa.checkpoint import encoder_role, load_encoder, load_run_config
+    from tcjepa.checkpoint import load_encoder, load_run_config
     from tcjepa.eval.probe import extract
-    from tcjepa.eval.report import method_name
 
     cfg = cfg or CaptionConfig()
     check_config(cfg)
@@ -581,9 +580,7 @@ def run_caption(checkpoint: str | Path, data: str, val_data: str, cfg: CaptionCo
     for example, cider in zip(shown, metrics.pop("per_image_cider")):
         example["cider"] = cider
     metrics.update({
-        "method": method_name(to_dict(run_cfg)),
-        "encoder": run_cfg.model.encoder,
-        "weights": encoder_role(run_cfg, cfg.encoder),
+        **run_description(run_cfg, cfg.encoder),
         "no_caption": {"train": len(tr.keys) - len(ti), "val": len(va.keys) - len(vi)},
         "skipped": {"train": tr.skipped, "val": va.skipped},
         "examples": shown,

@@ -120,6 +120,19 @@ def train_heads_per_lr(heads: Sequence[nn.Module], lrs: Sequence[float], weight_
             sched.step()
 
 
+def run_description(run_cfg: Any, which: str | None = None) -> dict[str, str]:
+    """What a result says about the run it evaluated: its method, its encoder and (``which``:
+    the task's ``encoder`` setting) which weights were read."""
+    from tcjepa.checkpoint import encoder_role
+    from tcjepa.config import to_dict
+    from tcjepa.eval.report import method_name
+
+    out = {"method": method_name(to_dict(run_cfg)), "encoder": run_cfg.model.encoder}
+    if which is not None:
+        out["weights"] = encoder_role(run_cfg, which)
+    return out
+
+
 def classification_metrics(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
     """top-1, per-class accuracy (classes present in ``y``) and the confusion matrix
     (rows: true class, columns: predicted)."""

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from data_pipelines.labels import IGNORE
 from data_pipelines.loader import DataError, SkipTracker
 from tcjepa.config import ConfigError, to_dict
-from tcjepa.eval.common import default_device, iter_eval_batches, result_dict, write_result
+from tcjepa.eval.common import default_device, iter_eval_batches, result_dict, run_description, write_result
 
 
 @dataclass
@@ -200,7 +200,6 @@ def run_grounding(checkpoint: str | Path, data: str, val_data: str = "", cfg: Gr
     from data_pipelines.loader import normalize
     from tcjepa.checkpoint import load_student
     from tcjepa.eval.peek import scored_split_key
-    from tcjepa.eval.report import method_name
     from tcjepa.methods.jepa import build_tokenizer_for
     from tcjepa.viz import attention_maps
 
@@ -240,7 +239,7 @@ def run_grounding(checkpoint: str | Path, data: str, val_data: str = "", cfg: Gr
         "skipped_words": main.skipped,
         "num_samples": samples,
         "variant": run_cfg.conditioner.variant,
-        "method": method_name(to_dict(run_cfg)),
+        **run_description(run_cfg),
         "skipped": tracker.counts,
     }
     if "overlap" in counts:

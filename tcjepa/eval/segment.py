@@ -29,7 +29,8 @@ from torch import nn
 from data_pipelines.labels import IGNORE
 from data_pipelines.loader import DataError
 from tcjepa.config import ConfigError, to_dict
-from tcjepa.eval.common import default_device, holdout_split, plot_dir, result_dict, train_heads_per_lr, write_result
+from tcjepa.eval.common import (default_device, holdout_split, plot_dir, result_dict, run_description,
+                                train_heads_per_lr, write_result)
 
 if TYPE_CHECKING:
     from tcjepa.eval.probe import Features
@@ -301,9 +302,8 @@ def run_segment(checkpoint: str | Path, data: str, val_data: str, cfg: SegmentCo
     """Train the segmentation heads on ``data``, score the chosen one on ``val_data``. Writes
     ``RUN_DIR/eval/segment.json`` (unless ``save_to_run`` is False), ``json_out`` if given and a
     PNG of a few val predictions beside them; returns the result."""
-    from tcjepa.checkpoint import encoder_role, load_encoder, load_run_config
+    from tcjepa.checkpoint import load_encoder, load_run_config
     from tcjepa.eval.probe import extract
-    from tcjepa.eval.report import method_name
 
     cfg = cfg or SegmentConfig()
     check_config(cfg)
@@ -328,9 +328,7 @@ def run_segment(checkpoint: str | Path, data: str, val_data: str, cfg: SegmentCo
     metrics, head = train_segmentation_probe(tr.patches[ti], tr.seg[ti], va.patches[vi], va.seg[vi], names, cfg,
                                              device, progress)
     metrics.update({
-        "method": method_name(to_dict(run_cfg)),
-        "encoder": run_cfg.model.encoder,
-        "weights": encoder_role(run_cfg, cfg.encoder),
+        **run_description(run_cfg, cfg.encoder),
         "unlabelled": {"train": len(tr.keys) - len(ti), "val": len(va.keys) - len(vi)},
         "skipped": {"train": tr.skipped, "val": va.skipped},
     })
