@@ -109,8 +109,13 @@ def test_tsv_jsonl_and_parquet_manifests(tmp_path, images):
             f.write(json.dumps(r).encode() + b"\n")
         f.write(b'{"image": "imgs/img1.jpg", "caption": "\xff\xfe"}\n')  # not UTF-8
         f.write(b"{broken json\n")
-    stats = write_dataset(jsonl, tmp_path / "jsonl", WriteOptions(), progress=False)
-    check_output(tmp_path / "jsonl", stats, {"bad_text": 1, "bad_row": 1})
+        f.write(b'{"image": 7, "caption": "an image cell that is a number"}\n')
+        f.write(b'{"image": "imgs/img1.jpg", "caption": "a mask cell that is a list", "mask": [1, 2]}\n')
+    stats = write_dataset(jsonl, tmp_path / "jsonl", WriteOptions(mask_column="mask"), progress=False)
+    check_output(tmp_path / "jsonl", stats, {"bad_text": 1, "bad_row": 3})
+    details = [json.loads(l)["detail"] for l in (tmp_path / "jsonl" / "skipped.jsonl").read_text().splitlines()]
+    assert "column 'image' holds int '7', not a file path or bytes" in details
+    assert "column 'mask' holds list '[1, 2]', not a file path or bytes" in details
 
     import pyarrow as pa
     import pyarrow.parquet as pq
