@@ -72,6 +72,11 @@ def parse_variant(text: str) -> tuple[str, tuple[str, list[str]]]:
     return m["name"], (m["recipe"], [o for o in (m["over"] or "").split(",") if o])
 
 
+def slug(name: str) -> str:
+    """A variant's run directory name: ``TC-JEPA shuffled captions`` -> ``tc-jepa_shuffled_captions``."""
+    return name.lower().replace(" ", "_").replace("=", "").replace("/", "_")
+
+
 def write_shuffled_captions(src: Path, dst: Path, seed: int = 0) -> Path:
     """Copy the shards in ``src`` to ``dst`` with captions permuted across samples."""
     import random
@@ -301,16 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, dict]] = {name: {} for name in variants}
     for seed in seeds:  # seed-major: a partial comparison still pairs the methods
         for name, (recipe, overrides) in variants.items():
-            slug = name.lower().replace(" ", "_").replace("=", "").replace("/", "_")
             print(f"{name} seed {seed}", flush=True)
-            results[name][seed] = run_one(recipe, overrides, seed, data, out / f"{slug}_s{seed}", args.steps,
+            results[name][seed] = run_one(recipe, overrides, seed, data, out / f"{slug(name)}_s{seed}", args.steps,
                                           args.zeroshot, args.segment, args.grounding, args.caption,
                                           args.vqa_decoder)
             print(f"  {json.dumps(results[name][seed])}", flush=True)
         if args.random_init:
             name, (recipe, _) = next(iter(variants.items()))
-            slug = name.lower().replace(" ", "_").replace("=", "").replace("/", "_")
-            results.setdefault("Random init", {})[seed] = random_init(recipe, seed, data, out / f"{slug}_s{seed}",
+            results.setdefault("Random init", {})[seed] = random_init(recipe, seed, data, out / f"{slug(name)}_s{seed}",
                                                                       args.segment, args.caption, args.vqa_decoder)
             print(f"  random init: {json.dumps(results['Random init'][seed])}", flush=True)
     table = summarise(results)
