@@ -3,7 +3,8 @@
 Runs ``tcjepa train`` (a quickstart recipe, short) alone, then ``--jobs`` identical copies
 started together, and reports each copy's images/s as a share of the solo figure (a fair share
 is 1 / jobs). With ``--probe``, also a training beside ``tcjepa eval probe`` (the solo run's
-encoder): the training's share, and the probe's wall time against the probe alone.
+encoder, run back to back for as long as the training runs): the training's share, and the
+probe's wall time alone over its median wall time beside the training.
 
 Each arm runs the same commands under its own environment, so the toolkit's thread defaults can
 be set against the OpenMP runtime's own: ``--arm NAME=VAR=VALUE,VAR=VALUE`` (repeatable; an empty
@@ -89,11 +90,17 @@ def one_arm(recipe: str, data: Path, steps: int, out: Path, env: dict[str, str],
         beside = out / "beside"
         beside.mkdir(parents=True, exist_ok=True)
         train = tcjepa(train_args(recipe, data, steps, beside / "train0"), env, beside / "train0.log")
-        time.sleep(5)  # the training past start-up before the probe begins
-        probe_beside = wait_all([probe(solo_run, data, env, beside / "probe.log")], "probe beside a training")
-        wait_all([train], "training beside a probe")
-        result.update(probe_alone_s=probe_alone, probe_beside_s=probe_beside,
-                      probe_share=probe_alone / probe_beside,
+        time.sleep(5)  # the training past start-up before the first probe
+        walls = []
+        while train.poll() is None:  # probes back to back for as long as the training runs
+            wall = wait_all([probe(solo_run, data, env, beside / f"probe{len(walls)}.log")], "probe beside a training")
+            if train.poll() is None:  # a probe that outlasted the training did not share all of its time
+                walls.append(wall)
+        wait_all([train], "training beside probes")
+        if not walls:
+            raise SystemExit("error: no probe finished while the training ran; raise --steps")
+        result.update(probe_alone_s=probe_alone, probe_beside_s=statistics.median(walls),
+                      probe_share=probe_alone / statistics.median(walls),
                       train_beside_probe_share=img_per_s(beside / "train0") / solo)
     return result
 

@@ -29,7 +29,12 @@ encoder at initialisation (the seed's first draw), probed and segmented like the
 Vision-language evaluation (issue 22's table): ``--caption`` adds each run's captioning CIDEr
 and BLEU-4 with the blind decoder's CIDEr (``tcjepa eval caption``), ``--vqa-decoder`` the
 generative VQA accuracy (``tcjepa eval vqa --set vqa.head=decoder``); both also for
-``--random-init``.
+``--random-init``. ``--vqa-data DIR`` scores the VQA decoder on another data set's ``DIR/train`` and
+``DIR/test`` splits instead of the scenes' own QA (``tcjepa data easy-vqa --out DIR``: easy-vqa),
+with the encoders still trained on the scenes:
+
+    python benchmarks/compare_tcjepa.py --seeds 0,1,2 --steps 150 --out runs/dense --random-init \
+      --vqa-decoder --vqa-data data/easy_vqa --set vqa.epochs=8
 
 Control for "is it the text?": ``--shuffled-captions`` writes ``OUT/data/train_shuffled`` (the
 same images and labels, every caption moved to another image by a fixed permutation); a variant
@@ -43,6 +48,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tcjepa.config import load_config, project_root
@@ -105,7 +111,7 @@ def write_shuffled_captions(src: Path, dst: Path, seed: int = 0) -> Path:
 
 def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: Path, steps: int | None,
             zeroshot: bool = False, segment: bool = False, grounding: bool = False, caption: bool = False,
-            vqa_decoder: bool = False) -> dict:
+            vqa_decoder: bool = False, vqa: VQAData | None = None) -> dict:
     from tcjepa.eval.probe import run_probe
     from tcjepa.train import train
 
@@ -130,17 +136,30 @@ def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: P
             "cond_gate": recs[-1].get("cond_gate"), "cond_entropy": recs[-1].get("cond_entropy"),
             "miou": segment_miou(run_dir, train_dir, val_dir) if segment else None,
             "grounding": pointing_game(run_dir, val_dir) if grounding else None,
-            **vision_language(run_dir, train_dir, val_dir, caption, vqa_decoder)}
+            **vision_language(run_dir, train_dir, val_dir, caption, vqa_decoder, vqa=vqa)}
+
+
+@dataclass(frozen=True)
+class VQAData:
+    """Where the VQA decoder trains and is scored (default: the scenes' own splits), and its
+    ``vqa.*`` settings; ``name`` tags the cached result of another data set."""
+
+    train: Path | None = None
+    test: Path | None = None
+    name: str = ""
+    overrides: tuple[str, ...] = ()
 
 
 def vision_language(run_dir: Path, train_dir: Path, val_dir: Path, caption: bool, vqa_decoder: bool,
-                    encoder=None) -> dict:
+                    encoder=None, vqa: VQAData | None = None) -> dict:
     """Captioning (CIDEr, BLEU-4, blind CIDEr) and generative VQA accuracy of the frozen encoder
     (the run's, or ``encoder``), each cached in ``RUN_DIR/eval/`` under its own name (so the
     decoder's VQA never overwrites the classifier's ``vqa.json``)."""
     from tcjepa.eval.caption import run_caption
-    from tcjepa.eval.vqa import VQAConfig, run_vqa
+    from tcjepa.eval.tasks import task_config
+    from tcjepa.eval.vqa import run_vqa
 
+    vqa = vqa or VQAData()
     tag = "" if encoder is None else "_random_init"
     out: dict = {}
     if caption:
@@ -149,8 +168,10 @@ def vision_language(run_dir: Path, train_dir: Path, val_dir: Path, caption: bool
                                                   save_to_run=False, encoder=encoder))
         out["caption"] = {k: m[k] for k in ("cider", "bleu4", "blind_cider")}
     if vqa_decoder:
-        path = run_dir / "eval" / f"vqa_decoder_bench{tag}.json"
-        m = cached_eval(path, lambda: run_vqa(run_dir, str(train_dir), str(val_dir), VQAConfig(head="decoder"),
+        settings = "".join(f"_{o.split('.', 1)[-1].replace('=', '')}" for o in vqa.overrides)  # vqa.epochs=8: _epochs8
+        path = run_dir / "eval" / f"vqa_decoder_bench{vqa.name and '_' + vqa.name}{settings}{tag}.json"
+        cfg = task_config("vqa", run_dir, ["vqa.head=decoder", *vqa.overrides])
+        m = cached_eval(path, lambda: run_vqa(run_dir, str(vqa.train or train_dir), str(vqa.test or val_dir), cfg,
                                               json_out=path, progress=False, save_to_run=False, encoder=encoder))
         out["vqa_decoder"] = m["accuracy"]
     return out
@@ -185,7 +206,7 @@ def pointing_game(run_dir: Path, val_dir: Path) -> dict | None:
 
 
 def random_init(recipe: str, seed: int, data: Path, out: Path, segment: bool, caption: bool = False,
-                vqa_decoder: bool = False) -> dict:
+                vqa_decoder: bool = False, vqa: VQAData | None = None) -> dict:
     """Probe (and segment) the recipe's encoder at initialisation: the seed's first draw, as
     ``tcjepa quickstart`` draws its random-init row. Needs a finished run of ``recipe`` at this
     seed for its settings (``out``: its run directory)."""
@@ -203,7 +224,7 @@ def random_init(recipe: str, seed: int, data: Path, out: Path, segment: bool, ca
     miou = (run_segment(out, train_dir, val_dir, encoder=init, progress=False, save_to_run=False)["metrics"]["miou"]
             if segment else None)
     return {"top1": {k: v["top1"] for k, v in probe["per_label"].items()}, "miou": miou,
-            **vision_language(out, data / "train", data / "val", caption, vqa_decoder, encoder=init)}
+            **vision_language(out, data / "train", data / "val", caption, vqa_decoder, encoder=init, vqa=vqa)}
 
 
 def zeroshot_top1(run_dir: Path, val_dir: Path) -> float | None:
@@ -288,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grounding", action="store_true", help="also the pointing game of TC-JEPA runs (tcjepa eval grounding)")
     p.add_argument("--caption", action="store_true", help="also captioning CIDEr / BLEU-4 (tcjepa eval caption)")
     p.add_argument("--vqa-decoder", action="store_true", help="also generative VQA accuracy (eval vqa, vqa.head=decoder)")
+    p.add_argument("--vqa-data", default="", help="with --vqa-decoder: score VQA on DIR/train and DIR/test "
+                   "(e.g. `tcjepa data easy-vqa --out DIR`) instead of the scenes' own QA")
+    p.add_argument("--set", nargs="+", default=[], metavar="vqa.KEY=VALUE", help="settings of the VQA decoder")
     p.add_argument("--random-init", action="store_true",
                    help="also a row for the first variant's encoder at initialisation (probe, and mIoU with --segment)")
     args = p.parse_args(argv)
@@ -303,18 +327,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.shuffled_captions:
         write_shuffled_captions(data / "train", data / "train_shuffled")
     seeds = [int(s) for s in args.seeds.split(",")]
+    vqa_dir = Path(args.vqa_data) if args.vqa_data else None
+    vqa = VQAData(vqa_dir and vqa_dir / "train", vqa_dir and vqa_dir / "test", vqa_dir.name if vqa_dir else "",
+                  tuple(args.set))
     results: dict[str, dict[int, dict]] = {name: {} for name in variants}
     for seed in seeds:  # seed-major: a partial comparison still pairs the methods
         for name, (recipe, overrides) in variants.items():
             print(f"{name} seed {seed}", flush=True)
             results[name][seed] = run_one(recipe, overrides, seed, data, out / f"{slug(name)}_s{seed}", args.steps,
                                           args.zeroshot, args.segment, args.grounding, args.caption,
-                                          args.vqa_decoder)
+                                          args.vqa_decoder, vqa)
             print(f"  {json.dumps(results[name][seed])}", flush=True)
         if args.random_init:
             name, (recipe, _) = next(iter(variants.items()))
             results.setdefault("Random init", {})[seed] = random_init(recipe, seed, data, out / f"{slug(name)}_s{seed}",
-                                                                      args.segment, args.caption, args.vqa_decoder)
+                                                                      args.segment, args.caption, args.vqa_decoder,
+                                                                      vqa)
             print(f"  random init: {json.dumps(results['Random init'][seed])}", flush=True)
     table = summarise(results)
     print(table)

@@ -313,7 +313,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def share_cpus() -> None:
+    """Idle OpenMP threads sleep instead of spinning, unless the user chose a wait policy.
+
+    libgomp's default keeps a thread spinning ~300k iterations after each parallel region: alone
+    that is harmless, but beside another job the spinning threads take the cores the other job
+    needs. Measured on 2 cores (benchmarks/RESULTS.md, "Sharing a machine"): two trainings started
+    together each ran at 0.25x the solo images/s with the default and 0.72x with a passive wait,
+    alone at the same speed. It must be set before torch loads its OpenMP runtime, hence here,
+    first thing in the command line's process (launched ranks and loader workers inherit it).
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
+    share_cpus()
     from data_pipelines.loader import DataError
     from tcjepa.config import ConfigError
 

@@ -128,3 +128,34 @@ def test_first_time_op_build_is_detected(tmp_path, monkeypatch):
     (tmp_path / "deepspeed_shm_comm").mkdir(exist_ok=True)  # torch makes the build directory when asked
     (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
     assert shm_op_is_built()
+
+
+
+@pytest.mark.parametrize("user_env, expect", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                              ({"GOMP_SPINCOUNT": "300000"}, None)])
+def test_passive_openmp_wait_unless_the_user_chose(monkeypatch, user_env, expect):
+    """Spinning OpenMP threads starve a job sharing the machine (benchmarks/bench_sharing.py)."""
+    import os
+
+    from tcjepa.cli import share_cpus
+
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in user_env.items():
+        monkeypatch.setenv(var, value)
+    share_cpus()
+    assert os.environ.get("OMP_WAIT_POLICY") == expect
+
+
+def test_wait_policy_is_set_before_torch_loads(tmp_path):
+    """The policy is read once, when torch loads its OpenMP runtime: main() must set it before
+    anything imports torch (checked in a fresh process, where nothing has yet)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, tcjepa.cli as c; "
+             "c.share_cpus = lambda: print('torch loaded' if 'torch' in sys.modules else 'before torch'); "
+             "c.main(['data', 'synthetic', '--out', sys.argv[1], '--samples', '1'])")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "data")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "before torch"
