@@ -10,7 +10,10 @@ a second job would skew them), each writing its JSON into ``--out``:
    the matmul peak measured in the same run, activation memory per image; ViT-S/16 and ViT-B/16;
 3. ``bench_loader.py``: loader throughput against a plain PIL loop and open_clip_train;
 4. ``bench_gpu.py`` when a CUDA device is present: bf16 images/s and MFU, flash SDPA, compile;
-5. ``bench_loop.py``: the real training loop's images/s, eager and with ``train.compile``.
+5. ``bench_loop.py``: the real training loop's images/s, eager and with ``train.compile``;
+6. ``bench_conditioner.py``: the TC-JEPA conditioners' step time against I-JEPA's;
+7. ``bench_sharing.py``: two trainings (and a training beside ``eval probe``) sharing the machine,
+   each one's share of its solo images/s, before and after the toolkit's OpenMP wait policy.
 
     python benchmarks/run_all.py --official /path/to/ijepa            # ~1 h on 2 CPU cores
     python benchmarks/run_all.py --official /path/to/ijepa --quick    # smoke run, ~3 min
@@ -38,12 +41,18 @@ def jobs(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
                             "--rounds", "1", "--warmup", "1", "--checkpointing", "--json", str(out / "train_step.json")]),
             ("loader", ["bench_loader.py", "--quick", "--json", str(out / "loader.json")]),
             ("loop", ["bench_loop.py", "--quick", "--json", str(out / "loop.json")]),
+            ("conditioner", ["bench_conditioner.py", "--quick", "--json", str(out / "conditioner.json")]),
+            ("sharing", ["bench_sharing.py", "--steps", "20", "--samples", "200", "--out", str(out / "sharing")]),
         ]
     out_jobs = [
         ("masks", ["bench_masks.py", *off, "--json", str(out / "masks.json")]),
         ("train_step", ["bench_train_step.py", *off, "--models", "vit_small_16,vit_base_16", "--batch-size", "16",
                         "--steps", "3", "--rounds", "3", "--checkpointing", "--json", str(out / "train_step.json")]),
         ("loader", ["bench_loader.py", "--json", str(out / "loader.json")]),
+        ("conditioner", ["bench_conditioner.py", "--preset", "vits16", "--steps", "4",
+                         "--json", str(out / "conditioner.json")]),
+        ("sharing", ["bench_sharing.py", "--steps", "60", "--probe", "--out", str(out / "sharing"),
+                     "--arm", "before: libgomp default spin=GOMP_SPINCOUNT=300000", "--arm", "toolkit default="]),
     ]
     try:
         import torch
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--official", type=Path, required=True, help="checkout of facebookresearch/ijepa")
     p.add_argument("--out", type=Path, default=None, help="folder for the JSON results (default: benchmarks/results/DATE)")
     p.add_argument("--quick", action="store_true", help="smoke run of every benchmark")
-    p.add_argument("--only", default="", help="comma-separated subset: masks,train_step,loader,gpu")
+    p.add_argument("--only", default="", help="comma-separated subset: masks,train_step,loader,gpu,loop,conditioner,sharing")
     args = p.parse_args(argv)
     if not (args.official / "src" / "masks" / "multiblock.py").is_file():
         print(f"error: --official {args.official}: not a facebookresearch/ijepa checkout (no src/masks/multiblock.py)",
