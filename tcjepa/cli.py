@@ -319,8 +319,8 @@ def share_cpus() -> None:
     libgomp's default keeps a thread spinning ~300k iterations after each parallel region: alone
     that is harmless, but beside another job the spinning threads take the cores the other job
     needs. Measured on 2 cores (benchmarks/RESULTS.md, "Sharing a machine"): two trainings started
-    together each ran at 0.25x the solo images/s with the default and 0.72x with a passive wait,
-    alone at the same speed. It must be set before torch loads its OpenMP runtime, hence here,
+    together each ran at 0.27x the solo images/s with the default and 0.64x with a passive wait,
+    alone no slower within the noise. It must be set before torch loads its OpenMP runtime, hence here,
     first thing in the command line's process (launched ranks and loader workers inherit it).
     """
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
