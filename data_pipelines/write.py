@@ -168,19 +168,15 @@ def _rows_of(records: Iterable[dict[str, Any]], name: str, image_col: str, capti
                  if k not in (image_col, *caption_cols, mask_col) and k is not None}
         image = _file_cell(rec.get(image_col))
         mask = None if mask_col is None or is_missing(rec.get(mask_col)) else _file_cell(rec[mask_col])
-        problem = (f"no value in column {image_col!r}" if image is None or image == ""
-                   else _not_a_file(image, image_col) or _not_a_file(mask, mask_col))
+        problem = None
+        if image is None or image == "":
+            problem = f"no value in column {image_col!r}"
+        elif not isinstance(image, (str, bytes, bytearray)):  # e.g. a number in a JSONL manifest
+            problem = f"column {image_col!r} holds {type(image).__name__} {str(image)[:40]!r}, not a file path or bytes"
         if problem:
-            yield Row(i, where, None, caption_of(rec), extra, ("bad_row", problem), None)
+            yield Row(i, where, None, caption_of(rec), extra, ("bad_row", problem), mask)
             continue
         yield Row(i, where, image, caption_of(rec), extra, mask=mask)
-
-
-def _not_a_file(cell: Any, column: str | None) -> str | None:
-    """Why a file cell (a path or the bytes) is unusable, e.g. a number in a JSONL manifest; None if it is usable."""
-    if cell is None or isinstance(cell, (str, bytes, bytearray)):
-        return None
-    return f"column {column!r} holds {type(cell).__name__} {str(cell)[:40]!r}, not a file path or bytes"
 
 
 def _csv_records(path: Path, delimiter: str) -> tuple[Iterator[dict[str, Any]], list[str]]:
