@@ -168,13 +168,8 @@ def _rows_of(records: Iterable[dict[str, Any]], name: str, image_col: str, capti
                  if k not in (image_col, *caption_cols, mask_col) and k is not None}
         image = _file_cell(rec.get(image_col))
         mask = None if mask_col is None or is_missing(rec.get(mask_col)) else _file_cell(rec[mask_col])
-        problem = None
         if image is None or image == "":
-            problem = f"no value in column {image_col!r}"
-        elif not isinstance(image, (str, bytes, bytearray)):  # e.g. a number in a JSONL manifest
-            problem = f"column {image_col!r} holds {type(image).__name__} {str(image)[:40]!r}, not a file path or bytes"
-        if problem:
-            yield Row(i, where, None, caption_of(rec), extra, ("bad_row", problem), mask)
+            yield Row(i, where, None, caption_of(rec), extra, ("bad_row", f"no value in column {image_col!r}"), mask)
             continue
         yield Row(i, where, image, caption_of(rec), extra, mask=mask)
 
@@ -301,6 +296,8 @@ def _read_file(value: str | bytes, root: Path) -> bytes | None:
 def _image(image: str | bytes, root: Path, opts: WriteOptions) -> tuple[str, bytes, tuple[int, int], tuple[int, int]]:
     """-> (extension, bytes, size, source size) after decoding, and resizing when asked (size is
     what is stored, source size what was read)."""
+    if not isinstance(image, (str, bytes, bytearray)):  # e.g. a number in a JSONL manifest
+        raise Skipped("bad_row", f"the image cell holds a {type(image).__name__}, not a file path or bytes")
     data = _read_file(image, root)
     if data is None:
         raise Skipped("missing_file", f"no image file {root / image}")

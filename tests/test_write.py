@@ -114,7 +114,7 @@ def test_tsv_jsonl_and_parquet_manifests(tmp_path, images):
     stats = write_dataset(jsonl, tmp_path / "jsonl", WriteOptions(mask_column="mask"), progress=False)
     check_output(tmp_path / "jsonl", stats, {"bad_text": 1, "bad_row": 2, "bad_mask": 1})
     details = [json.loads(l)["detail"] for l in (tmp_path / "jsonl" / "skipped.jsonl").read_text().splitlines()]
-    assert "column 'image' holds int '7', not a file path or bytes" in details
+    assert "the image cell holds a int, not a file path or bytes" in details
     assert "the mask cell holds a list, not a file path" in details
 
     import pyarrow as pa
