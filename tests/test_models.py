@@ -371,6 +371,35 @@ def test_attention_backends_leave_out_cudnn():
     assert torch.equal(attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
+def test_cpu_half_attention_matches_sdpa_and_keeps_masked_rows_finite():
+    """bf16 on the CPU attends through two bmm's and a softmax (faster there than the flash
+    kernel): the same outputs and gradients as fp64 SDPA to bf16 rounding, masked keys ignored,
+    and a row whose keys are all masked finite."""
+    import torch.nn.functional as F
+
+    from tcjepa.models.attention import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 3, 7, 16, generator=gen).unbind(0)
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., 5:] = False
+    mask[1] = False  # a sequence without tokens beside a longer one
+    grads = []
+    for dtype in (torch.bfloat16, torch.float64):
+        qkv = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        fn = attention if dtype == torch.bfloat16 else F.scaled_dot_product_attention
+        out = fn(*qkv, mask[:1])
+        out.float().pow(2).sum().backward()
+        grads.append([out.detach().double(), *(t.grad.double() for t in qkv)])
+    for ours, ref in zip(*grads):
+        assert torch.allclose(ours, ref, rtol=0.03, atol=0.03), (ours - ref).abs().max()
+    k2 = k.clone()
+    k2[0, :, 5:] += 100.0  # masked keys: changing them changes nothing
+    assert torch.equal(attention(q[:1].bfloat16(), k.bfloat16()[:1], v[:1].bfloat16(), mask[:1]),
+                       attention(q[:1].bfloat16(), k2.bfloat16()[:1], v[:1].bfloat16(), mask[:1]))
+    assert torch.isfinite(attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)).all()
+
+
 def test_activation_checkpointing_same_gradients_less_saved_memory():
     """``model.activation_checkpointing``: the same loss and gradients, and what autograd keeps
     between forward and backward shrinks to the blocks' inputs."""

@@ -120,10 +120,12 @@ def test_zero_defaults_are_deepspeeds():
                         "overlap_comm": ds.overlap_comm}
 
 
-@pytest.mark.parametrize("overrides,checkpointing", [([], False), (["train.precision=bf16"], False), ([], True)])
+@pytest.mark.parametrize("overrides,checkpointing", [([], False), (["train.precision=bf16"], False), ([], True),
+                                                     (["train.precision=bf16", "model.image_size=128"], False)])
 def test_activation_estimate_matches_saved_tensor_bytes(overrides, checkpointing):
     """Within 4 % of the bytes autograd saves on a real tiny model, as the README claims for the
-    CPU (benchmarks/bench_plan_memory.py measures it at real sizes)."""
+    CPU (benchmarks/bench_plan_memory.py measures it at real sizes). At 128 px (256 patches) the
+    attention probabilities that bf16 attention keeps on the CPU are 17 % of the step."""
     cfg = load_config(QUICK, ["model.encoder=vit_micro_8", "model.depth=3", "model.predictor_depth=3", *overrides])
     measured, tok = measure_activations(cfg, batch=8, seed=3, checkpointing=checkpointing)
     estimated = estimate_for_masks(cfg, tok, checkpointing=checkpointing).saved

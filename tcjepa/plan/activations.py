@@ -19,13 +19,14 @@ class ActBytes:
 
     low: int
     wide: int
+    matrix_attention: bool = False  # attention keeps its probabilities (cpu_half_attention)
 
 
 def act_bytes(precision: str, device: str = "cuda") -> ActBytes:
     """``train.precision`` fp32 or bf16 (autocast) on ``device`` cuda or cpu."""
     if precision == "fp32":
         return ActBytes(4, 4)
-    return ActBytes(2, 4 if device == "cuda" else 2)
+    return ActBytes(2, 4) if device == "cuda" else ActBytes(2, 2, matrix_attention=True)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Seqs:
     layout: int
     packed: bool
     varlen: bool = False
+    squares: int = 0  # query-key pairs of the layout (positions x their row's keys)
 
 
 def block_bytes(s: Seqs, t: Tower, dt: ActBytes, norm_in: int) -> float:
@@ -46,16 +48,21 @@ def block_bytes(s: Seqs, t: Tower, dt: ActBytes, norm_in: int) -> float:
     bytes: the residual, or its fp32 cast under CUDA autocast) and their statistics, the qkv and
     fc1 inputs, fc1's output (GELU's input) and GELU's output (fc2's input). Per layout position:
     q/k/v, the attention output and its log-sum-exp (flash / memory-efficient SDPA keep no
-    attention matrix; unpacked, the output is also the proj input, a view). Packed runs also
-    keep the packed qkv output (``index_copy`` saves its source) and the packed proj input."""
+    attention matrix; unpacked, the output is also the proj input, a view). bf16 on the CPU
+    (``cpu_half_attention``) keeps its batched matmuls' contiguous copies of q (scaled), k and v
+    and the probabilities (``s.squares`` x heads) instead; unpacked, the proj input is then a
+    copy. Packed runs also keep the packed qkv output (``index_copy`` saves its source) and the
+    packed proj input."""
     C, H = t.width, t.hidden
     per_real = 2 * C * norm_in + 2 * 2 * 4 + dt.low * (2 * C + 2 * H)
     if s.varlen:  # q/k/v (views of the packed qkv output), the output (the proj input) and the lse
         return s.real * (per_real + dt.low * 4 * C + 4 * t.heads)
-    per_layout = dt.low * 4 * C + 4 * t.heads
     if s.packed:
         per_real += dt.low * 4 * C
-        per_layout += 4  # the key-padding mask, as a float bias
+    if dt.matrix_attention:  # the bmm's copies of q (scaled), k and v; unpacked, the proj input; a bool mask
+        per_layout = dt.low * 3 * C + (1 if s.packed else dt.low * C)
+        return s.real * per_real + s.layout * per_layout + s.squares * t.heads * dt.low
+    per_layout = dt.low * 4 * C + 4 * t.heads + (4 if s.packed else 0)  # packed: the mask as a float bias
     return s.real * per_real + s.layout * per_layout
 
 
@@ -159,15 +166,16 @@ def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, chec
     # encoder over the context: conv input, the gathered patch tokens, gather/pack indices, blocks,
     # final norm input and (packed) output, the unpacked features (predictor_embed's input)
     ctx_layout, pred_layout = tok.attention_layout(attention)
+    ctx_squares, pred_squares = tok.attention_squares(attention)
     varlen = tok.padded and attention == "varlen"
-    ctx = Seqs(tok.context_real, ctx_layout, tok.padded, varlen)
+    ctx = Seqs(tok.context_real, ctx_layout, tok.padded, varlen, ctx_squares)
     enc = B * 3 * inv.image_size**2 * dt.low + B * tok.full * D * dt.low + B * tok.context_pad * 8
     enc += tower_bytes(ctx, e, dt, dt.low, dt.low, checkpointing)
     enc += ctx.real * D * dt.wide * (2 if ctx.packed else 1) + ctx.real * 8 * ctx.packed
     enc += B * tok.context_pad * D * dt.low
     # predictor: one sequence per target block, context + that block's mask tokens
     layout = B * T * (tok.context_pad + tok.target_pad)  # the [B * T, N] layout (conditioners, head)
-    seq = Seqs(T * tok.context_real + tok.target_real, pred_layout, tok.padded, varlen)
+    seq = Seqs(T * tok.context_real + tok.target_real, pred_layout, tok.padded, varlen, pred_squares)
     pred = B * T * tok.target_pad * 8 + seq.real * 8 * seq.packed
     pred += tower_bytes(seq, p, dt, dt.wide, dt.wide, checkpointing)
     head = seq.real * W * dt.wide * seq.packed  # packed output, before the unpack
@@ -180,7 +188,7 @@ def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, chec
     if inv.text is not None:
         tt, L = inv.text.tower, inv.text.length
         BN = B * inv.captions  # every caption of every image through the text tower
-        tseq = Seqs(BN * L, BN * L, False)  # full-length captions: nothing to pack
+        tseq = Seqs(BN * L, BN * L, False, squares=BN * L * L)  # full-length captions: nothing to pack
         if inv.text.trained:
             text += BN * L * 8 + tower_bytes(tseq, tt, dt, 4, 4, checkpointing) + BN * L * tt.width * 4
             text_block = block_bytes(tseq, tt, dt, 4)

@@ -38,16 +38,28 @@ class TokenStats:
         :func:`attention_mode`): "groups", per length group padded to its longest
         (``tcjepa.models.attention.Packing``); "varlen", the real tokens; "rows", the whole padded rows.
         Unpadded batches run on their rows, whatever the mode."""
+        (ctx, _), (pred, _) = self._layouts(attention)
+        return ctx, pred
+
+    def attention_squares(self, attention: str = "groups") -> tuple[int, int]:
+        """Query-key pairs of the same layouts (positions x their row's keys), encoder and predictor:
+        the size of an attention matrix where one is kept (``cpu_half_attention``)."""
+        (_, ctx), (_, pred) = self._layouts(attention)
+        return ctx, pred
+
+    def _layouts(self, attention: str) -> tuple[tuple[int, int], tuple[int, int]]:
         from tcjepa.models.attention import grouped_layout
 
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention: {attention!r}, expected one of {ATTENTION_MODES}")
-        if not self.padded or attention == "rows":
-            return self.batch * self.context_pad, self.batch * self.targets * (self.context_pad + self.target_pad)
-        if attention == "varlen":
-            return self.context_real, self.targets * self.context_real + self.target_real
         seqs = [c + t for c, row in zip(self.context, self.target) for t in row]
-        return grouped_layout(list(self.context))[0], grouped_layout(seqs)[0]
+        if not self.padded or attention == "rows":
+            rows = self.context_pad + self.target_pad
+            return ((self.batch * self.context_pad, self.batch * self.context_pad ** 2),
+                    (self.batch * self.targets * rows, self.batch * self.targets * rows ** 2))
+        if attention == "varlen":
+            return (self.context_real, sum(c * c for c in self.context)), (sum(seqs), sum(n * n for n in seqs))
+        return grouped_layout(list(self.context)), grouped_layout(seqs)
 
 
 @dataclass(frozen=True)
