@@ -83,7 +83,8 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def make_config(encoder: str, image_size: int, pred_depth: int, pred_width: int, batch: int, policy: str) -> Config:
+def make_config(encoder: str, image_size: int, pred_depth: int, pred_width: int, batch: int, policy: str,
+                precision: str = "fp32") -> Config:
     m = MASK
     return load_config(None, [
         f"model.encoder={encoder}",
@@ -91,7 +92,7 @@ def make_config(encoder: str, image_size: int, pred_depth: int, pred_width: int,
         f"model.predictor_depth={pred_depth}",
         f"model.predictor_width={pred_width}",
         f"train.batch_size={batch}",
-        "train.precision=fp32",
+        f"train.precision={precision}",
         f"mask.policy={policy}",
         f"mask.num_targets={m['num_targets']}",
         f"mask.target_scale={list(m['target_scale'])}",
@@ -117,12 +118,13 @@ def stock_layer_norms(*modules: torch.nn.Module) -> None:
 
 
 class Ours:
-    """tcjepa: JEPA targets, JEPAStudent loss, AdamW(foreach) on param_groups, foreach EMA."""
+    """tcjepa: JEPA targets, JEPAStudent loss, fused AdamW on param_groups, foreach EMA."""
 
     def __init__(self, cfg: Config, seed: int, checkpointing: bool = False, one_group: bool = False):
         from tcjepa.models.vit import set_activation_checkpointing
 
-        self.name = f"ours/{cfg.mask.policy}" + ("+ckpt" if checkpointing else "") + ("+1group" if one_group else "")
+        self.name = (f"ours/{cfg.mask.policy}" + ("+bf16" if cfg.train.precision == "bf16" else "")
+                     + ("+ckpt" if checkpointing else "") + ("+1group" if one_group else ""))
         self.one_group = one_group  # attention over the whole padded rows, as before length groups
         self.cfg = cfg
         torch.manual_seed(seed)
@@ -132,7 +134,7 @@ class Ours:
         groups = param_groups(self.student)
         for g in groups:  # what tcjepa.train's weight-decay schedule sets at step 0
             g["weight_decay"] = WEIGHT_DECAY if g["apply_wd"] else 0.0
-        self.opt = torch.optim.AdamW(groups, lr=LR, foreach=True)
+        self.opt = torch.optim.AdamW(groups, lr=LR, fused=True)  # as tcjepa.train on the CPU
         self.grid = self.student.encoder.grid
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -157,7 +159,8 @@ class Ours:
     def step(self, images: torch.Tensor, masks: Any) -> float:
         with whole_row_attention() if self.one_group else contextlib.nullcontext():
             targets = self.method.targets(images, masks)
-            loss = self.student(images, masks, targets)
+            with self.method._autocast(images.device):  # as JEPA.loss: bf16 autocast or explicitly off
+                loss = self.student(images, masks, targets)
             loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -459,6 +462,9 @@ def bench_model(encoder: str, args: argparse.Namespace, mods: dict[str, Any] | N
     if args.one_group:  # attention over whole padded rows: the layout before length grouping
         runners.append(Ours(make_config(encoder, args.image_size, args.pred_depth, args.pred_width, B, "pad"),
                             args.seed, one_group=True))
+    if args.bf16:  # train.precision=bf16 (CPU autocast; fp32 master weights, optimiser and EMA)
+        runners += [Ours(make_config(encoder, args.image_size, args.pred_depth, args.pred_width, B, policy, "bf16"),
+                         args.seed) for policy in ("pad", "official")]
     if mods is not None:
         runners.append(Official(mods, runners[0].cfg, args.seed))
     names = [r.name for r in runners]
@@ -620,6 +626,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--one-group", action="store_true",
                    help="also time ours/pad with attention over whole padded rows (variant ours/pad+1group), "
                         "the layout before length-grouped attention")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time ours with train.precision=bf16 at both policies (ours/pad+bf16, ours/official+bf16); "
+                        "the official code stays fp32, its only CPU mode (its autocast is CUDA-only)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps per variant")
     p.add_argument("--profile-rows", type=int, default=20)
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the figures here")

@@ -52,6 +52,13 @@ def check_batch_split(cfg: Config, world_size: int) -> None:
                           f"train.grad_accum_steps {parts}; choose a batch size that is a multiple of {world_size * parts}")
 
 
+def fused_adamw_runs(device: torch.device) -> bool:
+    """AdamW's fused kernel (one pass over each tensor) where torch has it: on the CPU it steps a
+    ViT-S/16 I-JEPA's 33M parameters in 28 ms against 86 ms for the default per-tensor loop and 121
+    ms for ``foreach`` (benchmarks/RESULTS.md, "bf16 on the CPU")."""
+    return device.type in ("cpu", "cuda")
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """DeepSpeed JSON for this run. Precision is handled by autocast in the method (fp32 master
     weights, fp32 EMA teacher), so DeepSpeed's own fp16/bf16 modes stay off."""
@@ -447,7 +454,8 @@ def run_training(
     model = method.model.to(info.device)
     method.to(info.device)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model), lr=o.start_lr, betas=o.betas, eps=o.eps)
+    optimizer = torch.optim.AdamW(param_groups(model), lr=o.start_lr, betas=o.betas, eps=o.eps,
+                                  fused=fused_adamw_runs(info.device))
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size)
     )

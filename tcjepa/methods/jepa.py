@@ -219,11 +219,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- m * teacher + (1 - m) * student, with fused foreach kernels."""
+    """teacher <- m * teacher + (1 - m) * student, as one foreach lerp (one pass over the
+    teacher, half the time of a multiply and an add on the CPU)."""
     t_params = [p for p in teacher.parameters()]
     s_params = [p.detach().to(t.dtype) for p, t in zip(student.parameters(), t_params)]
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
 
 
 class JEPA:
