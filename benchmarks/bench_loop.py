@@ -1,6 +1,6 @@
 """Images/s of the real training loop (``tcjepa.train``: loader workers, DeepSpeed engine, EMA,
-logging), eager against ``train.compile: true``, on whatever device ``train`` picks (CUDA when
-present). ``bench_train_step.py`` / ``bench_gpu.py`` time a bare step beside the official code;
+logging), eager against ``train.compile: true`` or fp32 against bf16 (``--variants``), on whatever
+device ``train`` picks (CUDA when present). ``bench_train_step.py`` / ``bench_gpu.py`` time a bare step beside the official code;
 this is what a user's run gets.
 
 Each variant trains ``--warmup + --steps`` steps with ``train.log_every=1``; the ``img_per_s`` of
@@ -9,6 +9,7 @@ interleave the variants so machine noise hits both alike. Data: synthetic captio
 encoder's image size, written once to a temporary directory (or ``--data SHARDS``).
 
     python benchmarks/bench_loop.py --encoder vit_base_16 --batch-size 256 --precision bf16 --json loop.json  # GPU
+    python benchmarks/bench_loop.py --variants fp32,bf16 --rounds 2                                            # CPU precision
     python benchmarks/bench_loop.py --quick                                                                  # CPU smoke
 """
 
@@ -26,10 +27,12 @@ from pathlib import Path
 
 from tcjepa.config import load_config, project_root
 
-VARIANTS = {"eager": "false", "compiled": "true"}
+# each variant's overrides, applied after --precision
+VARIANTS = {"eager": ["train.compile=false"], "compiled": ["train.compile=true"],
+            "fp32": ["train.precision=fp32"], "bf16": ["train.precision=bf16"]}
 
 
-def run_variant(recipe: Path, data: str, out: Path, compile_: str, args: argparse.Namespace) -> list[float]:
+def run_variant(recipe: Path, data: str, out: Path, overrides: list[str], args: argparse.Namespace) -> list[float]:
     """The per-step images/s after the warm-up, for one training run."""
     from tcjepa.train import train
 
@@ -37,8 +40,8 @@ def run_variant(recipe: Path, data: str, out: Path, compile_: str, args: argpars
         f"data.train={data}", f"model.encoder={args.encoder}", "model.depth=null", f"model.image_size={args.image_size}",
         f"model.predictor_depth={args.pred_depth}", f"model.predictor_width={args.pred_width}",
         f"train.batch_size={args.batch_size}", f"train.steps={args.warmup + args.steps}", "train.log_every=1",
-        f"train.precision={args.precision}", f"train.compile={compile_}", f"mask.policy={args.policy}",
-        "checkpoint.every=0", f"data.workers={args.workers}", *args.set,
+        f"train.precision={args.precision}", f"mask.policy={args.policy}",
+        "checkpoint.every=0", f"data.workers={args.workers}", *overrides, *args.set,
     ])
     train(cfg, out, progress=False)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
@@ -62,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="training SHARDS (default: synthetic scenes written here)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     p.add_argument("--quick", action="store_true", help="vit_micro_8 at 64 px, batch 8, predictor 2 x 48, 2+3 steps: a smoke run")
+    p.add_argument("--variants", default="eager,compiled",
+                   help=f"comma-separated, the first is the reference: {', '.join(VARIANTS)}")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        p.error(f"--variants: unknown {unknown}, expected some of {', '.join(VARIANTS)}")
     if args.quick:
         args.encoder, args.image_size, args.batch_size, args.warmup, args.steps = "vit_micro_8", 64, 8, 2, 3
         args.pred_depth, args.pred_width = 2, 48
@@ -77,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             samples = max(args.batch_size * (args.warmup + args.steps + 2), 200)
             write_synthetic_shards(tmp / "data", samples=samples, image_size=args.image_size)
             data = str(tmp / "data")
-        speeds: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        wall: dict[str, float] = {v: 0.0 for v in VARIANTS}
+        speeds: dict[str, list[float]] = {v: [] for v in variants}
+        wall: dict[str, float] = {v: 0.0 for v in variants}
         for r in range(args.rounds):
-            for name, flag in VARIANTS.items():
+            for name in variants:
                 t = time.perf_counter()
-                speeds[name] += run_variant(args.recipe, data, tmp / f"{name}_{r}", flag, args)
+                speeds[name] += run_variant(args.recipe, data, tmp / f"{name}_{r}", VARIANTS[name], args)
                 wall[name] += time.perf_counter() - t
                 print(f"round {r}: {name} {statistics.median(speeds[name]):.2f} img/s so far "
                       f"({wall[name]:.0f} s of runs, start-up and compilation included)", flush=True)
@@ -92,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'unknown'})"
-    eager = statistics.median(speeds["eager"])
+    ref = statistics.median(speeds[variants[0]])
     print(f"\n{device}, torch {torch.__version__}, {args.encoder} at {args.image_size} px, batch {args.batch_size}, "
           f"predictor {args.pred_depth} x {args.pred_width}, {args.precision}, mask.policy={args.policy}, "
           f"{args.rounds} round(s) of {args.warmup}+{args.steps} steps")
-    print("\n| variant | img/s (median of steps) | vs eager | wall s (all runs) |\n|---|---:|---:|---:|")
+    print(f"\n| variant | img/s (median of steps) | vs {variants[0]} | wall s (all runs) |\n|---|---:|---:|---:|")
     for name, v in speeds.items():
-        print(f"| {name} | {statistics.median(v):.2f} | {statistics.median(v) / eager:.2f}x | {wall[name]:.0f} |")
+        print(f"| {name} | {statistics.median(v):.2f} | {statistics.median(v) / ref:.2f}x | {wall[name]:.0f} |")
     if args.json:
         args.json.write_text(json.dumps({"device": device, "torch": torch.__version__, "settings": vars(args) | {
             "recipe": str(args.recipe), "json": str(args.json)}, "img_per_s": speeds, "wall_s": wall}, indent=1))

@@ -23,8 +23,12 @@ thread count):
                     step: ``AllReduce`` (identity in one process), ``grad_logger`` and the lr/wd
                     schedulers (logging and bookkeeping, also absent from our timed step).
 
+``--bf16`` adds ours under ``train.precision: bf16`` (CPU autocast, fp32 master weights, optimiser
+and EMA teacher) at both policies; the official code stays fp32, its only mode on a CPU (its
+autocast is CUDA's).
+
 Also reported: model FLOPs per image (analytic, real tokens only), the model FLOP utilisation
-against an fp32 matmul peak measured in the same run, and the activation memory per image (bytes
+against a matmul peak in the variant's precision measured in the same run, and the activation memory per image (bytes
 autograd keeps for backward, averaged over 3 steps).
 
 Masks are sampled before timing (in real training they come from data-loader workers); the time
@@ -395,11 +399,11 @@ class LoadMonitor:
         return time.perf_counter() - t0
 
 
-def matmul_peak(threads: int, n: int = 1024, reps: int = 5) -> float:
-    """The machine's fp32 matmul FLOP/s with ``threads`` threads, measured now (best of ``reps``
-    rounds of square ``n x n`` products): the denominator of the model FLOP utilisation."""
+def matmul_peak(threads: int, n: int = 1024, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's matmul FLOP/s in ``dtype`` with ``threads`` threads, measured now (best of
+    ``reps`` rounds of square ``n x n`` products): the denominator of the model FLOP utilisation."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     best = 0.0
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -532,13 +536,15 @@ def bench_model(encoder: str, args: argparse.Namespace, mods: dict[str, Any] | N
             "target_tokens_per_block": statistics.mean(s["tgt_len"] for s in stats[n]),
             "mask_sample_ms_median": 1e3 * statistics.median(sample_secs[n]),
         }
-    peak = matmul_peak(args.threads)
-    result["matmul_peak_flops"] = peak
+    peaks = {"fp32": matmul_peak(args.threads)}
+    result["matmul_peak_flops"] = peaks["fp32"]
+    if args.bf16:  # bf16 variants' MFU is against the bf16 peak (about twice the fp32 one on AVX512-BF16 / AMX CPUs)
+        peaks["bf16"] = result["matmul_peak_flops_bf16"] = matmul_peak(args.threads, dtype=torch.bfloat16)
     for r in runners:
         v = result["variants"][r.name]
         v["model_flops_per_img"] = statistics.mean(flops[r.name])  # over every timed batch of masks
         v["achieved_flops"] = v["model_flops_per_img"] * v["img_per_s"]
-        v["mfu"] = v["achieved_flops"] / peak
+        v["mfu"] = v["achieved_flops"] / peaks[r.cfg.train.precision]
         masks, _, _ = sample_many(r, B, 3)
         v["activation_bytes_per_img"] = statistics.mean(activation_bytes(r, images, m) for m in masks)
     if args.profile:
@@ -567,15 +573,17 @@ def markdown(results: list[dict[str, Any]], batch: int) -> str:
                 f"| {v['target_tokens_per_block']:.1f} | {v['mask_sample_ms_median']:.1f} "
                 f"| {v['model_flops_per_img'] / 1e9:.2f} | {v['mfu']:.1%} | {v['activation_bytes_per_img'] / 2**20:.1f} |"
             )
-        lines.append(f"\n{res['encoder']}: fp32 matmul peak measured in the same run "
-                     f"{res['matmul_peak_flops'] / 1e9:.1f} GFLOP/s.")
+        bf16 = f", bf16 {res['matmul_peak_flops_bf16'] / 1e9:.1f}" if "matmul_peak_flops_bf16" in res else ""
+        lines.append(f"\n{res['encoder']}: matmul peak measured in the same run: fp32 "
+                     f"{res['matmul_peak_flops'] / 1e9:.1f}{bf16} GFLOP/s.")
     lines.append(
         f"\nbatch {batch}. Ratio: median over steps of ours / official for steps run back to back (< 1: ours is "
         "faster). Steps used: 'quiet' = only steps during which the rest of the machine used at most "
         "--max-other-load cores (all variants' step i together), else 'all'. Context kept: context patches the "
         "encoder sees / context patches sampled (truncation to the batch minimum drops the rest). Model GFLOP/img: "
         "analytic matmul FLOPs of a training step per image (forward x3 for the student, x1 for the teacher; real "
-        "tokens only), MFU: those FLOPs x img/s over the fp32 matmul peak of the same run. Activation MiB/img: bytes "
+        "tokens only), MFU: those FLOPs x img/s over the matmul peak of the same run in the variant's precision "
+        "(official: fp32). Activation MiB/img: bytes "
         "autograd keeps for backward (tensor storages, parameters excluded) per image."
     )
     return "\n".join(lines)

@@ -6,11 +6,13 @@ a second job would skew them), each writing its JSON into ``--out``:
 1. ``bench_masks.py``: our mask sampler against the official ``MaskCollator`` (masks/s at batch
    256, block and context statistics with KS distances);
 2. ``bench_train_step.py``: one I-JEPA training step, ours (``pad``, ``official`` and ``pad`` with
-   activation checkpointing) against the official code: images/s, model FLOP utilisation against
-   the matmul peak measured in the same run, activation memory per image; ViT-S/16 and ViT-B/16;
+   activation checkpointing, and both policies in bf16) against the official code (fp32): images/s,
+   model FLOP utilisation against the matmul peak measured in the same run, activation memory per
+   image; ViT-S/16 and ViT-B/16;
 3. ``bench_loader.py``: loader throughput against a plain PIL loop and open_clip_train;
 4. ``bench_gpu.py`` when a CUDA device is present: bf16 images/s and MFU, flash SDPA, compile;
-5. ``bench_loop.py``: the real training loop's images/s, eager and with ``train.compile``;
+5. ``bench_loop.py``: the real training loop's images/s, eager and with ``train.compile``, and on
+   the CPU the quickstart recipe in fp32 and bf16;
 6. ``bench_conditioner.py``: the TC-JEPA conditioners' step time against I-JEPA's;
 7. ``bench_sharing.py``: two trainings (and a training beside ``eval probe``) sharing the machine,
    each one's share of its solo images/s, before and after the toolkit's OpenMP wait policy.
@@ -30,6 +32,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# bench_loop.py at the I-JEPA quickstart's size (configs/model/vit_quickstart.yaml, batch 64)
+QUICKSTART_LOOP = ["--encoder", "vit_tiny_8", "--image-size", "64", "--batch-size", "64", "--pred-depth", "4",
+                   "--pred-width", "96", "--set", "model.depth=6", "--warmup", "5", "--steps", "30"]
 
 
 def jobs(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
@@ -38,7 +43,7 @@ def jobs(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
         return [
             ("masks", ["bench_masks.py", *off, "--quick", "--json", str(out / "masks.json")]),
             ("train_step", ["bench_train_step.py", *off, "--models", "vit_tiny_16", "--batch-size", "4", "--steps", "1",
-                            "--rounds", "1", "--warmup", "1", "--checkpointing", "--json", str(out / "train_step.json")]),
+                            "--rounds", "1", "--warmup", "1", "--checkpointing", "--bf16", "--json", str(out / "train_step.json")]),
             ("loader", ["bench_loader.py", "--quick", "--json", str(out / "loader.json")]),
             ("loop", ["bench_loop.py", "--quick", "--json", str(out / "loop.json")]),
             ("conditioner", ["bench_conditioner.py", "--quick", "--json", str(out / "conditioner.json")]),
@@ -47,7 +52,7 @@ def jobs(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
     out_jobs = [
         ("masks", ["bench_masks.py", *off, "--json", str(out / "masks.json")]),
         ("train_step", ["bench_train_step.py", *off, "--models", "vit_small_16,vit_base_16", "--batch-size", "16",
-                        "--steps", "3", "--rounds", "3", "--checkpointing", "--json", str(out / "train_step.json")]),
+                        "--steps", "3", "--rounds", "3", "--checkpointing", "--bf16", "--json", str(out / "train_step.json")]),
         ("loader", ["bench_loader.py", "--json", str(out / "loader.json")]),
         ("conditioner", ["bench_conditioner.py", "--preset", "vits16", "--steps", "4",
                          "--json", str(out / "conditioner.json")]),
@@ -63,6 +68,8 @@ def jobs(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
                                       "--precision", "bf16", "--json", str(out / "loop.json")]))
         else:
             out_jobs.append(("loop", ["bench_loop.py", "--json", str(out / "loop.json")]))
+            out_jobs.append(("loop_precision", ["bench_loop.py", *QUICKSTART_LOOP, "--variants", "fp32,bf16",
+                                                "--rounds", "2", "--json", str(out / "loop_precision.json")]))
     except ImportError:
         pass
     return out_jobs
