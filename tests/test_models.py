@@ -398,6 +398,9 @@ def test_cpu_half_attention_matches_sdpa_and_keeps_masked_rows_finite():
     assert torch.equal(attention(q[:1].bfloat16(), k.bfloat16()[:1], v[:1].bfloat16(), mask[:1]),
                        attention(q[:1].bfloat16(), k2.bfloat16()[:1], v[:1].bfloat16(), mask[:1]))
     assert torch.isfinite(attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)).all()
+    bias = torch.zeros(1, 1, 1, 7).masked_fill(~mask[:1], float("-inf"))  # an fp32 additive mask, outside autocast
+    assert torch.equal(attention(q[:1].bfloat16(), k[:1].bfloat16(), v[:1].bfloat16(), bias),
+                       attention(q[:1].bfloat16(), k[:1].bfloat16(), v[:1].bfloat16(), mask[:1]))
 
 
 def test_activation_checkpointing_same_gradients_less_saved_memory():

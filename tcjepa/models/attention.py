@@ -249,6 +249,6 @@ def cpu_half_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attn_mask
+        else:  # an additive bias, in the scores' dtype so that the product with v stays in it
+            scores = scores + attn_mask.to(scores.dtype)
     return scores.softmax(-1) @ v
