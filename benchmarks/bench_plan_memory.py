@@ -76,7 +76,7 @@ CASES = [
     Case("I-JEPA quickstart (vit_tiny_8 @64, depth 6)", QUICK, (), 32),
     Case("I-JEPA quickstart, mask.policy=official", QUICK, ("mask.policy=official",), 32),
     Case("I-JEPA quickstart, bf16 (CPU autocast)", QUICK, ("train.precision=bf16",), 32),
-    Case("TC-JEPA quickstart (scratch text, top-k)", TCJEPA, (), 16),
+    Case("TC-JEPA quickstart (paper conditioner, 4 captions, scratch text)", TCJEPA, (), 16),
 ]
 
 
