@@ -36,7 +36,7 @@ budget) is recorded and the rest still runs:
                            at the timed median) is reported separately and excluded from the timing.
 
 Ours steps as ``tcjepa.train`` does (``JEPA.targets`` under autocast, student under autocast,
-backward, AdamW(foreach) on ``param_groups``, foreach EMA), without DeepSpeed and without
+backward, fused AdamW on ``param_groups``, foreach EMA), without DeepSpeed and without
 GradScaler (bf16 needs none). No variant copies the loss to the host inside the timed steps
 (``tcjepa.train`` syncs once per logging window; the official loop's per-step ``float(loss)`` is
 logging); syncs the code itself needs (GradScaler's inf check, the lengths in our padded path) stay.
