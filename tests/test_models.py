@@ -398,6 +398,10 @@ def test_cpu_half_attention_matches_sdpa_and_keeps_masked_rows_finite():
     assert torch.equal(attention(q[:1].bfloat16(), k.bfloat16()[:1], v[:1].bfloat16(), mask[:1]),
                        attention(q[:1].bfloat16(), k2.bfloat16()[:1], v[:1].bfloat16(), mask[:1]))
     assert torch.isfinite(attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)).all()
+    for scale in (0.6, 1.0):  # the paper conditioner's cosine logits carry their own scale
+        ours = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask[:1], scale=scale).double()
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask[:1], scale=scale)
+        assert torch.allclose(ours, ref, rtol=0.05, atol=0.05)  # the default scale, 0.25, is 1.0 away
     bias = torch.zeros(1, 1, 1, 7).masked_fill(~mask[:1], float("-inf"))  # an fp32 additive mask, outside autocast
     assert torch.equal(attention(q[:1].bfloat16(), k[:1].bfloat16(), v[:1].bfloat16(), bias),
                        attention(q[:1].bfloat16(), k[:1].bfloat16(), v[:1].bfloat16(), mask[:1]))

@@ -222,19 +222,20 @@ class Packing:
 CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              scale: float | None = None) -> torch.Tensor:
     """``scaled_dot_product_attention`` with the backend choice above; bf16 and fp16 on the CPU
-    take :func:`cpu_half_attention`."""
+    take :func:`cpu_half_attention`. ``scale``: the logits' factor (default 1 / sqrt(head dim))."""
     if q.is_cuda:
         with sdpa_kernel(CUDA_SDPA_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        return cpu_half_attention(q, k, v, attn_mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return cpu_half_attention(q, k, v, attn_mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
 def cpu_half_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Attention as two batched matmuls and a softmax, for bf16 / fp16 on the CPU.
 
     PyTorch's CPU flash kernel is slow in bf16 at our lengths (forward + backward at 16 x 6 heads
@@ -245,7 +246,8 @@ def cpu_half_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lowest value rather than -inf, so that a row with every key masked (an empty sequence beside
     longer ones in a length group) stays finite, where its output is discarded anyway.
     """
-    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+    scores = (q * scale if scale != 1.0 else q) @ k.transpose(-2, -1)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)

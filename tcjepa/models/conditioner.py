@@ -101,7 +101,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tcjepa.models.attention import Packing
+from tcjepa.models.attention import Packing, attention
 
 SPARSITY = ("topk", "sparsemax", "softmax")
 
@@ -290,10 +290,11 @@ class CaptionCrossAttention(nn.Module):
         k = self.k(text).view(B, N, S, H, dh).transpose(2, 3)  # [B, N, H, S, dh]
         v = self.v(text).view(B, N, S, H, dh).transpose(2, 3)
         qs, ks, scale = self.logit_inputs(q, k)
-        # fused attention (SDPA): the [Q, S] weights of every caption and head are never stored
-        attended = F.scaled_dot_product_attention(  # 4-d, so that the CPU's flash kernel takes it
+        # fused attention (SDPA; bf16 on the CPU: matmuls, faster there): in fp32 and on the GPU
+        # the [Q, S] weights of every caption and head are never stored
+        attended = attention(  # 4-d, so that the CPU's flash kernel takes it
             qs[:, None].expand(B, N, H, Q, dh).reshape(B * N, H, Q, dh), ks.reshape(B * N, H, S, dh),
-            v.reshape(B * N, H, S, dh), attn_mask=words.reshape(B * N, 1, 1, S), scale=scale)  # [B * N, H, Q, dh]
+            v.reshape(B * N, H, S, dh), words.reshape(B * N, 1, 1, S), scale=scale)  # [B * N, H, Q, dh]
         update = attended.view(B, N, H, Q, dh).transpose(2, 3).reshape(B, N, Q, C)  # each caption's update
         pooled = update.masked_fill(~has_text[:, :, None, None], float("-inf")).amax(1)  # max over real captions
         some = has_text.any(1)[:, None, None]

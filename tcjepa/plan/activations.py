@@ -134,8 +134,10 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     Per (caption, position): fused attention's query copy, output and log-sum-exp, the pooling's
     input, the rectified cosines and the regularisers' deviation from the layer mean (fp32). Per caption word: the additive mask, k and v for the attention, k's norm and
     normalised copy, and under bf16 the fp32 copy of k and the cast of the text features that
-    W_K and W_V share. Packed: the packed input too. (Equal, to the byte but for a few boolean
-    masks, to what one layer saves in fp32 and in CPU bf16.)"""
+    W_K and W_V share. Packed: the packed input too. In bf16 on the CPU attention keeps its
+    probabilities (heads x words per caption and position) instead of the output and the
+    log-sum-exp, and a boolean mask instead of the additive one. (Equal, to the byte but for a
+    few boolean masks, to what one layer saves in fp32 and in CPU bf16.)"""
     W, L, N, H = inv.predictor.width, inv.text.length if inv.text else 0, inv.captions, inv.cond_heads
     hidden = inv.cond_hidden or 4 * W
     low, wide = dt.low, dt.wide
@@ -143,7 +145,11 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     per_caption_position = 3 * W * low + H * 4 + 2 * L * 4
     if N == 1 and low == 4:  # one caption: attention reads q itself, the same storage the overlaps keep
         per_caption_position -= W * low
-    per_word = low + 2 * W * low + 2 * H * 4 + W * 4 + 1 + (W * 4 + W * low if low < 4 else 0)
+    mask = low
+    if dt.matrix_attention:  # cpu_half_attention: the probabilities, not the output and lse; a boolean mask
+        per_caption_position += H * L * low - W * low - H * 4
+        mask = 1
+    per_word = mask + 2 * W * low + 2 * H * 4 + W * 4 + 1 + (W * 4 + W * low if low < 4 else 0)
     packed = s.real * W * wide if s.packed else 0  # the packed input, kept by the unpack
     return s.layout * (per_position + N * per_caption_position) + batch * N * L * per_word + packed
 
