@@ -46,6 +46,8 @@ def jobs(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
                             "--rounds", "1", "--warmup", "1", "--checkpointing", "--bf16", "--json", str(out / "train_step.json")]),
             ("loader", ["bench_loader.py", "--quick", "--json", str(out / "loader.json")]),
             ("loop", ["bench_loop.py", "--quick", "--json", str(out / "loop.json")]),
+            ("loop_precision", ["bench_loop.py", "--quick", "--variants", "fp32,bf16", "--json",
+                                str(out / "loop_precision.json")]),
             ("conditioner", ["bench_conditioner.py", "--quick", "--json", str(out / "conditioner.json")]),
             ("sharing", ["bench_sharing.py", "--steps", "20", "--samples", "200", "--out", str(out / "sharing")]),
         ]
