@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from tcjepa.config import Config, load_config
 from tcjepa.masks import sample_block_masks, sample_masks
-from tcjepa.methods.jepa import JEPA, ema_update, param_groups
+from tcjepa.methods.jepa import JEPA, autocast, ema_update, param_groups
 from tcjepa.models.attention import whole_row_attention
 
 MOMENTUM = 0.996  # EMA momentum (the official schedule starts here)
@@ -163,7 +163,7 @@ class Ours:
     def step(self, images: torch.Tensor, masks: Any) -> float:
         with whole_row_attention() if self.one_group else contextlib.nullcontext():
             targets = self.method.targets(images, masks)
-            with self.method._autocast(images.device):  # as JEPA.loss: bf16 autocast or explicitly off
+            with autocast(images.device, self.method.autocast_dtype):  # as JEPA.loss: bf16 autocast or explicitly off
                 loss = self.student(images, masks, targets)
             loss.backward()
         self.opt.step()

@@ -316,7 +316,7 @@ def test_mask_counts_match_the_sampler():
 
 
 def test_attention_layout_is_what_packing_runs():
-    """The planner's attention positions equal the groups the encoder's and the predictor's
+    """The planner's attention positions (and query-key pairs) equal the groups the encoder's and the predictor's
     Packing build for the same masks (eager), and the whole padded rows under train.compile."""
     from tcjepa.masks import sample_masks
     from tcjepa.models.predictor import sequence_valid
@@ -331,6 +331,12 @@ def test_attention_layout_is_what_packing_runs():
     assert tok.attention_layout("rows") == (m.context_valid.numel(), pred_valid.numel())
     assert tok.attention_layout("varlen") == (int(m.context_valid.sum()), int(pred_valid.sum()))
     assert packed[0] < m.context_valid.numel() and packed[1] < pred_valid.numel()
+    # query-key pairs (the size of the probabilities bf16 attention keeps on the CPU), group by group
+    pairs = [sum(g.batch * g.length ** 2 for g in Packing(v).groups) for v in (m.context_valid, pred_valid)]
+    assert tok.attention_layouts() == tuple(zip(packed, pairs))
+    rows = tok.attention_layouts("rows")
+    assert (rows[0][1], rows[1][1]) == (m.context_valid.numel() * m.context_valid.shape[1],
+                                        pred_valid.numel() * pred_valid.shape[1])
     inv = inventory(cfg)
     assert activation_memory(inv, tok, "fp32", attention="rows").saved > activation_memory(inv, tok, "fp32").saved
     eager, compiled = (plan_run(load_config(QUICK, [f"train.compile={c}"])).stages[0].activations.saved

@@ -171,8 +171,7 @@ def activation_memory(inv: ModelInventory, tok: TokenStats, precision: str, chec
     D, Dout, W = e.width, inv.out_dim, p.width
     # encoder over the context: conv input, the gathered patch tokens, gather/pack indices, blocks,
     # final norm input and (packed) output, the unpacked features (predictor_embed's input)
-    ctx_layout, pred_layout = tok.attention_layout(attention)
-    ctx_squares, pred_squares = tok.attention_squares(attention)
+    (ctx_layout, ctx_squares), (pred_layout, pred_squares) = tok.attention_layouts(attention)
     varlen = tok.padded and attention == "varlen"
     ctx = Seqs(tok.context_real, ctx_layout, tok.padded, varlen, ctx_squares)
     enc = B * 3 * inv.image_size**2 * dt.low + B * tok.full * D * dt.low + B * tok.context_pad * 8

@@ -38,25 +38,22 @@ class TokenStats:
         :func:`attention_mode`): "groups", per length group padded to its longest
         (``tcjepa.models.attention.Packing``); "varlen", the real tokens; "rows", the whole padded rows.
         Unpadded batches run on their rows, whatever the mode."""
-        (ctx, _), (pred, _) = self._layouts(attention)
+        (ctx, _), (pred, _) = self.attention_layouts(attention)
         return ctx, pred
 
-    def attention_squares(self, attention: str = "groups") -> tuple[int, int]:
-        """Query-key pairs of the same layouts (positions x their row's keys), encoder and predictor:
-        the size of an attention matrix where one is kept (``cpu_half_attention``)."""
-        (_, ctx), (_, pred) = self._layouts(attention)
-        return ctx, pred
-
-    def _layouts(self, attention: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    def attention_layouts(self, attention: str = "groups") -> tuple[tuple[int, int], tuple[int, int]]:
+        """(positions, query-key pairs) of the encoder's and the predictor's attention layouts (see
+        :meth:`attention_layout`); the pairs size an attention matrix where one is kept
+        (``cpu_half_attention``)."""
         from tcjepa.models.attention import grouped_layout
 
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention: {attention!r}, expected one of {ATTENTION_MODES}")
-        seqs = [c + t for c, row in zip(self.context, self.target) for t in row]
         if not self.padded or attention == "rows":
             rows = self.context_pad + self.target_pad
             return ((self.batch * self.context_pad, self.batch * self.context_pad ** 2),
                     (self.batch * self.targets * rows, self.batch * self.targets * rows ** 2))
+        seqs = [c + t for c, row in zip(self.context, self.target) for t in row]
         if attention == "varlen":
             return (self.context_real, sum(c * c for c in self.context)), (sum(seqs), sum(n * n for n in seqs))
         return grouped_layout(list(self.context)), grouped_layout(seqs)
