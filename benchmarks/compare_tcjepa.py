@@ -84,7 +84,9 @@ def slug(name: str) -> str:
 
 
 def write_shuffled_captions(src: Path, dst: Path, seed: int = 0) -> Path:
-    """Copy the shards in ``src`` to ``dst`` with captions permuted across samples."""
+    """Copy the shards in ``src`` to ``dst`` with captions permuted across samples: KEY.txt and,
+    on multi-caption shards, KEY.json's ``"captions"`` move together (an image gets all of another
+    image's captions); labels and every other field stay with their image."""
     import random
     import tarfile
     from collections import defaultdict
@@ -103,15 +105,23 @@ def write_shuffled_captions(src: Path, dst: Path, seed: int = 0) -> Path:
     keys = sorted(samples)
     perm = keys[:]
     random.Random(seed).shuffle(perm)
-    out = [{"__key__": k, **{e: v for e, v in samples[k].items() if e != "txt"}, "txt": samples[p].get("txt", b"")}
-           for k, p in zip(keys, perm)]
+    out = []
+    for key, donor in zip(keys, perm):
+        sample = {"__key__": key, **samples[key], "txt": samples[donor].get("txt", b"")}
+        if "json" in sample:
+            meta, donor_meta = json.loads(sample["json"]), json.loads(samples[donor].get("json", b"{}"))
+            meta.pop("captions", None)
+            if "captions" in donor_meta:
+                meta["captions"] = donor_meta["captions"]
+            sample["json"] = json.dumps(meta).encode()
+        out.append(sample)
     write_shards(out, dst, shard_size=500)
     return dst
 
 
 def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: Path, steps: int | None,
             zeroshot: bool = False, segment: bool = False, grounding: bool = False, caption: bool = False,
-            vqa_decoder: bool = False, vqa: VQAData | None = None) -> dict:
+            vqa_decoder: bool = False, vqa: VQAData | None = None, probe_kind: str = "") -> dict:
     from tcjepa.eval.probe import run_probe
     from tcjepa.train import train
 
@@ -120,6 +130,8 @@ def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: P
     extra = [f"data.train={train_dir}", f"data.val={val_dir}", f"train.seed={seed}", *overrides]
     if steps:
         extra.append(f"train.steps={steps}")
+    if probe_kind:
+        extra.append(f"probe.kind={probe_kind}")
     if not (run_dir / "final" / "model.safetensors").is_file():
         cfg = load_config(project_root() / recipe, extra)
         t0 = time.time()
@@ -131,9 +143,10 @@ def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: P
     metrics = json.loads(probe.read_text())["metrics"]
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
     zs = zeroshot_top1(run_dir, val_dir) if zeroshot else None
-    return {"top1": {k: v["top1"] for k, v in metrics["per_label"].items()}, "zeroshot": zs,
+    return {**probe_top1(metrics), "zeroshot": zs,
             "final_loss": recs[-1]["loss"], "img_per_s": statistics.median(r["img_per_s"] for r in recs if "img_per_s" in r),
             "cond_gate": recs[-1].get("cond_gate"), "cond_entropy": recs[-1].get("cond_entropy"),
+            "cond_sparse": recs[-1].get("cond_sparse"),
             "miou": segment_miou(run_dir, train_dir, val_dir) if segment else None,
             "grounding": pointing_game(run_dir, val_dir) if grounding else None,
             **vision_language(run_dir, train_dir, val_dir, caption, vqa_decoder, vqa=vqa)}
@@ -174,6 +187,16 @@ def vision_language(run_dir: Path, train_dir: Path, val_dir: Path, caption: bool
         m = cached_eval(path, lambda: run_vqa(run_dir, str(vqa.train or train_dir), str(vqa.test or val_dir), cfg,
                                               json_out=path, progress=False, save_to_run=False, encoder=encoder))
         out["vqa_decoder"] = m["accuracy"]
+    return out
+
+
+def probe_top1(metrics: dict) -> dict:
+    """``top1`` (the linear probe's, or the only kind run) per label, and ``attentive`` per label
+    when the attentive probe ran too."""
+    per_label = metrics["per_label"]
+    out = {"top1": {k: v["top1"] for k, v in per_label.items()}}
+    if all("attentive" in v for v in per_label.values()):
+        out["attentive"] = {k: v["attentive"]["top1"] for k, v in per_label.items()}
     return out
 
 
@@ -223,7 +246,7 @@ def random_init(recipe: str, seed: int, data: Path, out: Path, segment: bool, ca
     probe = run_probe(out, train_dir, val_dir, encoder=init, progress=False, save_to_run=False)["metrics"]
     miou = (run_segment(out, train_dir, val_dir, encoder=init, progress=False, save_to_run=False)["metrics"]["miou"]
             if segment else None)
-    return {"top1": {k: v["top1"] for k, v in probe["per_label"].items()}, "miou": miou,
+    return {**probe_top1(probe), "miou": miou,
             **vision_language(out, data / "train", data / "val", caption, vqa_decoder, encoder=init, vqa=vqa)}
 
 
@@ -244,7 +267,9 @@ def zeroshot_top1(run_dir: Path, val_dir: Path) -> float | None:
 def summarise(results: dict[str, dict[int, dict]]) -> str:
     labels = list(next(iter(next(iter(results.values())).values()))["top1"])
     every = [r for by_seed in results.values() for r in by_seed.values()]
+    attentive = [(f"{TITLES.get(k, k)} (attentive)", lambda r, k=k: (r.get("attentive") or {}).get(k)) for k in labels]
     extra = [(title, get) for title, get in (
+        *attentive,
         ("zero-shot shape", lambda r: r.get("zeroshot")),
         ("mIoU", lambda r: r.get("miou")),
         ("pointing (chance)", lambda r: (r.get("grounding") or {}).get("pointing_accuracy")),
@@ -253,6 +278,8 @@ def summarise(results: dict[str, dict[int, dict]]) -> str:
         ("blind CIDEr", lambda r: (r.get("caption") or {}).get("blind_cider")),
         ("BLEU-4", lambda r: (r.get("caption") or {}).get("bleu4")),
         ("VQA (decoder)", lambda r: r.get("vqa_decoder")),
+        ("cond_sparse", lambda r: r.get("cond_sparse")),
+        ("cond_entropy", lambda r: r.get("cond_entropy")),
     ) if any(get(r) is not None for r in every)]
     chance = {"pointing (chance)": "pointing_chance", "mass in object (chance)": "mass_chance"}
     head = ("| method | " + " | ".join(TITLES.get(k, k) for k in labels) + "".join(f" | {t}" for t, _ in extra)
@@ -300,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override train.steps (default: the recipes')")
     p.add_argument("--train-samples", type=int, default=3000)
     p.add_argument("--val-samples", type=int, default=1000)
+    p.add_argument("--captions-per-image", type=int, default=1,
+                   help="captions per synthetic scene (KEY.json \"captions\"; the paper conditioner max-pools "
+                   "up to conditioner.max_captions of them); OUT/data must not hold scenes written with another N")
+    p.add_argument("--probe-kind", default="", choices=["", "linear", "attentive", "both"],
+                   help="probe.kind of every run (default: the recipes'); both adds attentive-probe columns")
     p.add_argument("--shuffled-captions", action="store_true", help="also write OUT/data/train_shuffled (control)")
     p.add_argument("--variant", action="append", default=[], help="NAME=RECIPE[:KEY=VALUE,...]; repeatable; "
                    "replaces the default I-JEPA / TC-JEPA pair")
@@ -323,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     data = out / "data"
     for split, n, seed in (("train", args.train_samples, 0), ("val", args.val_samples, 1)):
         if not any((data / split).glob("*.tar")):
-            write_synthetic_shards(data / split, samples=n, shard_size=500, seed=seed, progress=False)
+            write_synthetic_shards(data / split, samples=n, shard_size=500, seed=seed, progress=False,
+                                   captions_per_image=args.captions_per_image)
     if args.shuffled_captions:
         write_shuffled_captions(data / "train", data / "train_shuffled")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -336,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} seed {seed}", flush=True)
             results[name][seed] = run_one(recipe, overrides, seed, data, out / f"{slug(name)}_s{seed}", args.steps,
                                           args.zeroshot, args.segment, args.grounding, args.caption,
-                                          args.vqa_decoder, vqa)
+                                          args.vqa_decoder, vqa, args.probe_kind)
             print(f"  {json.dumps(results[name][seed])}", flush=True)
         if args.random_init:
             name, (recipe, _) = next(iter(variants.items()))
