@@ -1,0 +1,64 @@
+"""The comparison script's shuffled-caption control (benchmarks/compare_tcjepa.py): the
+"is it the text?" rows are only as good as the permutation that makes them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+from data_pipelines.synthetic import write_synthetic_shards
+
+
+def load_compare_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_tcjepa.py"
+    spec = importlib.util.spec_from_file_location("compare_tcjepa", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_dir(d: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(d.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def test_shuffled_captions_move_an_images_whole_caption_list_and_nothing_else(tmp_path):
+    write_synthetic_shards(tmp_path / "train", samples=12, shard_size=5, seed=3, captions_per_image=3)
+    compare = load_compare_script()
+    compare.write_shuffled_captions(tmp_path / "train", tmp_path / "shuffled")
+    real, shuffled = read_dir(tmp_path / "train"), read_dir(tmp_path / "shuffled")
+    assert sorted(real) == sorted(shuffled)
+    caption_lists = {key: json.loads(s["json"])["captions"] for key, s in real.items()}
+    moved = 0
+    for key, s in shuffled.items():
+        meta, real_meta = json.loads(s["json"]), json.loads(real[key]["json"])
+        captions = meta.pop("captions")
+        real_meta.pop("captions")
+        assert meta == real_meta  # labels, objects, QA stay with their image
+        assert {e: v for e, v in s.items() if e not in ("txt", "json")} == \
+               {e: v for e, v in real[key].items() if e not in ("txt", "json")}
+        donors = [k for k, c in caption_lists.items() if c == captions]
+        assert donors, f"{key}: caption list is no image's list"
+        assert s["txt"].decode() == captions[0]  # KEY.txt moves with its list
+        moved += donors != [key]
+    assert moved >= len(shuffled) // 2
+    assert sorted(map(tuple, caption_lists.values())) == sorted(
+        tuple(json.loads(s["json"])["captions"]) for s in shuffled.values())  # a permutation
+
+
+def test_probe_top1_reads_the_attentive_probe_when_it_ran():
+    compare = load_compare_script()
+    both = {"per_label": {"label": {"top1": 0.5, "attentive": {"top1": 0.6}},
+                          "labels.count": {"top1": 0.3, "attentive": {"top1": 0.4}}}}
+    assert compare.probe_top1(both) == {"top1": {"label": 0.5, "labels.count": 0.3},
+                                        "attentive": {"label": 0.6, "labels.count": 0.4}}
+    assert compare.probe_top1({"per_label": {"label": {"top1": 0.5}}}) == {"top1": {"label": 0.5}}
