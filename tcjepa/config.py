@@ -102,6 +102,7 @@ class ConditionerConfig:
     sparse_weight: float = 0.1  # paper: lambda, the weight of L_sparse (the overlaps' L1 norm)
     consistency_weight: float = 0.5  # paper: beta, the weight of L_consistency (overlaps equal across layers)
     logits: str = "dot"  # paper: attention logits q.k / sqrt(d) (dot) | per-head cosines x a learned scale (cosine)
+    #                      | the rectified cosines as unnormalised weights (overlap: ReLU attention)
     logit_scale: float = 10.0  # paper, logits: cosine: the scale's initial value (learned, at most 100)
     sparsity: str = "topk"  # gated_topk: topk | sparsemax | softmax
     top_k: int = 4  # gated_topk: caption tokens kept per query (sparsity: topk)
@@ -482,7 +483,8 @@ def _validate_conditioner_layers(cfg: Config, source: str, predictor_heads: int)
     _check(c.variant in ("paper", "gated_topk"), source, "conditioner.variant",
            f"must be paper or gated_topk, got {c.variant!r}")
     _check(c.max_captions >= 1, source, "conditioner.max_captions", f"must be >= 1, got {c.max_captions}")
-    _check(c.logits in ("dot", "cosine"), source, "conditioner.logits", f"must be dot or cosine, got {c.logits!r}")
+    _check(c.logits in ("dot", "cosine", "overlap"), source, "conditioner.logits",
+           f"must be dot, cosine or overlap, got {c.logits!r}")
     _check(isinstance(c.logit_scale, (int, float)) and 0 < c.logit_scale <= 100, source, "conditioner.logit_scale",
            f"must be in (0, 100], got {c.logit_scale!r}")
     for key in ("sparse_weight", "consistency_weight"):

@@ -226,7 +226,7 @@ def test_conditioner_stats_are_recorded():
     (["conditioner.sparse_weight=-0.1"], r"conditioner.sparse_weight must be a finite number >= 0, got -0.1"),
     (["conditioner.consistency_weight=.inf"], r"conditioner.consistency_weight must be a finite number >= 0"),
     (["train.predict_loss=l1"], r"train.predict_loss must be smooth_l1 or l2, got 'l1'"),
-    (["conditioner.logits=l2"], r"conditioner.logits must be dot or cosine, got 'l2'"),
+    (["conditioner.logits=l2"], r"conditioner.logits must be dot, cosine or overlap, got 'l2'"),
     (["conditioner.logit_scale=0"], r"conditioner.logit_scale must be in \(0, 100\], got 0"),
     (["conditioner.text_encoder=t5", "conditioner.text_path=/nonexistent/t5-base"], "conditioner.text_path"),
 ])

@@ -37,11 +37,13 @@ def reference_layer(layer: CaptionCrossAttention, x: torch.Tensor, text: torch.T
             k, v = layer.k(t).view(-1, H, dh), layer.v(t).view(-1, H, dh)
             heads = []
             for h in range(H):
-                if layer.log_scale is None:  # logits: dot
-                    logits = q[:, h] @ k[:, h].T / math.sqrt(dh)
-                else:  # logits: cosine, times the learned scale
-                    logits = F.normalize(q[:, h], dim=-1) @ F.normalize(k[:, h], dim=-1).T * layer.log_scale.exp()
-                w = torch.softmax(logits, dim=-1)
+                cos = F.normalize(q[:, h], dim=-1) @ F.normalize(k[:, h], dim=-1).T
+                if layer.logits == "dot":
+                    w = torch.softmax(q[:, h] @ k[:, h].T / math.sqrt(dh), dim=-1)
+                elif layer.logits == "cosine":  # times the learned scale
+                    w = torch.softmax(cos * layer.log_scale.exp(), dim=-1)
+                else:  # overlap: the rectified cosines, unnormalised
+                    w = cos.clamp_min(0)
                 heads.append(w @ v[:, h])
             states.append(x[b] + torch.cat(heads, dim=-1))
         if states:
@@ -111,6 +113,53 @@ def test_cosine_logits_are_the_scaled_cosines_and_learn_their_scale():
     assert scaled_q.norm(dim=-1).max().item() == pytest.approx(100.0)  # the scale is capped
     with pytest.raises(ValueError, match="unknown conditioner logits 'l2'"):
         build_caption_conditioners(C, 1, 1, num_heads=4, logits="l2")
+
+
+def test_overlap_logits_weight_each_word_by_its_rectified_cosine():
+    """conditioner.logits=overlap: the loop-then-max reference with unnormalised weights
+    max(cos(q_h, k_h), 0); the overlaps the regularisers read are those weights' head mean, so
+    the sparsity loss reaches q and k through the weights themselves; a caption whose cosines are
+    all negative adds nothing; the entropy statistic normalises the first caption's rows."""
+    gen = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    B, T, Ns, N, S, C, H = 2, 2, 3, 3, 5, 16, 4
+    layer = build_caption_conditioners(C, 1, 1, num_heads=H, logits="overlap")["0"].double()
+    text, valid = random_text(B, N, S, C, gen)
+    has_text = torch.tensor([[True, True, False], [True, False, True]])
+    x = torch.randn(B * T, Ns, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    layer.keep_weights = True
+    out = layer(x, text, valid, has_text)
+    torch.testing.assert_close(out.reshape(B, T * Ns, C), reference_layer(layer, x.reshape(B, T * Ns, C), text, valid,
+                                                                          has_text), rtol=1e-10, atol=1e-10)
+    q = layer.q(layer.norm(x.reshape(B, T * Ns, C)))[1].view(-1, H, C // H)  # sample 1's queries, per head
+    k = layer.k(text[1, 2]).view(-1, H, C // H)  # its third caption, padding included
+    weights = torch.stack([(F.normalize(q[:, h], dim=-1) @ F.normalize(k[:, h], dim=-1).T).clamp_min(0)
+                           for h in range(H)]).mean(0) * valid[1, 2]
+    torch.testing.assert_close(layer.last_overlap[1, 2], weights, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.last_weights[1, 2], weights.float(), rtol=1e-5, atol=1e-7)
+    assert ((layer.last_overlap > 0).sum(-1) < valid.sum(-1)[..., None]).any()  # sparse: some real words get 0
+    queries = layer.q(layer.norm(x.reshape(B, T * Ns, C))).view(B, -1, H, C // H)
+
+    def first_caption_entropy(b: int) -> torch.Tensor:  # rows normalised to 1, mean over heads and queries
+        keys = layer.k(text[b, 0][valid[b, 0]]).view(-1, H, C // H)
+        rows = [(F.normalize(queries[b, :, h], dim=-1) @ F.normalize(keys[:, h], dim=-1).T).clamp_min(0)
+                for h in range(H)]
+        rows = [torch.where(r.sum(-1, keepdim=True) > 0, r / r.sum(-1, keepdim=True), 1 / r.shape[-1]) for r in rows]
+        return torch.stack([-(r * r.clamp_min(1e-12).log()).sum(-1) for r in rows]).mean()
+
+    expected = (first_caption_entropy(0) + first_caption_entropy(1)) / 2  # both images have a first caption
+    torch.testing.assert_close(layer.last_entropy.double(), expected, rtol=1e-5, atol=1e-6)
+    sparse, _ = overlap_regularisers([layer.last_overlap], has_text[:, :, None].expand(B, N, T * Ns))
+    sparse.backward()
+    assert layer.q.weight.grad.abs().sum() > 0 and layer.k.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # no overlap with any word (zero keys): the text adds nothing
+        layer.k.weight.zero_()
+        layer.k.bias.zero_()
+        layer.v.bias.fill_(1.0)
+    neg = layer(x.detach(), text, valid, has_text)
+    torch.testing.assert_close(layer.last_overlap, torch.zeros_like(layer.last_overlap))
+    h = x.detach().reshape(B, T * Ns, C)  # zero keys: cos 0, weight 0, update 0; the MLP still runs
+    torch.testing.assert_close(neg.reshape(B, T * Ns, C), h + layer.mlp(layer.mlp_norm(h)), rtol=1e-10, atol=1e-10)
 
 
 def test_overlaps_are_head_averaged_rectified_cosines_with_padding_zero():

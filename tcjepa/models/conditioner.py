@@ -47,7 +47,14 @@ leaves open, and the choice made:
   below zero the words the attention leaves out. Measured, it does not stop the collapse: the
   softmax is shift-invariant, so all cosines below zero still rank the words while zeroing both
   regularisers, and the overlaps reach zero as fast as with ``dot`` (benchmarks/RESULTS.md, "Dense
-  evaluation and grounding"). Kept for ablations.
+  evaluation and grounding"). Kept for ablations. ``overlap`` reads the overlaps as the attention
+  weights themselves: each head adds sum_s max(cos(q_h, k_s), 0) v_s, not normalised (ReLU
+  attention), and the regularisers act on those weights (their mean over heads). Nothing is then
+  shift-invariant: a word whose cosine is pushed below zero is a word the update leaves out, the
+  sparsity loss is a price on the text update itself, and an all-negative caption contributes
+  nothing, so the prediction loss has to hold some overlaps above zero to use the text at all.
+  Not normalised by the caption's length, so a long caption can add more than a short one;
+  the max over captions sees that. Not the summary's softmax; an ablation of the collapse.
 - *Init.* The predictor's truncated-normal init (``model.init_std``) with the residual
   projections rescaled by depth, as the ViT blocks are; no zero gate. A fresh ``paper`` TC-JEPA
   therefore differs from I-JEPA from step 0 (``gated_topk`` starts equal to it), and a gradient
@@ -228,7 +235,7 @@ def build_conditioners(width: int, depth: int, every: int, num_heads: int, spars
 # ----------------------------------------------------------------------------- the paper's variant
 
 VARIANTS = ("paper", "gated_topk")
-LOGITS = ("dot", "cosine")  # the paper variant's attention logits (conditioner.logits)
+LOGITS = ("dot", "cosine", "overlap")  # the paper variant's attention weights (conditioner.logits)
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on its learned logit scale
 
 
@@ -259,7 +266,7 @@ class CaptionCrossAttention(nn.Module):
             raise ValueError(f"unknown conditioner logits {logits!r}; expected one of {', '.join(LOGITS)}")
         from tcjepa.models.vit import MLP
 
-        self.num_heads = num_heads
+        self.num_heads, self.logits = num_heads, logits
         # cosine logits: log of the learned scale of the cosines (CLIP's logit_scale); dot: none.
         # Shape [1], not a 0-d scalar: DeepSpeed's parameter broadcast views every parameter as bytes
         self.log_scale = nn.Parameter(torch.full((1,), math.log(logit_scale))) if logits == "cosine" else None
@@ -289,23 +296,57 @@ class CaptionCrossAttention(nn.Module):
         q = self.q(self.norm(x_b)).view(B, Q, H, dh).transpose(1, 2)  # [B, H, Q, dh]: shared by the captions
         k = self.k(text).view(B, N, S, H, dh).transpose(2, 3)  # [B, N, H, S, dh]
         v = self.v(text).view(B, N, S, H, dh).transpose(2, 3)
-        qs, ks, scale = self.logit_inputs(q, k)
-        # fused attention (SDPA; bf16 on the CPU: matmuls, faster there): in fp32 and on the GPU
-        # the [Q, S] weights of every caption and head are never stored
-        attended = attention(  # 4-d, so that the CPU's flash kernel takes it
-            qs[:, None].expand(B, N, H, Q, dh).reshape(B * N, H, Q, dh), ks.reshape(B * N, H, S, dh),
-            v.reshape(B * N, H, S, dh), words.reshape(B * N, 1, 1, S), scale=scale)  # [B * N, H, Q, dh]
-        update = attended.view(B, N, H, Q, dh).transpose(2, 3).reshape(B, N, Q, C)  # each caption's update
+        if self.logits == "overlap":
+            update, self.last_overlap = self.overlap_attention(q, k, v, text_valid, has_text)
+        else:
+            qs, ks, scale = self.logit_inputs(q, k)
+            # fused attention (SDPA; bf16 on the CPU: matmuls, faster there): in fp32 and on the GPU
+            # the [Q, S] weights of every caption and head are never stored
+            attended = attention(  # 4-d, so that the CPU's flash kernel takes it
+                qs[:, None].expand(B, N, H, Q, dh).reshape(B * N, H, Q, dh), ks.reshape(B * N, H, S, dh),
+                v.reshape(B * N, H, S, dh), words.reshape(B * N, 1, 1, S), scale=scale)  # [B * N, H, Q, dh]
+            update = attended.view(B, N, H, Q, dh).transpose(2, 3).reshape(B, N, Q, C)  # each caption's update
+            self.last_overlap = overlaps(q, k, text_valid)
+            self._record(qs, ks, scale, words, has_text)
         pooled = update.masked_fill(~has_text[:, :, None, None], float("-inf")).amax(1)  # max over real captions
         some = has_text.any(1)[:, None, None]
         pooled = torch.where(some, pooled, torch.zeros_like(pooled))  # no -inf reaches the MLP (its grad would be NaN)
         h = x_b + pooled
         conditioned = h + self.mlp(self.mlp_norm(h))
         out = torch.where(some, conditioned, x_b)  # no caption: identity
-        self.last_overlap = overlaps(q, k, text_valid)
-        self._record(qs, ks, scale, words, has_text)
         out = out.reshape(BT, Ns, C)
         return packing.pack(out) if packing is not None else out
+
+    def overlap_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_valid: torch.Tensor,
+                          has_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits: overlap``: each head's weights are its rectified cosines max(cos(q_h, k_h), 0)
+        themselves, not normalised (ReLU attention): a word adds its value in proportion to its
+        overlap, so the sparsity loss on the overlaps is a cost on the text update itself and the
+        prediction loss can only use a word by keeping its overlap above zero. Returns each
+        caption's update [B, N, Q, C] and the overlaps the regularisers read: the weights'
+        mean over heads [B, N, Q, S] (in at least fp32, as :func:`overlaps`)."""
+        B, H, Q, dh = q.shape
+        N, S = k.shape[1], k.shape[3]
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            cos = torch.einsum("bhqd,bnhsd->bnhqs", F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1))
+            w = cos.clamp_min(0) * text_valid[:, :, None, None, :]  # padding words never count
+        attended = torch.einsum("bnhqs,bnhsd->bnqhd", w.to(v.dtype), v)
+        self._record_weights(w, text_valid, has_text)
+        return attended.reshape(B, N, Q, H * dh), w.mean(2)
+
+    @torch.no_grad()
+    def _record_weights(self, w: torch.Tensor, text_valid: torch.Tensor, has_text: torch.Tensor) -> None:
+        """Entropy statistic of ``logits: overlap``, as :meth:`_record`'s: the first caption's
+        weights, each row normalised to sum to 1 (a row with no overlap counts as uniform over the
+        real words), averaged over heads, queries and the images that have that caption."""
+        first, words = w[:, 0].float(), text_valid[:, 0, None, None, :].to(torch.float32)  # [B, H, Q, S]
+        total = first.sum(-1, keepdim=True)
+        p = torch.where(total > 0, first / total.clamp_min(1e-12), words / words.sum(-1, keepdim=True).clamp_min(1))
+        ent = attention_entropy(p).mean((1, 2))  # [B]
+        real = has_text[:, 0].to(ent.dtype)
+        self.last_entropy = (ent * real).sum() / real.sum().clamp_min(1)
+        self.last_weights = w.float().mean(2) if self.keep_weights else None
 
     def logit_inputs(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Queries, keys and the factor whose scaled products are the attention logits: q.k /

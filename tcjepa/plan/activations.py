@@ -137,7 +137,9 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     W_K and W_V share. Packed: the packed input too. In bf16 on the CPU attention keeps its
     probabilities (heads x words per caption and position) instead of the output and the
     log-sum-exp, and a boolean mask instead of the additive one. (Equal, to the byte but for a
-    few boolean masks, to what one layer saves in fp32 and in CPU bf16.)"""
+    few boolean masks, to what one layer saves in fp32 and in CPU bf16.) ``logits: overlap`` runs
+    no fused attention: per (caption, position) it keeps each head's cosines and rectified
+    weights over the words instead of the query copy, output and log-sum-exp."""
     W, L, N, H = inv.predictor.width, inv.text.length if inv.text else 0, inv.captions, inv.cond_heads
     hidden = inv.cond_hidden or 4 * W
     low, wide = dt.low, dt.wide
@@ -150,6 +152,9 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
         per_caption_position += H * L * low - W * low - H * 4
         mask = 1
     per_word = mask + 2 * W * low + 2 * H * 4 + W * 4 + 1 + (W * 4 + W * low if low < 4 else 0)
+    if inv.cond_logits == "overlap":  # no fused attention: each head's cosines and weights per word, in fp32
+        per_caption_position = W * low + H * L * (4 + low) + L * 4  # pooling input, cos, weights, deviation
+        per_word -= mask + (W * low if low < 4 else 0)  # no mask; in bf16 no half-precision copy of k
     packed = s.real * W * wide if s.packed else 0  # the packed input, kept by the unpack
     return s.layout * (per_position + N * per_caption_position) + batch * N * L * per_word + packed
 

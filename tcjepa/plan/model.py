@@ -61,6 +61,7 @@ class ModelInventory:
     variant: str = "gated_topk"  # conditioner.variant (paper: per-layer cross-attention over N captions)
     captions: int = 1  # captions per image that the text tower and the conditioners run on
     cond_hidden: int = 0  # the paper conditioner's MLP width
+    cond_logits: str = "dot"  # the paper conditioner's conditioner.logits (overlap: no fused attention)
     embedding_params: int = 0  # trained lookup tables (a scratch text tower's): autocast makes no bf16 copy
 
     @property
@@ -185,5 +186,6 @@ def inventory(cfg: Config) -> ModelInventory:
         encoder_params=n(encoder), predictor_params=n(predictor),
         text_params=n(student[2]) if c.enabled else 0, teacher_params=n(teacher), largest_layer=largest,
         variant=c.variant, captions=max(captions_per_image(c), 1),
-        cond_hidden=int(m.predictor_width * mlp_ratio) if c.variant == "paper" else 0, embedding_params=tables,
+        cond_hidden=int(m.predictor_width * mlp_ratio) if c.variant == "paper" else 0, cond_logits=c.logits,
+        embedding_params=tables,
     )
