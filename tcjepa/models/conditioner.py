@@ -326,7 +326,7 @@ class CaptionCrossAttention(nn.Module):
         caption's update [B, N, Q, C] and the overlaps the regularisers read: the weights'
         mean over heads [B, N, Q, S] (in at least fp32, as :func:`overlaps`)."""
         B, H, Q, dh = q.shape
-        N, S = k.shape[1], k.shape[3]
+        N = k.shape[1]
         dtype = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(q.device.type, enabled=False):
             cos = torch.einsum("bhqd,bnhsd->bnhqs", F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1))
