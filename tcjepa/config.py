@@ -101,6 +101,9 @@ class ConditionerConfig:
     max_captions: int = 8  # paper: captions per image (KEY.txt, then KEY.json "captions"), max-pooled; gated_topk: 1
     sparse_weight: float = 0.1  # paper: lambda, the weight of L_sparse (the overlaps' L1 norm)
     consistency_weight: float = 0.5  # paper: beta, the weight of L_consistency (overlaps equal across layers)
+    weigh_against: str = "mean"  # paper: what lambda and beta weigh against: the prediction loss as computed, a mean
+    #                              over the target's channels (mean) | the paper's L2 distance summed over them (sum:
+    #                              the weights divided by the target width; the logged loss_predict is unchanged)
     logits: str = "dot"  # paper: attention logits q.k / sqrt(d) (dot) | per-head cosines x a learned scale (cosine)
     #                      | the rectified cosines as unnormalised weights (overlap: ReLU attention)
     logit_scale: float = 10.0  # paper, logits: cosine: the scale's initial value (learned, at most 100)
@@ -483,6 +486,8 @@ def _validate_conditioner_layers(cfg: Config, source: str, predictor_heads: int)
     _check(c.variant in ("paper", "gated_topk"), source, "conditioner.variant",
            f"must be paper or gated_topk, got {c.variant!r}")
     _check(c.max_captions >= 1, source, "conditioner.max_captions", f"must be >= 1, got {c.max_captions}")
+    _check(c.weigh_against in ("mean", "sum"), source, "conditioner.weigh_against",
+           f"must be mean or sum, got {c.weigh_against!r}")
     _check(c.logits in ("dot", "cosine", "overlap"), source, "conditioner.logits",
            f"must be dot, cosine or overlap, got {c.logits!r}")
     _check(isinstance(c.logit_scale, (int, float)) and 0 < c.logit_scale <= 100, source, "conditioner.logit_scale",

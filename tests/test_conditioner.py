@@ -225,6 +225,7 @@ def test_conditioner_stats_are_recorded():
     (["conditioner.max_captions=0"], r"conditioner.max_captions must be >= 1, got 0"),
     (["conditioner.sparse_weight=-0.1"], r"conditioner.sparse_weight must be a finite number >= 0, got -0.1"),
     (["conditioner.consistency_weight=.inf"], r"conditioner.consistency_weight must be a finite number >= 0"),
+    (["conditioner.weigh_against=total"], r"conditioner.weigh_against must be mean or sum, got 'total'"),
     (["train.predict_loss=l1"], r"train.predict_loss must be smooth_l1 or l2, got 'l1'"),
     (["conditioner.logits=l2"], r"conditioner.logits must be dot, cosine or overlap, got 'l2'"),
     (["conditioner.logit_scale=0"], r"conditioner.logit_scale must be in \(0, 100\], got 0"),

@@ -251,6 +251,30 @@ def test_zero_weights_give_the_prediction_loss_gradients(student_and_batch, monk
     assert all(torch.equal(with_zero[n], alone[n]) for n in alone)
 
 
+@pytest.mark.parametrize("weigh_against", ["mean", "sum"])
+def test_weights_weigh_the_regularisers_against_the_mean_or_the_summed_distance(weigh_against):
+    """conditioner.weigh_against: the loss is L_predict + lambda L_sparse + beta L_consistency
+    with L_predict averaged over the target's channels (mean), or with lambda and beta divided by
+    the target width (sum: the same balance as against the distance summed over the channels);
+    loss_predict is logged as computed either way."""
+    from tcjepa.masks import sample_masks
+    from tcjepa.methods.jepa import JEPA
+
+    cfg = load_config(QUICK, PAPER + [f"conditioner.weigh_against={weigh_against}", "conditioner.sparse_weight=0.3",
+                                      "conditioner.consistency_weight=0.7"])
+    method = JEPA(cfg)
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randn(2, 3, cfg.model.image_size, cfg.model.image_size, generator=gen)
+    masks = sample_masks(2, method.model.encoder.grid, gen, **vars(cfg.mask))
+    student = method.model
+    loss = student(images, masks, method.targets(images, masks), method.tokenizer(["a red circle", "two blue stars"]))
+    stats, width = student.last_stats, student.encoder.embed_dim
+    per_channel = 1.0 / width if weigh_against == "sum" else 1.0
+    assert stats["cond_sparse"] > 0 and width > 1
+    expected = stats["loss_predict"] + (0.3 * stats["cond_sparse"] + 0.7 * stats["cond_consistency"]) * per_channel
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=0)
+
+
 def test_captions_change_the_prediction_and_none_is_the_unconditioned_path(student_and_batch):
     from data_pipelines.tokenizers import Tokens
 

@@ -175,7 +175,10 @@ def build_student(cfg: Config, tokenizer: Tokenizer | None = None, target_dim: i
         out_dim=target_dim,
     )
     c = cfg.conditioner
-    objective = Objective(cfg.train.predict_loss, c.sparse_weight, c.consistency_weight)
+    # weigh_against=sum: lambda and beta against the distance summed over the target's channels, which is
+    # our per-channel mean times their number (under Adam the same training as summing the loss itself)
+    per_channel = 1.0 / (target_dim or encoder.embed_dim) if c.weigh_against == "sum" else 1.0
+    objective = Objective(cfg.train.predict_loss, c.sparse_weight * per_channel, c.consistency_weight * per_channel)
     if not c.enabled:
         return JEPAStudent(encoder, predictor, objective=objective)
     tokenizer = tokenizer or build_tokenizer_for(cfg)
