@@ -243,12 +243,13 @@ def random_init(recipe: str, seed: int, data: Path, out: Path, segment: bool, ca
     torch.manual_seed(seed)
     init = build_encoder(cfg.encoder, cfg.image_size, cfg.depth, cfg.init_std)
     train_dir, val_dir = str(data / "train"), str(data / "val")
-    probe = cached_eval(out / "eval" / "probe_bench_random_init.json",
-                        lambda: run_probe(out, train_dir, val_dir, encoder=init, progress=False, save_to_run=False,
-                                          json_out=out / "eval" / "probe_bench_random_init.json"))
-    miou = cached_eval(out / "eval" / "segment_bench_random_init.json",
-                       lambda: run_segment(out, train_dir, val_dir, encoder=init, progress=False, save_to_run=False,
-                                           json_out=out / "eval" / "segment_bench_random_init.json"))["miou"] if segment else None
+    probe_json, segment_json = out / "eval" / "probe_bench_random_init.json", out / "eval" / "segment_bench_random_init.json"
+    probe = cached_eval(probe_json, lambda: run_probe(out, train_dir, val_dir, encoder=init, progress=False,
+                                                      save_to_run=False, json_out=probe_json))
+    miou = None
+    if segment:
+        miou = cached_eval(segment_json, lambda: run_segment(out, train_dir, val_dir, encoder=init, progress=False,
+                                                             save_to_run=False, json_out=segment_json))["miou"]
     return {**probe_top1(probe), "miou": miou,
             **vision_language(out, data / "train", data / "val", caption, vqa_decoder, encoder=init, vqa=vqa)}
 

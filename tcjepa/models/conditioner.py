@@ -288,7 +288,6 @@ class CaptionCrossAttention(nn.Module):
         text, text_valid, has_text = as_captions(text, text_valid, has_text)
         B, N, S, C = text.shape
         H, dh = self.num_heads, C // self.num_heads
-        words = text_valid | ~text_valid.any(-1, keepdim=True)  # a caption with no real word: no NaN
         x_rows = packing.unpack(x) if packing is not None else x  # [B*T, Ns, C], zeros at padding
         BT, Ns, _ = x_rows.shape
         Q = (BT // B) * Ns
@@ -299,6 +298,7 @@ class CaptionCrossAttention(nn.Module):
         if self.logits == "overlap":
             update, self.last_overlap = self.overlap_attention(q, k, v, text_valid, has_text)
         else:
+            words = text_valid | ~text_valid.any(-1, keepdim=True)  # a caption with no real word: no NaN
             qs, ks, scale = self.logit_inputs(q, k)
             # fused attention (SDPA; bf16 on the CPU: matmuls, faster there): in fp32 and on the GPU
             # the [Q, S] weights of every caption and head are never stored

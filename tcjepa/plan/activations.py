@@ -144,17 +144,20 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     hidden = inv.cond_hidden or 4 * W
     low, wide = dt.low, dt.wide
     per_position = 2 * W * wide + 2 * 8 + 3 * W * low + 2 * hidden * low + 2 * W * 4 + 2 * H * 4
-    per_caption_position = 3 * W * low + H * 4 + 2 * L * 4
-    if N == 1 and low == 4:  # one caption: attention reads q itself, the same storage the overlaps keep
-        per_caption_position -= W * low
-    mask = low
-    if dt.matrix_attention:  # cpu_half_attention: the probabilities, not the output and lse; a boolean mask
-        per_caption_position += H * L * low - W * low - H * 4
-        mask = 1
-    per_word = mask + 2 * W * low + 2 * H * 4 + W * 4 + 1 + (W * 4 + W * low if low < 4 else 0)
-    if inv.cond_logits == "overlap":  # no fused attention: each head's cosines and weights per word, in fp32
+    shared_per_word = 2 * H * 4 + W * 4 + 1 + (W * 4 + W * low if low < 4 else 0)
+    if inv.cond_logits == "overlap":  # no attention kernel: each head's cosines (fp32) and weights per word
         per_caption_position = W * low + H * L * (4 + low) + L * 4  # pooling input, cos, weights, deviation
-        per_word -= mask + (W * low if low < 4 else 0)  # no mask; in bf16 no half-precision copy of k
+        # k and v as matmul inputs; in bf16 k's is the fp32 normalised copy, counted already
+        per_word = shared_per_word + 2 * W * low - (W * low if low < 4 else 0)
+    else:
+        per_caption_position = 3 * W * low + H * 4 + 2 * L * 4
+        if N == 1 and low == 4:  # one caption: attention reads q itself, the same storage the overlaps keep
+            per_caption_position -= W * low
+        mask = low
+        if dt.matrix_attention:  # cpu_half_attention: the probabilities, not the output and lse; a boolean mask
+            per_caption_position += H * L * low - W * low - H * 4
+            mask = 1
+        per_word = shared_per_word + mask + 2 * W * low
     packed = s.real * W * wide if s.packed else 0  # the packed input, kept by the unpack
     return s.layout * (per_position + N * per_caption_position) + batch * N * L * per_word + packed
 
