@@ -46,6 +46,26 @@ def test_every_recipe_loads_and_plans(recipe: Path, tmp_path: Path, monkeypatch)
         assert plan.inventory.cond_layers == (cfg.model.predictor_depth if cfg.conditioner.enabled else 0)
 
 
+PAPER_RECIPES = sorted(p for p in (ROOT / "recipes").glob("tcjepa_*.yaml") if "conditioner/tcjepa_t5_base" in p.read_text())
+
+
+def test_paper_recipes_train_the_papers_objective(tmp_path: Path, monkeypatch):
+    """The recipes that reproduce the paper train its objective: L2 feature distance, lambda 0.1
+    and beta 0.5 weighed against that distance summed over the target's channels (against our
+    per-channel mean they switch the text off), 8 captions max-pooled, a frozen T5."""
+    from tests.conftest import write_t5_model
+
+    assert len(PAPER_RECIPES) >= 5, [p.name for p in PAPER_RECIPES]
+    monkeypatch.chdir(tmp_path)
+    write_t5_model(tmp_path, path=tmp_path / "models/t5-base")
+    for recipe in PAPER_RECIPES:
+        cfg = load_config(recipe)
+        c = cfg.conditioner
+        got = (cfg.train.predict_loss, c.variant, c.weigh_against, c.sparse_weight, c.consistency_weight,
+               c.max_captions, c.text_encoder, c.logits)
+        assert got == ("l2", "paper", "sum", 0.1, 0.5, 8, "t5", "dot"), (recipe.name, got)
+
+
 def test_quickstart_recipe_composes_blocks():
     cfg = load_config(ROOT / "recipes/ijepa_quickstart.yaml")
     assert cfg.model.encoder == "vit_tiny_8" and cfg.model.depth == 6  # from configs/model
