@@ -22,7 +22,7 @@ def reference_layer(layer: CaptionCrossAttention, x: torch.Tensor, text: torch.T
                     has_text: torch.Tensor) -> torch.Tensor:
     """The paper's layer written out per sample and per caption, over each caption's real words
     only (no masking): each caption's cross-attended state x + proj(attention), the elementwise
-    max over the real captions, then the MLP on the pooled state; x [B, Q, C]."""
+    max over the real captions, then the MLP on the pooled state (if the layer has one); x [B, Q, C]."""
     B, Q, C = x.shape
     H = layer.num_heads
     dh = C // H
@@ -48,7 +48,7 @@ def reference_layer(layer: CaptionCrossAttention, x: torch.Tensor, text: torch.T
             states.append(x[b] + torch.cat(heads, dim=-1))
         if states:
             pooled = torch.stack(states).amax(0)
-            out[b] = pooled + layer.mlp(layer.mlp_norm(pooled))
+            out[b] = pooled + layer.mlp(layer.mlp_norm(pooled)) if layer.mlp is not None else pooled
     return out
 
 
@@ -59,11 +59,14 @@ def random_text(B: int, N: int, S: int, C: int, gen: torch.Generator) -> tuple[t
     return text, valid
 
 
-def test_batched_captions_equal_a_loop_over_captions_then_a_max():
+@pytest.mark.parametrize("mlp", [True, False])
+def test_batched_captions_equal_a_loop_over_captions_then_a_max(mlp):
+    """With and without the MLP after the attention (``conditioner.mlp``)."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     B, T, Ns, N, S, C = 3, 2, 5, 4, 6, 16
-    layer = build_caption_conditioners(C, 1, 1, num_heads=4)["0"].double()
+    layer = build_caption_conditioners(C, 1, 1, num_heads=4, mlp=mlp)["0"].double()
+    assert any(name.startswith("mlp.") for name, _ in layer.named_parameters()) is mlp
     text, valid = random_text(B, N, S, C, gen)
     has_text = torch.tensor([[True, True, False, True], [False, False, False, False], [True, False, False, False]])
     x = torch.randn(B * T, Ns, C, generator=gen, dtype=torch.float64)

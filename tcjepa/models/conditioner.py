@@ -55,6 +55,10 @@ leaves open, and the choice made:
   nothing, so the prediction loss has to hold some overlaps above zero to use the text at all.
   Not normalised by the caption's length, so a long caption can add more than a short one;
   the max over captions sees that. Not the summary's softmax; an ablation of the collapse.
+- *The MLP* (``conditioner.mlp``, on as the summary has it) runs on the pooled state of every
+  image with a caption, whatever the attention picked: predictor capacity that I-JEPA lacks,
+  text or no text. ``mlp: false`` adds the attended words only (``h = x + max_n attn_n``), the
+  ablation that tells the text's effect from the extra capacity's.
 - *Init.* The predictor's truncated-normal init (``model.init_std``) with the residual
   projections rescaled by depth, as the ViT blocks are; no zero gate. A fresh ``paper`` TC-JEPA
   therefore differs from I-JEPA from step 0 (``gated_topk`` starts equal to it), and a gradient
@@ -258,7 +262,7 @@ class CaptionCrossAttention(nn.Module):
     when ``keep_weights`` is set (visualisation)."""
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0, logits: str = "dot",
-                 logit_scale: float = 10.0):
+                 logit_scale: float = 10.0, mlp: bool = True):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"conditioner width {width} is not divisible by {num_heads} heads")
@@ -274,8 +278,9 @@ class CaptionCrossAttention(nn.Module):
         self.q = nn.Linear(width, width)
         self.k = nn.Linear(width, width)
         self.v = nn.Linear(width, width)  # the heads' values, concatenated: the update itself (no W_O)
-        self.mlp_norm = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = MLP(width, int(width * mlp_ratio))
+        # the MLP after the attention (``conditioner.mlp``): without it the layer adds only attended words
+        self.mlp_norm = nn.LayerNorm(width, eps=1e-6) if mlp else None
+        self.mlp = MLP(width, int(width * mlp_ratio)) if mlp else None
         self.keep_weights = False
         self.last_overlap: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
@@ -312,7 +317,7 @@ class CaptionCrossAttention(nn.Module):
         some = has_text.any(1)[:, None, None]
         pooled = torch.where(some, pooled, torch.zeros_like(pooled))  # no -inf reaches the MLP (its grad would be NaN)
         h = x_b + pooled
-        conditioned = h + self.mlp(self.mlp_norm(h))
+        conditioned = h + self.mlp(self.mlp_norm(h)) if self.mlp is not None else h
         out = torch.where(some, conditioned, x_b)  # no caption: identity
         out = out.reshape(BT, Ns, C)
         return packing.pack(out) if packing is not None else out
@@ -388,19 +393,20 @@ def overlaps(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor) -> torc
 
 
 def build_caption_conditioners(width: int, depth: int, every: int, num_heads: int, mlp_ratio: float = 4.0,
-                               init_std: float = 0.02, logits: str = "dot", logit_scale: float = 10.0
-                               ) -> nn.ModuleDict:
+                               init_std: float = 0.02, logits: str = "dot", logit_scale: float = 10.0,
+                               mlp: bool = True) -> nn.ModuleDict:
     """``variant: paper`` conditioners keyed by predictor block index (``Predictor.conditioners``);
     residual projections rescaled by their layer id, as :func:`rescale_residual_branches` does."""
     from tcjepa.models.vit import init_weights
 
-    layers = nn.ModuleDict({str(i): CaptionCrossAttention(width, num_heads, mlp_ratio, logits, logit_scale)
+    layers = nn.ModuleDict({str(i): CaptionCrossAttention(width, num_heads, mlp_ratio, logits, logit_scale, mlp)
                             for i in conditioned_blocks(depth, every)})
     init_weights(layers, init_std)
     for i, layer in layers.items():
         with torch.no_grad():
-            for weight in (layer.v.weight, layer.mlp.fc2.weight):  # the two residual branches' last maps
-                weight.div_(math.sqrt(2.0 * (int(i) + 1)))
+            for branch in (layer.v, layer.mlp.fc2 if layer.mlp is not None else None):  # the residual branches' last maps
+                if branch is not None:
+                    branch.weight.div_(math.sqrt(2.0 * (int(i) + 1)))
     return layers
 
 

@@ -51,7 +51,7 @@ def model_flops(inv: ModelInventory, tok: TokenStats) -> Flops:
         q = sum(seqs) / B  # predictor tokens per image: the conditioners' queries
         if inv.variant == "paper":  # q and the MLP once; k, v, scores, AV and cosines per caption;
             hidden = inv.cond_hidden or 4 * W  # the logged attention entropy re-scores the first caption
-            per_layer = (2 * q * W * W + 2 * q * 2 * W * hidden + 2 * q * L * W
+            per_layer = (2 * q * W * W + 2 * q * 2 * W * hidden * inv.cond_mlp + 2 * q * L * W
                          + N * (2 * L * W * 2 * W + 3 * 2 * q * L * W))
         else:
             per_layer = 2 * q * W * W * 2 + 2 * L * W * 2 * W + 4 * q * L * W
