@@ -404,9 +404,9 @@ def build_caption_conditioners(width: int, depth: int, every: int, num_heads: in
     init_weights(layers, init_std)
     for i, layer in layers.items():
         with torch.no_grad():
-            for branch in (layer.v, layer.mlp.fc2 if layer.mlp is not None else None):  # the residual branches' last maps
-                if branch is not None:
-                    branch.weight.div_(math.sqrt(2.0 * (int(i) + 1)))
+            last_maps = [layer.v] + ([layer.mlp.fc2] if layer.mlp is not None else [])  # each residual branch's
+            for branch in last_maps:
+                branch.weight.div_(math.sqrt(2.0 * (int(i) + 1)))
     return layers
 
 
