@@ -146,10 +146,18 @@ def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: P
     return {**probe_top1(metrics), "zeroshot": zs,
             "final_loss": recs[-1]["loss"], "img_per_s": statistics.median(r["img_per_s"] for r in recs if "img_per_s" in r),
             "cond_gate": recs[-1].get("cond_gate"), "cond_entropy": recs[-1].get("cond_entropy"),
-            "cond_sparse": recs[-1].get("cond_sparse"),
+            "cond_sparse": recs[-1].get("cond_sparse"), **target_health(recs),
             "miou": segment_miou(run_dir, train_dir, val_dir) if segment else None,
             "grounding": pointing_game(run_dir, val_dir) if grounding else None,
             **vision_language(run_dir, train_dir, val_dir, caption, vqa_decoder, vqa=vqa)}
+
+
+def target_health(recs: list[dict]) -> dict:
+    """The teacher targets' spread and effective rank at the last step that logged them
+    (``target_std``, ``target_rankme``): falling while the loss falls means the targets got
+    easier, not the prediction better (a step toward collapse)."""
+    last = next((r for r in reversed(recs) if "target_std" in r), {})
+    return {"target_std": last.get("target_std"), "target_rankme": last.get("target_rankme")}
 
 
 @dataclass(frozen=True)
@@ -284,6 +292,8 @@ def summarise(results: dict[str, dict[int, dict]]) -> str:
         ("VQA (decoder)", lambda r: r.get("vqa_decoder")),
         ("cond_sparse", lambda r: r.get("cond_sparse")),
         ("cond_entropy", lambda r: r.get("cond_entropy")),
+        ("target std", lambda r: r.get("target_std")),
+        ("target RankMe", lambda r: r.get("target_rankme")),
     ) if any(get(r) is not None for r in every)]
     chance = {"pointing (chance)": "pointing_chance", "mass in object (chance)": "mass_chance"}
     head = ("| method | " + " | ".join(TITLES.get(k, k) for k in labels) + "".join(f" | {t}" for t, _ in extra)

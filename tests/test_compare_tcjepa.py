@@ -62,3 +62,21 @@ def test_probe_top1_reads_the_attentive_probe_when_it_ran():
     assert compare.probe_top1(both) == {"top1": {"label": 0.5, "labels.count": 0.3},
                                         "attentive": {"label": 0.6, "labels.count": 0.4}}
     assert compare.probe_top1({"per_label": {"label": {"top1": 0.5}}}) == {"top1": {"label": 0.5}}
+
+
+def test_summary_reports_the_targets_spread_and_rank_with_paired_differences():
+    """A loss that falls because the targets shrink must show in the table: the last logged
+    ``target_std`` and ``target_rankme`` per method, and their paired differences."""
+    compare = load_compare_script()
+    recs = [{"step": 10, "loss": 0.3, "target_std": 0.5, "target_rankme": 30.0}, {"step": 20, "loss": 0.2, "img_per_s": 9}]
+    assert compare.target_health(recs) == {"target_std": 0.5, "target_rankme": 30.0}
+    assert compare.target_health([{"step": 1}]) == {"target_std": None, "target_rankme": None}
+
+    def run(std: float, rank: float) -> dict:
+        return {"top1": {"label": 0.3}, "final_loss": 0.1, "img_per_s": 10.0, "target_std": std, "target_rankme": rank}
+
+    table = compare.summarise({"A": {0: run(0.6, 30.0), 1: run(0.62, 32.0)}, "B": {0: run(0.5, 25.0), 1: run(0.46, 24.0)}})
+    head, _, a, b, diff = table.splitlines()
+    assert "| target std | target RankMe |" in head
+    assert "0.610 ± 0.014 | 31.000 ± 1.414" in a and "0.480 ± 0.028" in b
+    assert "-0.130 ± 0.042 (0/2 seeds up)" in diff and "-6.500 ± 2.121 (0/2 seeds up)" in diff
