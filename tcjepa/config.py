@@ -107,6 +107,8 @@ class ConditionerConfig:
     logits: str = "dot"  # paper: attention logits q.k / sqrt(d) (dot) | per-head cosines x a learned scale (cosine)
     #                      | the rectified cosines as unnormalised weights (overlap: ReLU attention)
     logit_scale: float = 10.0  # paper, logits: cosine: the scale's initial value (learned, at most 100)
+    regularise_encoder: bool = True  # paper: the regularisers' gradient reaches the predictor's state and the encoder
+    #                                  through the queries (true) | stops at the conditioner's W_Q, W_K and the text (false)
     mlp: bool = True  # paper: the MLP (with its LayerNorm) after each layer's cross-attention; false: the attended
     #                   words are only added to the predictor's state (an ablation: the MLP runs whatever the text says)
     sparsity: str = "topk"  # gated_topk: topk | sparsemax | softmax

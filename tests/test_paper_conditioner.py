@@ -235,6 +235,42 @@ def test_regularisers_reach_every_layers_query_and_key_weights(student_and_batch
     assert all(c.v.weight.grad.abs().sum() > 0 for c in layers)
 
 
+@pytest.mark.parametrize("logits", ["dot", "overlap"])
+def test_regularisers_can_stop_at_the_conditioner(logits):
+    """``conditioner.regularise_encoder: false``: the same loss, overlaps and prediction, but the
+    regularisers' gradient trains only the conditioners' W_Q (with its norm), W_K and the text
+    side; with it (the default) they also move the encoder and the predictor's blocks through
+    the queries (measured: their pull contracts the encoder's features, benchmarks/RESULTS.md)."""
+    from tcjepa.masks import sample_masks
+    from tcjepa.methods.jepa import JEPA
+
+    grads, values = {}, {}
+    for reach in (True, False):
+        torch.manual_seed(0)
+        cfg = load_config(QUICK, PAPER + [f"conditioner.logits={logits}", f"conditioner.regularise_encoder={reach}"])
+        method = JEPA(cfg)
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(3, 3, cfg.model.image_size, cfg.model.image_size, generator=gen)
+        masks = sample_masks(3, method.model.encoder.grid, gen, **vars(cfg.mask))
+        student, tokens = method.model, method.tokenizer(["a red circle on the left", "two blue squares", "a star"])
+        loss = student(images, masks, method.targets(images, masks), tokens)
+        sparse, consistency = student._regularisers(masks, student.text(tokens).has_text)
+        (sparse + consistency).backward()
+        values[reach] = (loss.detach(), sparse.detach(), consistency.detach())
+        grads[reach] = {n: p.grad for n, p in student.named_parameters()}
+    for a, b in zip(values[True], values[False]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert values[False][1] > 0
+
+    def moved(reach: bool, prefix: str) -> bool:
+        return any(g is not None and g.abs().sum() > 0 for n, g in grads[reach].items() if n.startswith(prefix))
+
+    for prefix in ("encoder.", "predictor.predictor_blocks.", "predictor.predictor_embed."):
+        assert moved(True, prefix) and not moved(False, prefix), prefix
+    for prefix in ("predictor.conditioners.0.q.", "predictor.conditioners.1.k.", "text."):
+        assert moved(False, prefix), prefix
+
+
 def test_zero_weights_give_the_prediction_loss_gradients(student_and_batch, monkeypatch):
     import dataclasses
 

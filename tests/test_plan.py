@@ -136,7 +136,12 @@ def test_activation_estimate_matches_saved_tensor_bytes(overrides, checkpointing
 @pytest.mark.parametrize("overrides", [[], ["train.precision=bf16"], ["conditioner.max_captions=1"],
                                        ["conditioner.variant=gated_topk", "train.precision=bf16"],
                                        ["conditioner.logits=overlap"], ["conditioner.logits=overlap", "train.precision=bf16"],
-                                       ["conditioner.mlp=false"], ["conditioner.mlp=false", "train.precision=bf16"]])
+                                       ["conditioner.mlp=false"], ["conditioner.mlp=false", "train.precision=bf16"],
+                                       ["conditioner.regularise_encoder=false"],
+                                       ["conditioner.regularise_encoder=false", "conditioner.max_captions=1"],
+                                       ["conditioner.regularise_encoder=false", "conditioner.logits=overlap"],
+                                       ["conditioner.regularise_encoder=false", "conditioner.logits=overlap",
+                                        "train.precision=bf16"]])
 def test_tcjepa_activation_estimate_matches_saved_tensor_bytes(overrides):
     """TC-JEPA's text tower and conditioners too: the paper variant over 8 captions (its
     conditioners hold most of the step's activations) and over one, its overlap logits (no fused

@@ -196,7 +196,7 @@ def build_conditioners_for(cfg: Config, heads: int, mlp_ratio: float) -> nn.Modu
     c, m = cfg.conditioner, cfg.model
     if c.variant == "paper":
         return build_caption_conditioners(m.predictor_width, m.predictor_depth, c.every, heads, mlp_ratio, m.init_std,
-                                          c.logits, c.logit_scale, c.mlp)
+                                          c.logits, c.logit_scale, mlp=c.mlp, regularise_encoder=c.regularise_encoder)
     return build_conditioners(m.predictor_width, m.predictor_depth, c.every, heads, c.sparsity, c.top_k, c.qk_norm,
                               c.gate_scale, m.init_std)
 

@@ -55,6 +55,15 @@ leaves open, and the choice made:
   nothing, so the prediction loss has to hold some overlaps above zero to use the text at all.
   Not normalised by the caption's length, so a long caption can add more than a short one;
   the max over captions sees that. Not the summary's softmax; an ablation of the collapse.
+- *Where the regularisers' gradient goes* (``conditioner.regularise_encoder``). The overlaps are
+  cosines of W_Q LN(x) with the keys, and x, the predictor's state, is computed from the
+  encoder's features: by default (the summary says nothing) the regularisers' gradient reaches
+  the predictor's blocks and the encoder through the queries. Measured, that pull contracts the
+  encoder's features (the teacher's target spread and RankMe fall while I-JEPA's rise; with
+  lambda = beta = 0 they do not: benchmarks/RESULTS.md): the cheapest way to hold every cosine
+  at or below zero is to make the queries alike. ``regularise_encoder: false`` reads the
+  overlaps from queries recomputed on the state with its gradient stopped (the same values),
+  so the regularisers train W_Q, its norm, W_K and the text side only.
 - *The MLP* (``conditioner.mlp``, on as the summary has it) runs on the pooled state of every
   image with a caption, whatever the attention picked: predictor capacity that I-JEPA lacks,
   text or no text. ``mlp: false`` adds the attended words only (``h = x + max_n attn_n``), the
@@ -262,7 +271,7 @@ class CaptionCrossAttention(nn.Module):
     when ``keep_weights`` is set (visualisation)."""
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0, logits: str = "dot",
-                 logit_scale: float = 10.0, mlp: bool = True):
+                 logit_scale: float = 10.0, mlp: bool = True, regularise_encoder: bool = True):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"conditioner width {width} is not divisible by {num_heads} heads")
@@ -270,7 +279,7 @@ class CaptionCrossAttention(nn.Module):
             raise ValueError(f"unknown conditioner logits {logits!r}; expected one of {', '.join(LOGITS)}")
         from tcjepa.models.vit import MLP
 
-        self.num_heads, self.logits = num_heads, logits
+        self.num_heads, self.logits, self.regularise_encoder = num_heads, logits, regularise_encoder
         # cosine logits: log of the learned scale of the cosines (CLIP's logit_scale); dot: none.
         # Shape [1], not a 0-d scalar: DeepSpeed's parameter broadcast views every parameter as bytes
         self.log_scale = nn.Parameter(torch.full((1,), math.log(logit_scale))) if logits == "cosine" else None
@@ -300,8 +309,11 @@ class CaptionCrossAttention(nn.Module):
         q = self.q(self.norm(x_b)).view(B, Q, H, dh).transpose(1, 2)  # [B, H, Q, dh]: shared by the captions
         k = self.k(text).view(B, N, S, H, dh).transpose(2, 3)  # [B, N, H, S, dh]
         v = self.v(text).view(B, N, S, H, dh).transpose(2, 3)
+        # the queries the regularisers read: without regularise_encoder, recomputed from the predictor state with
+        # its gradient stopped (the same values), so the regularisers train W_Q, W_K and the text, not the encoder
+        q_reg = q if self.regularise_encoder else self.q(self.norm(x_b.detach())).view(B, Q, H, dh).transpose(1, 2)
         if self.logits == "overlap":
-            update, self.last_overlap = self.overlap_attention(q, k, v, text_valid, has_text)
+            update, self.last_overlap = self.overlap_attention(q, k, v, text_valid, has_text, q_reg)
         else:
             words = text_valid | ~text_valid.any(-1, keepdim=True)  # a caption with no real word: no NaN
             qs, ks, scale = self.logit_inputs(q, k)
@@ -311,7 +323,7 @@ class CaptionCrossAttention(nn.Module):
                 qs[:, None].expand(B, N, H, Q, dh).reshape(B * N, H, Q, dh), ks.reshape(B * N, H, S, dh),
                 v.reshape(B * N, H, S, dh), words.reshape(B * N, 1, 1, S), scale=scale)  # [B * N, H, Q, dh]
             update = attended.view(B, N, H, Q, dh).transpose(2, 3).reshape(B, N, Q, C)  # each caption's update
-            self.last_overlap = overlaps(q, k, text_valid)
+            self.last_overlap = overlaps(q_reg, k, text_valid)
             self._record(qs, ks, scale, words, has_text)
         pooled = update.masked_fill(~has_text[:, :, None, None], float("-inf")).amax(1)  # max over real captions
         some = has_text.any(1)[:, None, None]
@@ -323,22 +335,22 @@ class CaptionCrossAttention(nn.Module):
         return packing.pack(out) if packing is not None else out
 
     def overlap_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_valid: torch.Tensor,
-                          has_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                          has_text: torch.Tensor, q_reg: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """``logits: overlap``: each head's weights are its rectified cosines max(cos(q_h, k_h), 0)
         themselves, not normalised (ReLU attention): a word adds its value in proportion to its
         overlap, so the sparsity loss on the overlaps is a cost on the text update itself and the
         prediction loss can only use a word by keeping its overlap above zero. Returns each
         caption's update [B, N, Q, C] and the overlaps the regularisers read: the weights'
-        mean over heads [B, N, Q, S] (in at least fp32, as :func:`overlaps`)."""
+        mean over heads [B, N, Q, S] (in at least fp32, as :func:`overlaps`), from ``q_reg`` when it
+        is not ``q`` (the same values, another gradient path: ``regularise_encoder: false``)."""
         B, H, Q, dh = q.shape
         N = k.shape[1]
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        with torch.autocast(q.device.type, enabled=False):
-            cos = torch.einsum("bhqd,bnhsd->bnhqs", F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1))
-            w = cos.clamp_min(0) * text_valid[:, :, None, None, :]  # padding words never count
+        w = rectified_cosines(q, k, text_valid)
         attended = torch.einsum("bnhqs,bnhsd->bnqhd", w.to(v.dtype), v)
         self._record_weights(w, text_valid, has_text)
-        return attended.reshape(B, N, Q, H * dh), w.mean(2)
+        read = w if q_reg is None or q_reg is q else rectified_cosines(q_reg, k, text_valid)
+        return attended.reshape(B, N, Q, H * dh), read.mean(2)
 
     @torch.no_grad()
     def _record_weights(self, w: torch.Tensor, text_valid: torch.Tensor, has_text: torch.Tensor) -> None:
@@ -378,6 +390,15 @@ class CaptionCrossAttention(nn.Module):
         self.last_entropy = (ent * real).sum() / real.sum().clamp_min(1)
 
 
+def rectified_cosines(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+    """max(cos(q_h, k_h), 0) per head, [B, N, H, Q, S], zeros at padding words, in at least fp32
+    (``logits: overlap``'s attention weights), from q [B, H, Q, dh] and k [B, N, H, S, dh]."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        cos = torch.einsum("bhqd,bnhsd->bnhqs", F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1))
+        return cos.clamp_min(0) * text_valid[:, :, None, None, :]
+
+
 def overlaps(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
     """O = max(cos(q, k), 0) averaged over heads, [B, N, Q, S], zeros at padding words, from q
     [B, H, Q, dh] and k [B, N, H, S, dh]. The head mean of per-head cosines is one product over
@@ -394,12 +415,13 @@ def overlaps(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor) -> torc
 
 def build_caption_conditioners(width: int, depth: int, every: int, num_heads: int, mlp_ratio: float = 4.0,
                                init_std: float = 0.02, logits: str = "dot", logit_scale: float = 10.0,
-                               mlp: bool = True) -> nn.ModuleDict:
+                               mlp: bool = True, regularise_encoder: bool = True) -> nn.ModuleDict:
     """``variant: paper`` conditioners keyed by predictor block index (``Predictor.conditioners``);
     residual projections rescaled by their layer id, as :func:`rescale_residual_branches` does."""
     from tcjepa.models.vit import init_weights
 
-    layers = nn.ModuleDict({str(i): CaptionCrossAttention(width, num_heads, mlp_ratio, logits, logit_scale, mlp)
+    layers = nn.ModuleDict({str(i): CaptionCrossAttention(width, num_heads, mlp_ratio, logits, logit_scale, mlp=mlp,
+                                                          regularise_encoder=regularise_encoder)
                             for i in conditioned_blocks(depth, every)})
     init_weights(layers, init_std)
     for i, layer in layers.items():

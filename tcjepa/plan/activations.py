@@ -139,7 +139,10 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     log-sum-exp, and a boolean mask instead of the additive one. (Equal, to the byte but for a
     few boolean masks, to what one layer saves in fp32 and in CPU bf16.) ``logits: overlap`` runs
     no fused attention: per (caption, position) it keeps each head's cosines and rectified
-    weights over the words instead of the query copy, output and log-sum-exp."""
+    weights over the words instead of the query copy, output and log-sum-exp. With
+    ``regularise_encoder: false`` the regularisers' own queries add a second norm output (and
+    statistics) per position; under ``logits: overlap`` also their fp32 copy and normalised copy,
+    their cosines per (caption, position) and k's normalised copy again per word."""
     W, L, N, H = inv.predictor.width, inv.text.length if inv.text else 0, inv.captions, inv.cond_heads
     hidden = inv.cond_hidden or 4 * W
     low, wide = dt.low, dt.wide
@@ -147,13 +150,19 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     if not inv.cond_mlp:  # no MLP: its norm's input and statistics, fc1's input and output, fc2's input
         per_position -= W * wide + 8 + W * low + 2 * hidden * low
     shared_per_word = 2 * H * 4 + W * 4 + 1 + (W * 4 + W * low if low < 4 else 0)
+    detached = inv.cond_detached_queries
+    per_position += (W * low + 8) * detached  # the regularisers' queries: their own norm output and statistics
     if inv.cond_logits == "overlap":  # no attention kernel: each head's cosines (fp32) and weights per word
         per_caption_position = W * low + H * L * (4 + low) + L * 4  # pooling input, cos, weights, deviation
         # k and v as matmul inputs; in bf16 k's is the fp32 normalised copy, counted already
         per_word = shared_per_word + 2 * W * low - (W * low if low < 4 else 0)
+        if detached:  # the regularisers' cosines from their own queries: q and k normalised again
+            per_position += 2 * W * 4
+            per_caption_position += H * L * 4
+            per_word += W * 4 * (1 if low == 4 else 2)
     else:
         per_caption_position = 3 * W * low + H * 4 + 2 * L * 4
-        if N == 1 and low == 4:  # one caption: attention reads q itself, the same storage the overlaps keep
+        if N == 1 and low == 4 and not detached:  # one caption: attention reads q itself, the overlaps' q
             per_caption_position -= W * low
         mask = low
         if dt.matrix_attention:  # cpu_half_attention: the probabilities, not the output and lse; a boolean mask
