@@ -276,6 +276,9 @@ def zeroshot_top1(run_dir: Path, val_dir: Path) -> float | None:
     return json.loads(out.read_text())["metrics"]["top1"]
 
 
+DIGITS = {"target RankMe": 1}  # decimals of a column, where not 3
+
+
 def summarise(results: dict[str, dict[int, dict]]) -> str:
     labels = list(next(iter(next(iter(results.values())).values()))["top1"])
     every = [r for by_seed in results.values() for r in by_seed.values()]
@@ -311,7 +314,7 @@ def summarise(results: dict[str, dict[int, dict]]) -> str:
         cells = [fmt([r["top1"][k] for r in runs]) for k in labels]
         for title, get in extra:
             values = [get(r) for r in runs if get(r) is not None]
-            cells.append(fmt(values) + (f" ({statistics.mean(r['grounding'][chance[title]] for r in runs):.3f})"
+            cells.append(fmt(values, DIGITS.get(title, 3)) + (f" ({statistics.mean(r['grounding'][chance[title]] for r in runs):.3f})"
                                         if title in chance and values else ""))
         losses = [r["final_loss"] for r in runs if r.get("final_loss") is not None]
         speeds = [r["img_per_s"] for r in runs if r.get("img_per_s") is not None]
@@ -329,7 +332,7 @@ def summarise(results: dict[str, dict[int, dict]]) -> str:
         for title, get in extra:
             pairs = [(get(by_seed[s]), get(ref[s])) for s in seeds]
             diffs = [a - b for a, b in pairs if a is not None and b is not None]
-            cells.append(f"{fmt(diffs)} ({sum(d > 0 for d in diffs)}/{len(diffs)} seeds up)" if diffs else "")
+            cells.append(f"{fmt(diffs, DIGITS.get(title, 3))} ({sum(d > 0 for d in diffs)}/{len(diffs)} seeds up)" if diffs else "")
         lines.append(f"| {name} − {ref_name}, paired | " + " | ".join(cells) + " | | |")
     return "\n".join(lines)
 
