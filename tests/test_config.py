@@ -52,7 +52,8 @@ PAPER_RECIPES = sorted(p for p in (ROOT / "recipes").glob("tcjepa_*.yaml") if "c
 def test_paper_recipes_train_the_papers_objective(tmp_path: Path, monkeypatch):
     """The recipes that reproduce the paper train its objective: L2 feature distance, lambda 0.1
     and beta 0.5 weighed against that distance summed over the target's channels (against our
-    per-channel mean they switch the text off), 8 captions max-pooled, a frozen T5."""
+    per-channel mean they switch the text off), 8 captions max-pooled, a frozen T5; the
+    regularisers stop at the conditioner (through the queries they contract the encoder)."""
     from tests.conftest import write_t5_model
 
     assert len(PAPER_RECIPES) >= 5, [p.name for p in PAPER_RECIPES]
@@ -62,8 +63,8 @@ def test_paper_recipes_train_the_papers_objective(tmp_path: Path, monkeypatch):
         cfg = load_config(recipe)
         c = cfg.conditioner
         got = (cfg.train.predict_loss, c.variant, c.weigh_against, c.sparse_weight, c.consistency_weight,
-               c.max_captions, c.text_encoder, c.logits)
-        assert got == ("l2", "paper", "sum", 0.1, 0.5, 8, "t5", "dot"), (recipe.name, got)
+               c.max_captions, c.text_encoder, c.logits, c.regularise_encoder)
+        assert got == ("l2", "paper", "sum", 0.1, 0.5, 8, "t5", "dot", False), (recipe.name, got)
 
 
 def test_quickstart_recipe_composes_blocks():
