@@ -335,8 +335,7 @@ class CaptionCrossAttention(nn.Module):
         return packing.pack(out) if packing is not None else out
 
     def overlap_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_valid: torch.Tensor,
-                          has_text: torch.Tensor, q_reg: torch.Tensor | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          has_text: torch.Tensor, q_reg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``logits: overlap``: each head's weights are its rectified cosines max(cos(q_h, k_h), 0)
         themselves, not normalised (ReLU attention): a word adds its value in proportion to its
         overlap, so the sparsity loss on the overlaps is a cost on the text update itself and the
@@ -349,7 +348,7 @@ class CaptionCrossAttention(nn.Module):
         w = rectified_cosines(q, k, text_valid)
         attended = torch.einsum("bnhqs,bnhsd->bnqhd", w.to(v.dtype), v)
         self._record_weights(w, text_valid, has_text)
-        read = w if q_reg is None or q_reg is q else rectified_cosines(q_reg, k, text_valid)
+        read = w if q_reg is q else rectified_cosines(q_reg, k, text_valid)
         return attended.reshape(B, N, Q, H * dh), read.mean(2)
 
     @torch.no_grad()

@@ -150,7 +150,7 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     if not inv.cond_mlp:  # no MLP: its norm's input and statistics, fc1's input and output, fc2's input
         per_position -= W * wide + 8 + W * low + 2 * hidden * low
     shared_per_word = 2 * H * 4 + W * 4 + 1 + (W * 4 + W * low if low < 4 else 0)
-    detached = inv.cond_detached_queries
+    detached = not inv.cond_regularise_encoder
     per_position += (W * low + 8) * detached  # the regularisers' queries: their own norm output and statistics
     if inv.cond_logits == "overlap":  # no attention kernel: each head's cosines (fp32) and weights per word
         per_caption_position = W * low + H * L * (4 + low) + L * 4  # pooling input, cos, weights, deviation

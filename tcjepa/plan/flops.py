@@ -53,7 +53,7 @@ def model_flops(inv: ModelInventory, tok: TokenStats) -> Flops:
             hidden = inv.cond_hidden or 4 * W  # the logged attention entropy re-scores the first caption
             per_layer = (2 * q * W * W + 2 * q * 2 * W * hidden * inv.cond_mlp + 2 * q * L * W
                          + N * (2 * L * W * 2 * W + 3 * 2 * q * L * W))
-            if inv.cond_detached_queries:  # the regularisers' own queries (and, overlap logits, their cosines)
+            if not inv.cond_regularise_encoder:  # the regularisers' own queries (and, overlap logits, their cosines)
                 per_layer += 2 * q * W * W + N * 2 * q * L * W * (inv.cond_logits == "overlap")
         else:
             per_layer = 2 * q * W * W * 2 + 2 * L * W * 2 * W + 4 * q * L * W

@@ -63,7 +63,7 @@ class ModelInventory:
     cond_hidden: int = 0  # the paper conditioner's MLP width
     cond_logits: str = "dot"  # the paper conditioner's conditioner.logits (overlap: no fused attention)
     cond_mlp: bool = True  # the paper conditioner's conditioner.mlp (an MLP after each cross-attention)
-    cond_detached_queries: bool = False  # conditioner.regularise_encoder false: the regularisers' own queries
+    cond_regularise_encoder: bool = True  # conditioner.regularise_encoder (false: the regularisers' own queries)
     embedding_params: int = 0  # trained lookup tables (a scratch text tower's): autocast makes no bf16 copy
 
     @property
@@ -189,5 +189,5 @@ def inventory(cfg: Config) -> ModelInventory:
         text_params=n(student[2]) if c.enabled else 0, teacher_params=n(teacher), largest_layer=largest,
         variant=c.variant, captions=max(captions_per_image(c), 1),
         cond_hidden=int(m.predictor_width * mlp_ratio) if c.variant == "paper" else 0, cond_logits=c.logits,
-        cond_mlp=c.mlp, cond_detached_queries=not c.regularise_encoder, embedding_params=tables,
+        cond_mlp=c.mlp, cond_regularise_encoder=c.regularise_encoder, embedding_params=tables,
     )
