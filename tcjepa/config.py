@@ -101,14 +101,16 @@ class ConditionerConfig:
     max_captions: int = 8  # paper: captions per image (KEY.txt, then KEY.json "captions"), max-pooled; gated_topk: 1
     sparse_weight: float = 0.1  # paper: lambda, the weight of L_sparse (the overlaps' L1 norm)
     consistency_weight: float = 0.5  # paper: beta, the weight of L_consistency (overlaps equal across layers)
-    weigh_against: str = "mean"  # paper: what lambda and beta weigh against: the prediction loss as computed, a mean
-    #                              over the target's channels (mean) | the paper's L2 distance summed over them (sum:
-    #                              the weights divided by the target width; the logged loss_predict is unchanged)
+    weigh_against: str = "sum"  # paper: what lambda and beta weigh against: the paper's L2 distance summed over the
+    #                             target's channels (sum: the weights divided by the target width; the logged
+    #                             loss_predict is unchanged) | the prediction loss as computed, a per-channel mean
+    #                             (mean: measured, it switches the text off within ~30 steps)
     logits: str = "dot"  # paper: attention logits q.k / sqrt(d) (dot) | per-head cosines x a learned scale (cosine)
     #                      | the rectified cosines as unnormalised weights (overlap: ReLU attention)
     logit_scale: float = 10.0  # paper, logits: cosine: the scale's initial value (learned, at most 100)
-    regularise_encoder: bool = True  # paper: the regularisers' gradient reaches the predictor's state and the encoder
-    #                                  through the queries (true) | stops at the conditioner's W_Q, W_K and the text (false)
+    regularise_encoder: bool = False  # paper: the regularisers' gradient stops at the conditioner's W_Q, W_K and the
+    #                                   text (false) | reaches the predictor's state and the encoder through the queries
+    #                                   (true: measured, it contracts the encoder's features)
     mlp: bool = True  # paper: the MLP (with its LayerNorm) after each layer's cross-attention; false: the attended
     #                   words are only added to the predictor's state (an ablation: the MLP runs whatever the text says)
     sparsity: str = "topk"  # gated_topk: topk | sparsemax | softmax

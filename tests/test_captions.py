@@ -152,7 +152,8 @@ def test_paper_variant_trains_on_eight_captions_and_logs_its_terms(tmp_path):
 
     write_synthetic_shards(tmp_path / "data", samples=48, shard_size=24, captions_per_image=8)
     overrides = [f"data.train={tmp_path / 'data'}", *TINY, *TINY_TEXT, "conditioner.context_length=48",
-                 "conditioner.variant=paper", "train.steps=3", "data.workers=2"]
+                 "conditioner.variant=paper", "train.steps=3", "data.workers=2",
+                 "conditioner.weigh_against=mean"]  # lambda and beta as written (sum: tested in test_paper_conditioner)
     recipe = project_root() / "recipes/tcjepa_quickstart.yaml"
     run = train(load_config(recipe, [*overrides, "conditioner.max_captions=8"]), tmp_path / "eight", progress=False)
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

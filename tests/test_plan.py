@@ -220,14 +220,20 @@ def test_activations_grow_with_batch_and_shrink_with_checkpointing():
     assert ckpt.peak < large.peak / 5 and ckpt.recompute > 0
 
 
-@pytest.mark.parametrize("recipe", ["ijepa_quickstart.yaml", "tcjepa_quickstart.yaml"])
-def test_flops_match_torch_flop_counter(recipe):
+@pytest.mark.parametrize("recipe, extra", [
+    ("ijepa_quickstart.yaml", []),
+    ("tcjepa_quickstart.yaml", []),  # overlap logits, the regularisers' own queries and cosines
+    ("tcjepa_quickstart.yaml", ["conditioner.logits=dot", "conditioner.regularise_encoder=true"]),
+    ("tcjepa_quickstart.yaml", ["conditioner.logits=cosine"]),
+])
+def test_flops_match_torch_flop_counter(recipe, extra):
     """Encoder (teacher) forward over all patches, and the student's forward over unpadded masks
     (official policy: no padding, so every matmul is real work), text tower and conditioner included."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = load_config(ROOT / "recipes" / recipe, ["mask.policy=official", "model.depth=2", "model.predictor_depth=2"])
+    cfg = load_config(ROOT / "recipes" / recipe,
+                      ["mask.policy=official", "model.depth=2", "model.predictor_depth=2", *extra])
     probe = probe_step(cfg, batch=4, seed=1)
     inv, tok = inventory(cfg), probe.token_stats
     assert not tok.padded

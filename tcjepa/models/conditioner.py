@@ -57,13 +57,13 @@ leaves open, and the choice made:
   the max over captions sees that. Not the summary's softmax; an ablation of the collapse.
 - *Where the regularisers' gradient goes* (``conditioner.regularise_encoder``). The overlaps are
   cosines of W_Q LN(x) with the keys, and x, the predictor's state, is computed from the
-  encoder's features: by default (the summary says nothing) the regularisers' gradient reaches
-  the predictor's blocks and the encoder through the queries. Measured, that pull contracts the
-  encoder's features (the teacher's target spread and RankMe fall while I-JEPA's rise; with
-  lambda = beta = 0 they do not: benchmarks/RESULTS.md): the cheapest way to hold every cosine
-  at or below zero is to make the queries alike. ``regularise_encoder: false`` reads the
-  overlaps from queries recomputed on the state with its gradient stopped (the same values),
-  so the regularisers train W_Q, its norm, W_K and the text side only.
+  encoder's features, so the regularisers' gradient could reach the predictor's blocks and the
+  encoder through the queries (the summary says nothing; ``regularise_encoder: true``).
+  Measured, that pull contracts the encoder's features (the teacher's target spread and RankMe
+  fall while I-JEPA's rise; with lambda = beta = 0 they do not: benchmarks/RESULTS.md): the
+  cheapest way to hold every cosine at or below zero is to make the queries alike. The default,
+  ``false``, reads the overlaps from queries recomputed on the state with its gradient stopped
+  (the same values), so the regularisers train W_Q, its norm, W_K and the text side only.
 - *The MLP* (``conditioner.mlp``, on as the summary has it) runs on the pooled state of every
   image with a caption, whatever the attention picked: predictor capacity that I-JEPA lacks,
   text or no text. ``mlp: false`` adds the attended words only (``h = x + max_n attn_n``), the
@@ -271,7 +271,7 @@ class CaptionCrossAttention(nn.Module):
     when ``keep_weights`` is set (visualisation)."""
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0, logits: str = "dot",
-                 logit_scale: float = 10.0, mlp: bool = True, regularise_encoder: bool = True):
+                 logit_scale: float = 10.0, mlp: bool = True, regularise_encoder: bool = False):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"conditioner width {width} is not divisible by {num_heads} heads")
@@ -414,7 +414,7 @@ def overlaps(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor) -> torc
 
 def build_caption_conditioners(width: int, depth: int, every: int, num_heads: int, mlp_ratio: float = 4.0,
                                init_std: float = 0.02, logits: str = "dot", logit_scale: float = 10.0,
-                               mlp: bool = True, regularise_encoder: bool = True) -> nn.ModuleDict:
+                               mlp: bool = True, regularise_encoder: bool = False) -> nn.ModuleDict:
     """``variant: paper`` conditioners keyed by predictor block index (``Predictor.conditioners``);
     residual projections rescaled by their layer id, as :func:`rescale_residual_branches` does."""
     from tcjepa.models.vit import init_weights

@@ -49,10 +49,11 @@ def model_flops(inv: ModelInventory, tok: TokenStats) -> Flops:
         tt, L, W, N = inv.text.tower, inv.text.length, p.width, inv.captions
         text = N * tower_flops([L], tt)
         q = sum(seqs) / B  # predictor tokens per image: the conditioners' queries
-        if inv.variant == "paper":  # q and the MLP once; k, v, scores, AV and cosines per caption;
-            hidden = inv.cond_hidden or 4 * W  # the logged attention entropy re-scores the first caption
-            per_layer = (2 * q * W * W + 2 * q * 2 * W * hidden * inv.cond_mlp + 2 * q * L * W
-                         + N * (2 * L * W * 2 * W + 3 * 2 * q * L * W))
+        if inv.variant == "paper":  # q and the MLP once; k, v, scores, AV and cosines per caption (overlap
+            # logits: the cosines are the scores); the logged attention entropy re-scores the first caption
+            hidden, relu = inv.cond_hidden or 4 * W, inv.cond_logits == "overlap"
+            per_layer = (2 * q * W * W + 2 * q * 2 * W * hidden * inv.cond_mlp + 2 * q * L * W * (not relu)
+                         + N * (2 * L * W * 2 * W + (2 if relu else 3) * 2 * q * L * W))
             if not inv.cond_regularise_encoder:  # the regularisers' own queries (and, overlap logits, their cosines)
                 per_layer += 2 * q * W * W + N * 2 * q * L * W * (inv.cond_logits == "overlap")
         else:

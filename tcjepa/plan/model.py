@@ -63,7 +63,7 @@ class ModelInventory:
     cond_hidden: int = 0  # the paper conditioner's MLP width
     cond_logits: str = "dot"  # the paper conditioner's conditioner.logits (overlap: no fused attention)
     cond_mlp: bool = True  # the paper conditioner's conditioner.mlp (an MLP after each cross-attention)
-    cond_regularise_encoder: bool = True  # conditioner.regularise_encoder (false: the regularisers' own queries)
+    cond_regularise_encoder: bool = False  # conditioner.regularise_encoder (false: the regularisers' own queries)
     embedding_params: int = 0  # trained lookup tables (a scratch text tower's): autocast makes no bf16 copy
 
     @property
