@@ -52,6 +52,10 @@ VARIANTS = {
     "paper N=8": ["conditioner.max_captions=8"],
     "paper N=1": ["conditioner.max_captions=1"],
     "paper N=8 frozen text": ["conditioner.max_captions=8", "conditioner.text_frozen=true"],
+    # the recipe's overlap logits against the summary's softmax, and the regularisers stopped at the
+    # conditioner (the default: their cosines share one product with the attention's) against not
+    "paper N=8 dot logits": ["conditioner.max_captions=8", "conditioner.logits=dot"],
+    "paper N=8 regularise encoder": ["conditioner.max_captions=8", "conditioner.regularise_encoder=true"],
     "gated_topk every=1": GATED,
     "gated_topk every=2": [*GATED, "conditioner.every=2"],
     "gated_topk sparsemax": [*GATED, "conditioner.sparsity=sparsemax"],

@@ -239,7 +239,7 @@ def test_regularisers_reach_every_layers_query_and_key_weights(student_and_batch
 def test_regularisers_can_stop_at_the_conditioner(logits):
     """``conditioner.regularise_encoder: false``: the same loss, overlaps and prediction, but the
     regularisers' gradient trains only the conditioners' W_Q (with its norm), W_K and the text
-    side; with it (the default) they also move the encoder and the predictor's blocks through
+    side (the default); with ``true`` they also move the encoder and the predictor's blocks through
     the queries (measured: their pull contracts the encoder's features, benchmarks/RESULTS.md)."""
     from tcjepa.masks import sample_masks
     from tcjepa.methods.jepa import JEPA
@@ -269,6 +269,29 @@ def test_regularisers_can_stop_at_the_conditioner(logits):
         assert moved(True, prefix) and not moved(False, prefix), prefix
     for prefix in ("predictor.conditioners.0.q.", "predictor.conditioners.1.k.", "text."):
         assert moved(False, prefix), prefix
+
+
+def test_cosines_computed_once_for_both_gradient_paths():
+    """``logits: overlap`` with ``regularise_encoder: false`` takes the attention weights and the
+    regularisers' overlaps from one cosine product: the same values and, for the queries of each
+    path and the keys, the same gradients as two separate products (float64, padding words)."""
+    from tcjepa.models.conditioner import rectified_cosines, rectified_cosines_twice
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    q_reg = q.detach().clone().requires_grad_(True)
+    k = torch.randn(3, 4, 2, 6, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    valid = torch.rand(3, 4, 6, generator=gen) > 0.3
+    weights, read = rectified_cosines_twice(q, q_reg, k, valid)
+    g_w, g_r = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (weights, read))
+    once = torch.autograd.grad((weights * g_w).sum() + (read * g_r).sum(), (q, q_reg, k))
+    ref_w, ref_r = rectified_cosines(q, k, valid), rectified_cosines(q_reg, k, valid)
+    twice = torch.autograd.grad((ref_w * g_w).sum() + (ref_r * g_r).sum(), (q, q_reg, k))
+    padding = ~valid[:, :, None, None, :].expand_as(read)
+    assert torch.equal(weights, ref_w) and torch.equal(read, ref_r) and (read[padding] == 0).all()
+    for a, b in zip(once, twice):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert once[1].abs().sum() > 0  # the regularisers' queries get their own gradient
 
 
 def test_zero_weights_give_the_prediction_loss_gradients(student_and_batch, monkeypatch):

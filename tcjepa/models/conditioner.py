@@ -345,10 +345,12 @@ class CaptionCrossAttention(nn.Module):
         is not ``q`` (the same values, another gradient path: ``regularise_encoder: false``)."""
         B, H, Q, dh = q.shape
         N = k.shape[1]
-        w = rectified_cosines(q, k, text_valid)
+        if q_reg is q:
+            w = read = rectified_cosines(q, k, text_valid)
+        else:
+            w, read = rectified_cosines_twice(q, q_reg, k, text_valid)
         attended = torch.einsum("bnhqs,bnhsd->bnqhd", w.to(v.dtype), v)
         self._record_weights(w, text_valid, has_text)
-        read = w if q_reg is q else rectified_cosines(q_reg, k, text_valid)
         return attended.reshape(B, N, Q, H * dh), read.mean(2)
 
     @torch.no_grad()
@@ -396,6 +398,36 @@ def rectified_cosines(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor
     with torch.autocast(q.device.type, enabled=False):
         cos = torch.einsum("bhqd,bnhsd->bnhqs", F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1))
         return cos.clamp_min(0) * text_valid[:, :, None, None, :]
+
+
+class _CosinesTwice(torch.autograd.Function):
+    """q_a k^T and q_r k^T for q_a and q_r of equal value (the same queries on two gradient paths):
+    one product forward, and in backward three instead of four (k's two gradients are summed
+    before their product)."""
+
+    @staticmethod
+    def forward(ctx, q_a: torch.Tensor, q_r: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(q_a, k)
+        cos = torch.einsum("bhqd,bnhsd->bnhqs", q_a, k)
+        return cos, cos.clone()
+
+    @staticmethod
+    def backward(ctx, g_a: torch.Tensor, g_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k = ctx.saved_tensors
+        return (torch.einsum("bnhqs,bnhsd->bhqd", g_a, k), torch.einsum("bnhqs,bnhsd->bhqd", g_r, k),
+                torch.einsum("bnhqs,bhqd->bnhsd", g_a + g_r, q))
+
+
+def rectified_cosines_twice(q: torch.Tensor, q_reg: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rectified_cosines` of ``q`` and of ``q_reg``, equal in value but not in where their
+    gradients go (``regularise_encoder: false``), with the cosines computed once."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        kn = F.normalize(k.to(dtype), dim=-1)
+        cos, cos_reg = _CosinesTwice.apply(F.normalize(q.to(dtype), dim=-1), F.normalize(q_reg.to(dtype), dim=-1), kn)
+        valid = text_valid[:, :, None, None, :]
+        return cos.clamp_min(0) * valid, cos_reg.clamp_min(0) * valid
 
 
 def overlaps(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:

@@ -141,8 +141,8 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     no fused attention: per (caption, position) it keeps each head's cosines and rectified
     weights over the words instead of the query copy, output and log-sum-exp. With
     ``regularise_encoder: false`` the regularisers' own queries add a second norm output (and
-    statistics) per position; under ``logits: overlap`` also their fp32 copy and normalised copy,
-    their cosines per (caption, position) and k's normalised copy again per word."""
+    statistics) per position; under ``logits: overlap`` also their fp32 copy, and their cosines
+    (computed in one product with the attention's) per (caption, position)."""
     W, L, N, H = inv.predictor.width, inv.text.length if inv.text else 0, inv.captions, inv.cond_heads
     hidden = inv.cond_hidden or 4 * W
     low, wide = dt.low, dt.wide
@@ -156,10 +156,9 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
         per_caption_position = W * low + H * L * (4 + low) + L * 4  # pooling input, cos, weights, deviation
         # k and v as matmul inputs; in bf16 k's is the fp32 normalised copy, counted already
         per_word = shared_per_word + 2 * W * low - (W * low if low < 4 else 0)
-        if detached:  # the regularisers' cosines from their own queries: q and k normalised again
-            per_position += 2 * W * 4
+        if detached:  # the regularisers' cosines (one product with the attention's): their queries' fp32
+            per_position += W * 4  # copy, which their normalisation keeps, and the cosines themselves
             per_caption_position += H * L * 4
-            per_word += W * 4 * (1 if low == 4 else 2)
     else:
         per_caption_position = 3 * W * low + H * 4 + 2 * L * 4
         if N == 1 and low == 4 and not detached:  # one caption: attention reads q itself, the overlaps' q
