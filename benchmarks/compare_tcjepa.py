@@ -26,6 +26,10 @@ encoder at initialisation (the seed's first draw), probed and segmented like the
     python benchmarks/compare_tcjepa.py --all-methods --segment --grounding --random-init --shuffled-captions \
       --seeds 0,1,2 --steps 150 --out runs/dense
 
+Does the predictor use what the captions say? ``--retrieval`` adds image->text and text->image
+recall@1 (``tcjepa eval retrieval``, blocks of 32): a TC-JEPA run ranks captions by how much each
+lowers its predictor's error, so a run trained on shuffled captions should sit at chance (0.031).
+
 Vision-language evaluation (issue 22's table): ``--caption`` adds each run's captioning CIDEr
 and BLEU-4 with the blind decoder's CIDEr (``tcjepa eval caption``), ``--vqa-decoder`` the
 generative VQA accuracy (``tcjepa eval vqa --set vqa.head=decoder``); both also for
@@ -121,7 +125,8 @@ def write_shuffled_captions(src: Path, dst: Path, seed: int = 0) -> Path:
 
 def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: Path, steps: int | None,
             zeroshot: bool = False, segment: bool = False, grounding: bool = False, caption: bool = False,
-            vqa_decoder: bool = False, vqa: VQAData | None = None, probe_kind: str = "") -> dict:
+            vqa_decoder: bool = False, vqa: VQAData | None = None, probe_kind: str = "",
+            retrieval: bool = False) -> dict:
     from tcjepa.eval.probe import run_probe
     from tcjepa.train import train
 
@@ -143,7 +148,7 @@ def run_one(recipe: str, overrides: list[str], seed: int, data: Path, run_dir: P
     metrics = json.loads(probe.read_text())["metrics"]
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
     zs = zeroshot_top1(run_dir, val_dir) if zeroshot else None
-    return {**probe_top1(metrics), "zeroshot": zs,
+    return {**probe_top1(metrics), "zeroshot": zs, "retrieval": retrieval_r1(run_dir, val_dir) if retrieval else None,
             "final_loss": recs[-1]["loss"], "img_per_s": statistics.median(r["img_per_s"] for r in recs if "img_per_s" in r),
             "cond_gate": recs[-1].get("cond_gate"), "cond_entropy": recs[-1].get("cond_entropy"),
             "cond_sparse": recs[-1].get("cond_sparse"), **target_health(recs),
@@ -276,6 +281,20 @@ def zeroshot_top1(run_dir: Path, val_dir: Path) -> float | None:
     return json.loads(out.read_text())["metrics"]["top1"]
 
 
+def retrieval_r1(run_dir: Path, val_dir: Path) -> dict | None:
+    """Image->text and text->image recall@1 in blocks of 32 (``tcjepa eval retrieval``; a TC-JEPA
+    run scores a caption by how much it lowers the predictor's error, so recall above chance
+    means the predictor uses what the caption says), or None for a run that cannot score text."""
+    from tcjepa.checkpoint import load_run_config
+    from tcjepa.eval.retrieval import run_retrieval
+
+    cfg = load_run_config(run_dir)
+    if not (cfg.train.method == "contrastive" or cfg.conditioner.enabled):
+        return None
+    m = cached_eval(run_dir / "eval" / "retrieval.json", lambda: run_retrieval(run_dir, str(val_dir), progress=False))
+    return {"image_to_text_r1": m["image_to_text_r1"], "text_to_image_r1": m["text_to_image_r1"]}
+
+
 DIGITS = {"target RankMe": 1}  # decimals of a column, where not 3
 
 
@@ -286,6 +305,8 @@ def summarise(results: dict[str, dict[int, dict]]) -> str:
     extra = [(title, get) for title, get in (
         *attentive,
         ("zero-shot shape", lambda r: r.get("zeroshot")),
+        ("retrieval i->t R@1", lambda r: (r.get("retrieval") or {}).get("image_to_text_r1")),
+        ("retrieval t->i R@1", lambda r: (r.get("retrieval") or {}).get("text_to_image_r1")),
         ("mIoU", lambda r: r.get("miou")),
         ("pointing (chance)", lambda r: (r.get("grounding") or {}).get("pointing_accuracy")),
         ("mass in object (chance)", lambda r: (r.get("grounding") or {}).get("mass_in_object")),
@@ -354,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                    "replaces the default I-JEPA / TC-JEPA pair")
     p.add_argument("--all-methods", action="store_true", help="every baseline: I-JEPA, TC-JEPA, SALT, CLIP, SigLIP")
     p.add_argument("--zeroshot", action="store_true", help="also zero-shot shape top-1 where defined")
+    p.add_argument("--retrieval", action="store_true", help="also image<->text recall@1 of runs that score text "
+                   "(tcjepa eval retrieval, blocks of 32: chance 0.031); TC-JEPA through its predictor")
     p.add_argument("--segment", action="store_true", help="also linear segmentation mIoU (tcjepa eval segment)")
     p.add_argument("--grounding", action="store_true", help="also the pointing game of TC-JEPA runs (tcjepa eval grounding)")
     p.add_argument("--caption", action="store_true", help="also captioning CIDEr / BLEU-4 (tcjepa eval caption)")
@@ -386,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} seed {seed}", flush=True)
             results[name][seed] = run_one(recipe, overrides, seed, data, out / f"{slug(name)}_s{seed}", args.steps,
                                           args.zeroshot, args.segment, args.grounding, args.caption,
-                                          args.vqa_decoder, vqa, args.probe_kind)
+                                          args.vqa_decoder, vqa, args.probe_kind, args.retrieval)
             print(f"  {json.dumps(results[name][seed])}", flush=True)
         if args.random_init:
             name, (recipe, _) = next(iter(variants.items()))

@@ -80,3 +80,17 @@ def test_summary_reports_the_targets_spread_and_rank_with_paired_differences():
     assert "| target std | target RankMe |" in head
     assert "0.610 ± 0.014 | 31.0 ± 1.4" in a and "0.480 ± 0.028" in b
     assert "-0.130 ± 0.042 (0/2 seeds up)" in diff and "-6.5 ± 2.1 (0/2 seeds up)" in diff
+
+
+def test_summary_reports_retrieval_recall_where_a_run_scores_text():
+    """``--retrieval``: recall@1 both ways for runs that score text, blank for those that cannot."""
+    compare = load_compare_script()
+
+    def run(r1: dict | None) -> dict:
+        return {"top1": {"label": 0.3}, "final_loss": 0.1, "img_per_s": 10.0, "retrieval": r1}
+
+    table = compare.summarise({"I-JEPA": {0: run(None)},
+                               "TC-JEPA": {0: run({"image_to_text_r1": 0.25, "text_to_image_r1": 0.125})}})
+    head, _, ijepa, tcjepa, diff = table.splitlines()
+    assert "| retrieval i->t R@1 | retrieval t->i R@1 |" in head
+    assert "| 0.250 ± 0.000 | 0.125 ± 0.000 |" in tcjepa and "| — | — |" in ijepa
