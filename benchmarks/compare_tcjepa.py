@@ -267,29 +267,31 @@ def random_init(recipe: str, seed: int, data: Path, out: Path, segment: bool, ca
             **vision_language(out, data / "train", data / "val", caption, vqa_decoder, encoder=init, vqa=vqa)}
 
 
-def zeroshot_top1(run_dir: Path, val_dir: Path) -> float | None:
-    """Zero-shot shape top-1 on the val split, or None for a run that cannot score text."""
+def scores_text(run_dir: Path) -> bool:
+    """Whether a run relates images and text: contrastive embeddings or a text-conditioned predictor."""
     from tcjepa.checkpoint import load_run_config
-    from tcjepa.eval.zeroshot import run_zeroshot
 
     cfg = load_run_config(run_dir)
-    if not (cfg.train.method == "contrastive" or cfg.conditioner.enabled):
+    return cfg.train.method == "contrastive" or cfg.conditioner.enabled
+
+
+def zeroshot_top1(run_dir: Path, val_dir: Path) -> float | None:
+    """Zero-shot shape top-1 on the val split, or None for a run that cannot score text."""
+    from tcjepa.eval.zeroshot import run_zeroshot
+
+    if not scores_text(run_dir):
         return None
-    out = run_dir / "eval" / "zeroshot.json"
-    if not out.is_file():
-        run_zeroshot(run_dir, str(val_dir), progress=False)
-    return json.loads(out.read_text())["metrics"]["top1"]
+    return cached_eval(run_dir / "eval" / "zeroshot.json",
+                       lambda: run_zeroshot(run_dir, str(val_dir), progress=False))["top1"]
 
 
 def retrieval_r1(run_dir: Path, val_dir: Path) -> dict | None:
     """Image->text and text->image recall@1 in blocks of 32 (``tcjepa eval retrieval``; a TC-JEPA
     run scores a caption by how much it lowers the predictor's error, so recall above chance
     means the predictor uses what the caption says), or None for a run that cannot score text."""
-    from tcjepa.checkpoint import load_run_config
     from tcjepa.eval.retrieval import run_retrieval
 
-    cfg = load_run_config(run_dir)
-    if not (cfg.train.method == "contrastive" or cfg.conditioner.enabled):
+    if not scores_text(run_dir):
         return None
     m = cached_eval(run_dir / "eval" / "retrieval.json", lambda: run_retrieval(run_dir, str(val_dir), progress=False))
     return {"image_to_text_r1": m["image_to_text_r1"], "text_to_image_r1": m["text_to_image_r1"]}

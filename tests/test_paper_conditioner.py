@@ -294,6 +294,31 @@ def test_cosines_computed_once_for_both_gradient_paths():
     assert once[1].abs().sum() > 0  # the regularisers' queries get their own gradient
 
 
+def test_stopped_regularisers_cost_nothing_without_a_gradient():
+    """With no gradient recorded (evaluation, retrieval scoring, grounding) the stopped
+    regularisers' queries are not recomputed: the same output and overlaps as ``true`` for the
+    FLOPs of ``true``; while training they add their own queries' work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 7, 16, generator=gen), torch.randn(2, 3, 5, 16, generator=gen)
+    valid = torch.ones(2, 3, 5, dtype=torch.bool)
+    has = torch.ones(2, 3, dtype=torch.bool)
+    layers = {reach: CaptionCrossAttention(16, 2, logits="overlap", regularise_encoder=reach) for reach in (True, False)}
+    layers[False].load_state_dict(layers[True].state_dict())
+
+    def run(reach: bool, grad: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
+            out = layers[reach](x, text, valid, has)
+        return out.detach(), layers[reach].last_overlap.detach(), counter.get_total_flops()
+
+    (out_t, ov_t, flops_t), (out_f, ov_f, flops_f) = run(True, False), run(False, False)
+    torch.testing.assert_close(out_f, out_t)
+    torch.testing.assert_close(ov_f, ov_t)
+    assert flops_f == flops_t
+    assert run(False, True)[2] > run(True, True)[2]
+
+
 def test_zero_weights_give_the_prediction_loss_gradients(student_and_batch, monkeypatch):
     import dataclasses
 

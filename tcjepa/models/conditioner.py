@@ -310,8 +310,10 @@ class CaptionCrossAttention(nn.Module):
         k = self.k(text).view(B, N, S, H, dh).transpose(2, 3)  # [B, N, H, S, dh]
         v = self.v(text).view(B, N, S, H, dh).transpose(2, 3)
         # the queries the regularisers read: without regularise_encoder, recomputed from the predictor state with
-        # its gradient stopped (the same values), so the regularisers train W_Q, W_K and the text, not the encoder
-        q_reg = q if self.regularise_encoder else self.q(self.norm(x_b.detach())).view(B, Q, H, dh).transpose(1, 2)
+        # its gradient stopped (the same values), so the regularisers train W_Q, W_K and the text, not the encoder;
+        # with no gradient recorded (evaluation, scoring) there is no path to tell apart
+        detach = not self.regularise_encoder and torch.is_grad_enabled()
+        q_reg = self.q(self.norm(x_b.detach())).view(B, Q, H, dh).transpose(1, 2) if detach else q
         if self.logits == "overlap":
             update, self.last_overlap = self.overlap_attention(q, k, v, text_valid, has_text, q_reg)
         else:
