@@ -464,6 +464,25 @@ def captions_per_image(c: ConditionerConfig) -> int:
     return c.max_captions if c.variant == "paper" else 1
 
 
+PAPER_ONLY_KEYS = ("max_captions", "sparse_weight", "consistency_weight", "weigh_against", "logits", "logit_scale",
+                   "regularise_encoder", "mlp")
+GATED_TOPK_ONLY_KEYS = ("sparsity", "top_k", "qk_norm", "gate_scale")
+
+
+def inactive_conditioner_keys(c: ConditionerConfig) -> list[str]:
+    """The conditioner keys set away from their defaults that the chosen variant ignores (a recipe
+    for one variant overridden to the other keeps them): named in a warning when training starts,
+    so an ablation that changes nothing is not mistaken for one that does."""
+    if not c.enabled:
+        return []
+    default = ConditionerConfig()
+    ignored = GATED_TOPK_ONLY_KEYS if c.variant == "paper" else PAPER_ONLY_KEYS
+    keys = [k for k in ignored if getattr(c, k) != getattr(default, k)]
+    if c.variant == "paper" and c.logits != "cosine" and c.logit_scale != default.logit_scale:
+        keys.append("logit_scale")  # read by cosine logits only
+    return keys
+
+
 def resolved_text_path(c: ConditionerConfig) -> str:
     return resolve_asset_path(c.text_path) if c.text_path else ""
 

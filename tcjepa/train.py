@@ -27,7 +27,7 @@ import torch
 
 from data_pipelines.loader import SKIP_REASONS, LoaderSpec, SkipTracker, make_loader, normalize, resolve_shards
 from tcjepa.checkpoint import init_from_final, save_final
-from tcjepa.config import Config, ConfigError, captions_per_image, save_config
+from tcjepa.config import Config, ConfigError, captions_per_image, inactive_conditioner_keys, save_config
 from tcjepa.distributed import DistInfo, barrier, init_distributed, quiet_libraries
 from tcjepa.masks import sample_masks
 from tcjepa.methods import build_method, pin_teacher
@@ -400,6 +400,10 @@ def preflight(cfg: Config, run_dir: Path, resume: bool, allow_change: tuple[str,
     training shards, the run directory and, on a resume, the run's own settings; a frozen teacher
     is pinned to its weights' digest (the returned config carries it)."""
     urls = resolve_shards(cfg.data.train, "data.train")
+    ignored = inactive_conditioner_keys(cfg.conditioner)
+    if ignored:
+        warnings.warn(f"conditioner.variant {cfg.conditioner.variant} ignores "
+                      + ", ".join(f"conditioner.{k}={getattr(cfg.conditioner, k)!r}" for k in ignored), stacklevel=2)
     check_run_dir(run_dir, resume)
     cfg = pin_teacher(cfg, read_saved_config(run_dir) if resume else None)
     plan = check_resume(run_dir, cfg, allow_change) if resume else ResumePlan()

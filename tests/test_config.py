@@ -37,6 +37,8 @@ def test_every_recipe_loads_and_plans(recipe: Path, tmp_path: Path, monkeypatch)
         write_t5_model(tmp_path, path=tmp_path / path)
     cfg = load_config(recipe)
     assert isinstance(cfg, Config)
+    from tcjepa.config import inactive_conditioner_keys
+    assert inactive_conditioner_keys(cfg.conditioner) == []  # no key its conditioner variant ignores
     if packages or "models/" in cfg.conditioner.text_path:  # the stand-in, not an installed package, was read
         assert str(Path(resolved_text_path(cfg.conditioner)).resolve()).startswith(str(tmp_path.resolve()))
     if cfg.train.method == "jepa" and cfg.teacher.update == "ema":
@@ -174,3 +176,32 @@ def test_mask_config_fields_are_sampler_keywords():
 def test_eval_and_guard_keys_are_validated_at_load(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(project_root() / "recipes/ijepa_quickstart.yaml", [override])
+
+
+def test_keys_the_conditioner_variant_ignores_are_named(tiny_shards: Path, tmp_path: Path):
+    """A paper recipe overridden to gated_topk keeps its paper-only keys (and the reverse): they
+    change nothing, so training names them in a warning before it starts; no recipe carries one."""
+    import warnings
+
+    from tcjepa.config import inactive_conditioner_keys
+    from tcjepa.train import preflight
+
+    quick = ROOT / "recipes" / "tcjepa_quickstart.yaml"
+    gated = load_config(quick, ["conditioner.variant=gated_topk"])
+    assert inactive_conditioner_keys(gated.conditioner) == ["max_captions", "logits"]
+    paper = load_config(quick, ["conditioner.top_k=2", "conditioner.logit_scale=20"])
+    assert inactive_conditioner_keys(paper.conditioner) == ["top_k", "logit_scale"]
+    cosine = load_config(quick, ["conditioner.logits=cosine", "conditioner.logit_scale=20"])
+    assert inactive_conditioner_keys(cosine.conditioner) == []
+    off = load_config(quick, ["conditioner.enabled=false", "conditioner.top_k=2"])
+    assert inactive_conditioner_keys(off.conditioner) == []
+
+    gated.data.train = str(tiny_shards)
+    with pytest.warns(UserWarning, match=r"variant gated_topk ignores conditioner.max_captions=4, "
+                                         r"conditioner.logits='overlap'"):
+        preflight(gated, tmp_path / "run", resume=False, allow_change=())
+    paper.conditioner.top_k, paper.conditioner.logit_scale = 4, 10.0
+    paper.data.train = str(tiny_shards)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        preflight(paper, tmp_path / "run2", resume=False, allow_change=())
