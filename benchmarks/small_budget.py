@@ -7,7 +7,10 @@ per label with its mean and standard deviation over the seeds (RESULTS.md, "Smal
         --out runs/small_budget [--set train.eval_every=150 ...]
 
 Runs already finished in ``--out`` are probed again, not retrained; every result is appended as one
-JSON line to ``OUT/results.jsonl``.
+JSON line to ``OUT/results.jsonl``. ``--train-data`` / ``--val-data`` take other shards (the probe reads
+whichever of the recipe's ``probe.labels`` they hold), e.g. Fashion-MNIST as the README writes it:
+
+    python benchmarks/small_budget.py --train-data fmnist/train --val-data fmnist/test --out runs/small_budget_fmnist
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ def probe_top1(run: Path, train: Path, val: Path, encoder: torch.nn.Module | Non
     return {k: round(v["top1"], 3) for k, v in res["metrics"]["per_label"].items()}
 
 
-def one_seed(recipe: Path, steps: int, seed: int, out: Path, data: Path, overrides: list[str]) -> dict:
+def one_seed(recipe: Path, steps: int, seed: int, out: Path, train_data: Path, val_data: Path,
+             overrides: list[str]) -> dict:
     from tcjepa.config import load_config
     from tcjepa.models.vit import build_encoder
     from tcjepa.train import train
 
     run = out / f"{recipe.stem}_{steps}_s{seed}"
-    cfg = load_config(recipe, [f"data.train={data / 'train'}", f"data.val={data / 'val'}", f"train.seed={seed}",
+    cfg = load_config(recipe, [f"data.train={train_data}", f"data.val={val_data}", f"train.seed={seed}",
                                f"train.steps={steps}", "checkpoint.every=0", *overrides])
     t0 = time.time()
     if not (run / "final" / "model.safetensors").is_file():
@@ -48,8 +52,9 @@ def one_seed(recipe: Path, steps: int, seed: int, out: Path, data: Path, overrid
     init = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l]
     return {"recipe": str(recipe), "steps": steps, "seed": seed, "overrides": overrides, "train_seconds": round(wall),
-            "trained": probe_top1(run, data / "train", data / "val"),
-            "init": probe_top1(run, data / "train", data / "val", init),
+            "data": [str(train_data), str(val_data)],
+            "trained": probe_top1(run, train_data, val_data),
+            "init": probe_top1(run, train_data, val_data, init),
             "probe_curve": [(r["step"], round(r["probe_top1"], 3)) for r in recs if "probe_top1" in r]}
 
 
@@ -75,14 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-samples", type=int, default=3000)
     p.add_argument("--val-samples", type=int, default=1000)
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--train-data", type=Path, help="shards to train and fit the probe on, instead of the synthetic "
+                   "scenes (e.g. Fashion-MNIST or easy-vqa written by tcjepa data ...); needs --val-data")
+    p.add_argument("--val-data", type=Path, help="shards the probe is scored on")
     args = p.parse_args(argv)
-    data = args.out / "data"
-    for split, n, seed in (("train", args.train_samples, 0), ("val", args.val_samples, 1)):
-        if not any((data / split).glob("*.tar")):
-            write_synthetic_shards(data / split, samples=n, shard_size=500, seed=seed, progress=False)
+    if (args.train_data is None) != (args.val_data is None):
+        p.error("--train-data and --val-data go together")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.train_data is not None:
+        train_data, val_data = args.train_data, args.val_data
+    else:
+        data = args.out / "data"
+        for split, n, seed in (("train", args.train_samples, 0), ("val", args.val_samples, 1)):
+            if not any((data / split).glob("*.tar")):
+                write_synthetic_shards(data / split, samples=n, shard_size=500, seed=seed, progress=False)
+        train_data, val_data = data / "train", data / "val"
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        r = one_seed(args.recipe, args.steps, seed, args.out, data, args.overrides)
+        r = one_seed(args.recipe, args.steps, seed, args.out, train_data, val_data, args.overrides)
         print(json.dumps(r), flush=True)
         with open(args.out / "results.jsonl", "a") as f:
             f.write(json.dumps(r) + "\n")

@@ -1,0 +1,37 @@
+"""benchmarks/small_budget.py on shards of the user's own (issue 29's Fashion-MNIST and easy-vqa rows):
+the trained and the initial encoder are probed on the same given splits, and the script says when
+only one split is given."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def load_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "small_budget.py"
+    spec = importlib.util.spec_from_file_location("small_budget", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_budget_trains_and_probes_on_given_shards(shards64: Path, tmp_path: Path, capsys):
+    script = load_script()
+    out = tmp_path / "out"
+    assert script.main(["--steps", "2", "--seeds", "0", "--out", str(out), "--train-data", str(shards64),
+                        "--val-data", str(shards64), "--set", "train.batch_size=8", "probe.epochs=2",
+                        "train.log_every=1"]) == 0
+    (result,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert result["data"] == [str(shards64), str(shards64)]
+    assert set(result["trained"]) == set(result["init"]) == {"label"}  # the only recipe label these shards hold
+    assert (out / "ijepa_quickstart_2_s0" / "final" / "model.safetensors").is_file()
+    assert not (out / "data").exists()  # no synthetic scenes written
+    assert "label: trained - init" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main(["--train-data", str(shards64)])
