@@ -59,20 +59,29 @@ def random_text(B: int, N: int, S: int, C: int, gen: torch.Generator) -> tuple[t
     return text, valid
 
 
-@pytest.mark.parametrize("mlp", [True, False])
-def test_batched_captions_equal_a_loop_over_captions_then_a_max(mlp):
-    """With and without the MLP after the attention (``conditioner.mlp``)."""
+@pytest.mark.parametrize("mlp,logits", [(True, "dot"), (False, "dot"), (True, "overlap")])
+def test_batched_captions_equal_a_loop_over_captions_then_a_max(mlp, logits):
+    """With and without the MLP after the attention (``conditioner.mlp``); values and gradients,
+    with missing captions among real ones (the pooling repeats a real caption in their place)."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     B, T, Ns, N, S, C = 3, 2, 5, 4, 6, 16
-    layer = build_caption_conditioners(C, 1, 1, num_heads=4, mlp=mlp)["0"].double()
+    layer = build_caption_conditioners(C, 1, 1, num_heads=4, mlp=mlp, logits=logits)["0"].double()
     assert any(name.startswith("mlp.") for name, _ in layer.named_parameters()) is mlp
     text, valid = random_text(B, N, S, C, gen)
-    has_text = torch.tensor([[True, True, False, True], [False, False, False, False], [True, False, False, False]])
+    has_text = torch.tensor([[False, True, False, True], [False, False, False, False], [True, False, False, False]])
     x = torch.randn(B * T, Ns, C, generator=gen, dtype=torch.float64)
     out = layer(x, text, valid, has_text)
     ref = reference_layer(layer, x.reshape(B, T * Ns, C), text, valid, has_text)
     torch.testing.assert_close(out.reshape(B, T * Ns, C), ref, rtol=1e-10, atol=1e-10)
+    inputs = (x.requires_grad_(True), text.requires_grad_(True), *layer.parameters())
+    g_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((layer(x, text, valid, has_text) * g_out).sum(), inputs)
+    ref_grads = torch.autograd.grad((reference_layer(layer, x.reshape(B, T * Ns, C), text, valid, has_text)
+                                     * g_out.reshape(B, T * Ns, C)).sum(), inputs)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    x, text = x.detach(), text.detach()
     torch.testing.assert_close(out[T : 2 * T], x[T : 2 * T], rtol=0, atol=0)  # no caption: unconditioned
     x.requires_grad_(True)
     layer(x, text, valid, has_text).sum().backward()  # an image without captions: finite gradients everywhere
@@ -285,10 +294,11 @@ def test_cosines_computed_once_for_both_gradient_paths():
     weights, read = rectified_cosines_twice(q, q_reg, k, valid)
     g_w, g_r = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (weights, read))
     once = torch.autograd.grad((weights * g_w).sum() + (read * g_r).sum(), (q, q_reg, k))
-    ref_w, ref_r = rectified_cosines(q, k, valid), rectified_cosines(q_reg, k, valid)
+    ref_w, ref_r = rectified_cosines(q, k, valid), rectified_cosines(q_reg, k, valid).mean(2)  # the head mean
     twice = torch.autograd.grad((ref_w * g_w).sum() + (ref_r * g_r).sum(), (q, q_reg, k))
-    padding = ~valid[:, :, None, None, :].expand_as(read)
+    padding = ~valid[:, :, None, :].expand_as(read)
     assert torch.equal(weights, ref_w) and torch.equal(read, ref_r) and (read[padding] == 0).all()
+    assert (weights[~valid[:, :, None, None, :].expand_as(weights)] == 0).all()
     for a, b in zip(once, twice):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert once[1].abs().sum() > 0  # the regularisers' queries get their own gradient

@@ -32,7 +32,11 @@ leaves open, and the choice made:
   dropped) keeps ``x``: identity conditioning, the MLP included.
 - *What is shared across captions.* The queries ``W_Q LN(x)`` are computed once, and so is
   everything after the max (the MLP and its norm). Keys, values and attention run per caption,
-  as one batched axis (no loop over captions). Attention is torch's
+  as one batched axis (no loop over captions). A missing caption slot (an image with fewer than
+  N, or one dropped) holds a copy of one of the image's real captions: the maximum is unchanged
+  by a repeated element, so the pooling needs no mask over the per-caption updates, and it runs
+  before the heads are merged (the merge then copies N times less); the regularisers and
+  statistics still count real captions only. Attention is torch's
   fused SDPA with the padding words masked, so the [Q, S] weights of every caption and head are
   never stored; the overlaps are one product of per-head-normalised q and k over the full width
   (the head mean of the cosines), in fp32 even in a bf16 run; the logged attention entropy
@@ -306,6 +310,7 @@ class CaptionCrossAttention(nn.Module):
         BT, Ns, _ = x_rows.shape
         Q = (BT // B) * Ns
         x_b = x_rows.reshape(B, Q, C)
+        text, text_valid = fill_missing_captions(text, text_valid, has_text)
         q = self.q(self.norm(x_b)).view(B, Q, H, dh).transpose(1, 2)  # [B, H, Q, dh]: shared by the captions
         k = self.k(text).view(B, N, S, H, dh).transpose(2, 3)  # [B, N, H, S, dh]
         v = self.v(text).view(B, N, S, H, dh).transpose(2, 3)
@@ -315,7 +320,7 @@ class CaptionCrossAttention(nn.Module):
         detach = not self.regularise_encoder and torch.is_grad_enabled()
         q_reg = self.q(self.norm(x_b.detach())).view(B, Q, H, dh).transpose(1, 2) if detach else q
         if self.logits == "overlap":
-            update, self.last_overlap = self.overlap_attention(q, k, v, text_valid, has_text, q_reg)
+            attended, self.last_overlap = self.overlap_attention(q, k, v, text_valid, has_text, q_reg)
         else:
             words = text_valid | ~text_valid.any(-1, keepdim=True)  # a caption with no real word: no NaN
             qs, ks, scale = self.logit_inputs(q, k)
@@ -323,13 +328,13 @@ class CaptionCrossAttention(nn.Module):
             # the [Q, S] weights of every caption and head are never stored
             attended = attention(  # 4-d, so that the CPU's flash kernel takes it
                 qs[:, None].expand(B, N, H, Q, dh).reshape(B * N, H, Q, dh), ks.reshape(B * N, H, S, dh),
-                v.reshape(B * N, H, S, dh), words.reshape(B * N, 1, 1, S), scale=scale)  # [B * N, H, Q, dh]
-            update = attended.view(B, N, H, Q, dh).transpose(2, 3).reshape(B, N, Q, C)  # each caption's update
+                v.reshape(B * N, H, S, dh), words.reshape(B * N, 1, 1, S), scale=scale).view(B, N, H, Q, dh)
             self.last_overlap = overlaps(q_reg, k, text_valid)
             self._record(qs, ks, scale, words, has_text)
-        pooled = update.masked_fill(~has_text[:, :, None, None], float("-inf")).amax(1)  # max over real captions
+        # each caption's update [B, N, H, Q, dh], max-pooled over the captions before the heads are merged (the
+        # merge copies N times less); max, not amax: its backward scatters to the indices it keeps
+        pooled = attended.max(1).values.transpose(1, 2).reshape(B, Q, C)
         some = has_text.any(1)[:, None, None]
-        pooled = torch.where(some, pooled, torch.zeros_like(pooled))  # no -inf reaches the MLP (its grad would be NaN)
         h = x_b + pooled
         conditioned = h + self.mlp(self.mlp_norm(h)) if self.mlp is not None else h
         out = torch.where(some, conditioned, x_b)  # no caption: identity
@@ -342,18 +347,17 @@ class CaptionCrossAttention(nn.Module):
         themselves, not normalised (ReLU attention): a word adds its value in proportion to its
         overlap, so the sparsity loss on the overlaps is a cost on the text update itself and the
         prediction loss can only use a word by keeping its overlap above zero. Returns each
-        caption's update [B, N, Q, C] and the overlaps the regularisers read: the weights'
+        caption's update [B, N, H, Q, dh] and the overlaps the regularisers read: the weights'
         mean over heads [B, N, Q, S] (in at least fp32, as :func:`overlaps`), from ``q_reg`` when it
         is not ``q`` (the same values, another gradient path: ``regularise_encoder: false``)."""
-        B, H, Q, dh = q.shape
-        N = k.shape[1]
         if q_reg is q:
-            w = read = rectified_cosines(q, k, text_valid)
+            w = rectified_cosines(q, k, text_valid)
+            read = w.mean(2)
         else:
             w, read = rectified_cosines_twice(q, q_reg, k, text_valid)
-        attended = torch.einsum("bnhqs,bnhsd->bnqhd", w.to(v.dtype), v)
+        attended = torch.einsum("bnhqs,bnhsd->bnhqd", w.to(v.dtype), v)
         self._record_weights(w, text_valid, has_text)
-        return attended.reshape(B, N, Q, H * dh), read.mean(2)
+        return attended, read
 
     @torch.no_grad()
     def _record_weights(self, w: torch.Tensor, text_valid: torch.Tensor, has_text: torch.Tensor) -> None:
@@ -393,43 +397,70 @@ class CaptionCrossAttention(nn.Module):
         self.last_entropy = (ent * real).sum() / real.sum().clamp_min(1)
 
 
+def fill_missing_captions(text: torch.Tensor, text_valid: torch.Tensor, has_text: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's missing captions (fewer than N, or dropped) replaced by a copy of one of its
+    real ones: a maximum over the captions is unchanged by a repeated element, so the max-pool
+    needs no mask over the [B, N, Q, C] updates (what the regularisers and statistics read is
+    still limited to the real captions by ``has_text``). An image with no caption keeps its own
+    slots (its output is the identity anyway)."""
+    if bool(has_text.all()):
+        return text, text_valid
+    N = has_text.size(1)
+    first = has_text.to(torch.uint8).argmax(1, keepdim=True)  # the first real caption (0 if none)
+    idx = torch.where(has_text, torch.arange(N, device=has_text.device), first)  # [B, N]
+    return (text.gather(1, idx[:, :, None, None].expand_as(text)),
+            text_valid.gather(1, idx[:, :, None].expand_as(text_valid)))
+
+
+def unit_keys(k: torch.Tensor, text_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-head unit keys with the padding words' keys zero, so that their cosines are exactly 0
+    (no mask over the [B, N, H, Q, S] cosines): k [B, N, H, S, dh], text_valid [B, N, S]."""
+    return F.normalize(k.to(dtype), dim=-1) * text_valid[:, :, None, :, None]
+
+
 def rectified_cosines(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
     """max(cos(q_h, k_h), 0) per head, [B, N, H, Q, S], zeros at padding words, in at least fp32
     (``logits: overlap``'s attention weights), from q [B, H, Q, dh] and k [B, N, H, S, dh]."""
     dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
-        cos = torch.einsum("bhqd,bnhsd->bnhqs", F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1))
-        return cos.clamp_min(0) * text_valid[:, :, None, None, :]
+        cos = torch.einsum("bhqd,bnhsd->bnhqs", F.normalize(q.to(dtype), dim=-1), unit_keys(k, text_valid, dtype))
+        return cos.clamp_min(0)
 
 
-class _CosinesTwice(torch.autograd.Function):
-    """q_a k^T and q_r k^T for q_a and q_r of equal value (the same queries on two gradient paths):
-    one product forward, and in backward three instead of four (k's two gradients are summed
-    before their product)."""
+class _RectifiedTwice(torch.autograd.Function):
+    """w = max(q_a k^T, 0) [B, N, H, Q, S] and the head mean of max(q_r k^T, 0) [B, N, Q, S], for
+    q_a and q_r of equal value (the same queries on two gradient paths): one product and one
+    rectified tensor forward (the mean is read from it), and in backward three products instead
+    of four (k's two gradients are summed before their product). Saves q, k and w, which the
+    attention's own product keeps anyway."""
 
     @staticmethod
     def forward(ctx, q_a: torch.Tensor, q_r: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.save_for_backward(q_a, k)
-        cos = torch.einsum("bhqd,bnhsd->bnhqs", q_a, k)
-        return cos, cos.clone()
+        w = torch.einsum("bhqd,bnhsd->bnhqs", q_a, k).clamp_min_(0)
+        ctx.save_for_backward(q_a, k, w)
+        return w, w.mean(2)
 
     @staticmethod
-    def backward(ctx, g_a: torch.Tensor, g_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k = ctx.saved_tensors
+    def backward(ctx, g_w: torch.Tensor | None, g_read: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        q, k, w = ctx.saved_tensors
+        live = w > 0  # where the rectifier passes a gradient
+        g_a = torch.zeros_like(w) if g_w is None else g_w * live
+        g_r = torch.zeros_like(w) if g_read is None else (g_read / w.size(2)).unsqueeze(2) * live
         return (torch.einsum("bnhqs,bnhsd->bhqd", g_a, k), torch.einsum("bnhqs,bnhsd->bhqd", g_r, k),
                 torch.einsum("bnhqs,bhqd->bnhsd", g_a + g_r, q))
 
 
 def rectified_cosines_twice(q: torch.Tensor, q_reg: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rectified_cosines` of ``q`` and of ``q_reg``, equal in value but not in where their
-    gradients go (``regularise_encoder: false``), with the cosines computed once."""
+    """:func:`rectified_cosines` of ``q`` [B, N, H, Q, S], and the head mean of those of ``q_reg``
+    [B, N, Q, S]: equal in value, not in where their gradients go (``regularise_encoder: false``),
+    with the cosines computed once."""
     dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
-        kn = F.normalize(k.to(dtype), dim=-1)
-        cos, cos_reg = _CosinesTwice.apply(F.normalize(q.to(dtype), dim=-1), F.normalize(q_reg.to(dtype), dim=-1), kn)
-        valid = text_valid[:, :, None, None, :]
-        return cos.clamp_min(0) * valid, cos_reg.clamp_min(0) * valid
+        return _RectifiedTwice.apply(F.normalize(q.to(dtype), dim=-1), F.normalize(q_reg.to(dtype), dim=-1),
+                                     unit_keys(k, text_valid, dtype))
 
 
 def overlaps(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:

@@ -129,10 +129,10 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     """One ``CaptionCrossAttention`` (the paper variant) over N captions, counted tensor by tensor
     from what autograd saves (``low``: matmul inputs and outputs; ``wide``: the residual stream).
     Per layout position (it works on the unpacked [B * T, N] rows): the norm's input, output and
-    statistics, the pooled maximum, the pooled state with its norm statistics, fc1's input and
+    statistics, the max-pool's indices (int64), the pooled state with its norm statistics, fc1's input and
     output, fc2's input, and for the overlaps q in fp32 with its norm and the normalised copy.
-    Per (caption, position): fused attention's query copy, output and log-sum-exp, the pooling's
-    input, the rectified cosines and the regularisers' deviation from the layer mean (fp32). Per caption word: the additive mask, k and v for the attention, k's norm and
+    Per (caption, position): fused attention's query copy, output and log-sum-exp, the rectified
+    cosines and the regularisers' deviation from the layer mean (fp32). Per caption word: the additive mask, k and v for the attention, k's norm and
     normalised copy, and under bf16 the fp32 copy of k and the cast of the text features that
     W_K and W_V share. Packed: the packed input too. In bf16 on the CPU attention keeps its
     probabilities (heads x words per caption and position) instead of the output and the
@@ -141,8 +141,8 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     no fused attention: per (caption, position) it keeps each head's cosines and rectified
     weights over the words instead of the query copy, output and log-sum-exp. With
     ``regularise_encoder: false`` the regularisers' own queries add a second norm output (and
-    statistics) per position; under ``logits: overlap`` also their fp32 copy, and their cosines
-    (computed in one product with the attention's) per (caption, position)."""
+    statistics) per position; under ``logits: overlap`` also their fp32 copy (their cosines are
+    the attention's, one product)."""
     W, L, N, H = inv.predictor.width, inv.text.length if inv.text else 0, inv.captions, inv.cond_heads
     hidden = inv.cond_hidden or 4 * W
     low, wide = dt.low, dt.wide
@@ -152,15 +152,19 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     shared_per_word = 2 * H * 4 + W * 4 + 1 + (W * 4 + W * low if low < 4 else 0)
     detached = not inv.cond_regularise_encoder
     per_position += (W * low + 8) * detached  # the regularisers' queries: their own norm output and statistics
+    per_position += W * (8 - low)  # the max-pool keeps its int64 indices, not the pooled maximum
     if inv.cond_logits == "overlap":  # no attention kernel: each head's cosines (fp32) and weights per word
-        per_caption_position = W * low + H * L * (4 + low) + L * 4  # pooling input, cos, weights, deviation
+        # cos (the rectifier's input; its output when both paths share one product), the weights as the
+        # value product reads them (a contiguous copy: the cosines come out in [B, H, Q, N, S] order), the deviation
+        per_caption_position = H * L * (4 + low) + L * 4
         # k and v as matmul inputs; in bf16 k's is the fp32 normalised copy, counted already
         per_word = shared_per_word + 2 * W * low - (W * low if low < 4 else 0)
-        if detached:  # the regularisers' cosines (one product with the attention's): their queries' fp32
-            per_position += W * 4  # copy, which their normalisation keeps, and the cosines themselves
-            per_caption_position += H * L * 4
+        if detached:  # one product for both paths (rectified_cosines_twice), which keeps the rectified weights
+            per_position += W * 4  # in place of the cosines, and the regularisers' queries' fp32 copy
+            if N == 1 and low == 4:  # one caption: the cosines come out in the order the value product reads
+                per_caption_position -= H * L * 4
     else:
-        per_caption_position = 3 * W * low + H * 4 + 2 * L * 4
+        per_caption_position = 2 * W * low + H * 4 + 2 * L * 4
         if N == 1 and low == 4 and not detached:  # one caption: attention reads q itself, the overlaps' q
             per_caption_position -= W * low
         mask = low
