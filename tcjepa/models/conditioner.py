@@ -350,12 +350,8 @@ class CaptionCrossAttention(nn.Module):
         caption's update [B, N, H, Q, dh] and the overlaps the regularisers read: the weights'
         mean over heads [B, N, Q, S] (in at least fp32, as :func:`overlaps`), from ``q_reg`` when it
         is not ``q`` (the same values, another gradient path: ``regularise_encoder: false``)."""
-        if q_reg is q:
-            w = rectified_cosines(q, k, text_valid)
-            read = w.mean(2)
-        else:
-            w, read = rectified_cosines_twice(q, q_reg, k, text_valid)
-        attended = torch.einsum("bnhqs,bnhsd->bnhqd", w.to(v.dtype), v)
+        w, read = rectified_cosines(q, k, text_valid, None if q_reg is q else q_reg)
+        attended = torch.matmul(w.to(v.dtype), v)  # [B, N, H, Q, dh]
         self._record_weights(w, text_valid, has_text)
         return attended, read
 
@@ -419,48 +415,54 @@ def unit_keys(k: torch.Tensor, text_valid: torch.Tensor, dtype: torch.dtype) -> 
     return F.normalize(k.to(dtype), dim=-1) * text_valid[:, :, None, :, None]
 
 
-def rectified_cosines(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
-    """max(cos(q_h, k_h), 0) per head, [B, N, H, Q, S], zeros at padding words, in at least fp32
-    (``logits: overlap``'s attention weights), from q [B, H, Q, dh] and k [B, N, H, S, dh]."""
+def caption_products(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q k^T for every caption: q [B, H, Q, dh] shared by the captions, k [B, N, H, S, dh] ->
+    [B, N, H, Q, S], contiguous in that order, so that the product with the values (batched over
+    image, caption and head) reads it as it is. (An einsum would run one product over the N * S
+    words but return a view in [B, H, Q, N, S] order, which the value product then copies.)"""
+    return torch.matmul(q[:, None], k.transpose(-1, -2))
+
+
+def rectified_cosines(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor, q_reg: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits: overlap``'s attention weights max(cos(q_h, k_h), 0) per head, [B, N, H, Q, S],
+    and their head mean [B, N, Q, S] (the overlaps the regularisers read), zeros at padding words,
+    in at least fp32, from q [B, H, Q, dh] and k [B, N, H, S, dh]. With ``q_reg`` (equal in value
+    to q: ``regularise_encoder: false``) the head mean's gradient goes to q_reg instead of q; the
+    cosines are computed once either way."""
     dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
-        cos = torch.einsum("bhqd,bnhsd->bnhqs", F.normalize(q.to(dtype), dim=-1), unit_keys(k, text_valid, dtype))
-        return cos.clamp_min(0)
+        unit_q = F.normalize(q.to(dtype), dim=-1)
+        unit_q_reg = None if q_reg is None else F.normalize(q_reg.to(dtype), dim=-1)
+        return _RectifiedCosines.apply(unit_q, unit_keys(k, text_valid, dtype), unit_q_reg)
 
 
-class _RectifiedTwice(torch.autograd.Function):
-    """w = max(q_a k^T, 0) [B, N, H, Q, S] and the head mean of max(q_r k^T, 0) [B, N, Q, S], for
-    q_a and q_r of equal value (the same queries on two gradient paths): one product and one
-    rectified tensor forward (the mean is read from it), and in backward three products instead
-    of four (k's two gradients are summed before their product). Saves q, k and w, which the
-    attention's own product keeps anyway."""
+class _RectifiedCosines(torch.autograd.Function):
+    """w = max(q k^T, 0) [B, N, H, Q, S] and its head mean, as one rectified tensor that the value
+    product reads too (autograd alone would keep the cosines, the rectified copy and the value
+    product's input), in [B, N, H, Q, S] order so that nothing is relaid out. Backward sends the
+    head mean's gradient to ``q_reg`` when it is given (the same queries on a second gradient
+    path), with k's two gradients summed before their product."""
 
     @staticmethod
-    def forward(ctx, q_a: torch.Tensor, q_r: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = torch.einsum("bhqd,bnhsd->bnhqs", q_a, k).clamp_min_(0)
-        ctx.save_for_backward(q_a, k, w)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, q_reg: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        w = caption_products(q, k).clamp_min_(0)
+        ctx.save_for_backward(q, k, w)
+        ctx.separate = q_reg is not None
         return w, w.mean(2)
 
     @staticmethod
     def backward(ctx, g_w: torch.Tensor | None, g_read: torch.Tensor | None
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         q, k, w = ctx.saved_tensors
         live = w > 0  # where the rectifier passes a gradient
         g_a = torch.zeros_like(w) if g_w is None else g_w * live
         g_r = torch.zeros_like(w) if g_read is None else (g_read / w.size(2)).unsqueeze(2) * live
-        return (torch.einsum("bnhqs,bnhsd->bhqd", g_a, k), torch.einsum("bnhqs,bnhsd->bhqd", g_r, k),
-                torch.einsum("bnhqs,bhqd->bnhsd", g_a + g_r, q))
-
-
-def rectified_cosines_twice(q: torch.Tensor, q_reg: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rectified_cosines` of ``q`` [B, N, H, Q, S], and the head mean of those of ``q_reg``
-    [B, N, Q, S]: equal in value, not in where their gradients go (``regularise_encoder: false``),
-    with the cosines computed once."""
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    with torch.autocast(q.device.type, enabled=False):
-        return _RectifiedTwice.apply(F.normalize(q.to(dtype), dim=-1), F.normalize(q_reg.to(dtype), dim=-1),
-                                     unit_keys(k, text_valid, dtype))
+        g_all = g_a + g_r
+        g_k = torch.matmul(g_all.transpose(-1, -2), q[:, None])  # every product batched over (image, caption, head)
+        if not ctx.separate:
+            return torch.matmul(g_all, k).sum(1), g_k, None
+        return torch.matmul(g_a, k).sum(1), g_k, torch.matmul(g_r, k).sum(1)
 
 
 def overlaps(q: torch.Tensor, k: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:

@@ -153,16 +153,13 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     detached = not inv.cond_regularise_encoder
     per_position += (W * low + 8) * detached  # the regularisers' queries: their own norm output and statistics
     per_position += W * (8 - low)  # the max-pool keeps its int64 indices, not the pooled maximum
-    if inv.cond_logits == "overlap":  # no attention kernel: each head's cosines (fp32) and weights per word
-        # cos (the rectifier's input; its output when both paths share one product), the weights as the
-        # value product reads them (a contiguous copy: the cosines come out in [B, H, Q, N, S] order), the deviation
-        per_caption_position = H * L * (4 + low) + L * 4
+    if inv.cond_logits == "overlap":  # no attention kernel: each head's rectified cosines per word (fp32), kept
+        # once (the value product reads the tensor the cosines' own backward keeps; in bf16 also its cast), and
+        # the regularisers' deviation from the layer mean
+        per_caption_position = H * L * 4 + (H * L * low if low < 4 else 0) + L * 4
         # k and v as matmul inputs; in bf16 k's is the fp32 normalised copy, counted already
         per_word = shared_per_word + 2 * W * low - (W * low if low < 4 else 0)
-        if detached:  # one product for both paths (rectified_cosines_twice), which keeps the rectified weights
-            per_position += W * 4  # in place of the cosines, and the regularisers' queries' fp32 copy
-            if N == 1 and low == 4:  # one caption: the cosines come out in the order the value product reads
-                per_caption_position -= H * L * 4
+        per_position += W * 4 * detached  # the regularisers' queries' fp32 copy (their cosines are the attention's)
     else:
         per_caption_position = 2 * W * low + H * 4 + 2 * L * 4
         if N == 1 and low == 4 and not detached:  # one caption: attention reads q itself, the overlaps' q

@@ -55,7 +55,7 @@ def model_flops(inv: ModelInventory, tok: TokenStats) -> Flops:
             per_layer = (2 * q * W * W + 2 * q * 2 * W * hidden * inv.cond_mlp + 2 * q * L * W * (not relu)
                          + N * (2 * L * W * 2 * W + (2 if relu else 3) * 2 * q * L * W))
             if not inv.cond_regularise_encoder:  # the regularisers' own queries (overlap logits: the cosines
-                per_layer += 2 * q * W * W  # of both are one product, rectified_cosines_twice)
+                per_layer += 2 * q * W * W  # of both are one product, rectified_cosines)
         else:
             per_layer = 2 * q * W * W * 2 + 2 * L * W * 2 * W + 4 * q * L * W
         cond = N * 2 * L * tt.width * W + inv.cond_layers * per_layer
