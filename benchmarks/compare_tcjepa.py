@@ -43,6 +43,9 @@ with the encoders still trained on the scenes:
 Control for "is it the text?": ``--shuffled-captions`` writes ``OUT/data/train_shuffled`` (the
 same images and labels, every caption moved to another image by a fixed permutation); a variant
 can train on it with ``data.train=OUT/data/train_shuffled`` (the probe still uses the real data).
+One fixed permutation leaves each image's wrong captions an identity of that image; the control
+without it pairs images and captions afresh each step, within the batch:
+``--variant "TC-JEPA shuffled each step=recipes/tcjepa_quickstart.yaml:conditioner.shuffle_captions=true"``.
 """
 
 from __future__ import annotations

@@ -47,6 +47,20 @@ def drop_captions(tokens: Tokens, drop: torch.Tensor, empty: Tokens) -> Tokens:
                   tokens.has_text & ~drop)
 
 
+def shuffle_captions(tokens: Tokens, gen: torch.Generator) -> Tokens:
+    """Every image's captions (all of its slots) moved to another image of the batch, by a random
+    permutation with no fixed point drawn from ``gen``: wrong captions that, unlike one fixed
+    permutation of the data set, carry no identity of the image they are paired with."""
+    B = tokens.ids.size(0)
+    if B < 2:
+        return tokens
+    order = torch.randperm(B, generator=gen)
+    source = torch.empty_like(order)
+    source[order] = order.roll(1)  # image order[j] reads the captions of order[j - 1]
+    source = source.to(tokens.ids.device)
+    return Tokens(tokens.ids[source], tokens.mask[source], tokens.has_text[source])
+
+
 def trim_caption_slots(tokens: Tokens) -> Tokens:
     """[B, N, L] tokens without the trailing caption slots that no image of the batch fills (at
     least one kept): padded captions are left out of the max-pool anyway, so the conditioner's

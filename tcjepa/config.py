@@ -119,6 +119,9 @@ class ConditionerConfig:
     qk_norm: bool = True  # gated_topk: LayerNorm on queries and keys per head: O(1) logits from step 0
     gate_scale: float = 10.0  # gated_topk: the gate is tanh(gate_scale * g): a gate-only learning-rate multiplier under Adam
     caption_dropout: float = 0.1  # probability of training a sample without its caption
+    shuffle_captions: bool = False  # a control, not a method: each step every image is conditioned on the captions
+    #                                 of another image of its batch (a fresh pairing per step, so they carry no image
+    #                                 identity); probes and evaluations still read the real captions
     text_encoder: str = "scratch"  # scratch | hf | t5 (frozen, the paper's; a local directory) | open_clip
     text_path: str = ""  # hf: local model directory; open_clip: optional local checkpoint
     text_frozen: bool | None = None  # default: frozen for hf, trained for scratch/open_clip

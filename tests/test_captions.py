@@ -165,3 +165,27 @@ def test_paper_variant_trains_on_eight_captions_and_logs_its_terms(tmp_path):
     four = train(load_config(recipe, [*overrides, "conditioner.max_captions=4"]), tmp_path / "four", progress=False)
     last = json.loads((four / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["captions_over_max"] == 3 * 8  # every image has 8 captions: all of them over 4
+
+
+def test_shuffled_captions_control_gives_every_image_another_images_captions_afresh_each_step():
+    """``conditioner.shuffle_captions``: each step a permutation with no fixed point moves every
+    image's whole caption set to another image of the batch, a different pairing each step (a
+    fixed permutation would leave the wrong captions an identity of the image); off, nothing moves."""
+    from tcjepa.config import load_config, project_root
+    from tcjepa.methods.jepa import JEPA
+
+    sets = [[f"scene {i} first", f"scene {i} second"] for i in range(16)]
+    over = ["conditioner.max_captions=2", "conditioner.caption_dropout=0", "model.predictor_depth=1",
+            "conditioner.text_depth=1"]
+    quick = project_root() / "recipes/tcjepa_quickstart.yaml"
+    plain = JEPA(load_config(quick, over)).text_inputs(sets, torch.Generator().manual_seed(0))
+    method = JEPA(load_config(quick, [*over, "conditioner.shuffle_captions=true"]))
+    rows = {tuple(plain.ids[i].flatten().tolist()): i for i in range(16)}
+    pairings = []
+    for step in range(2):
+        shuffled = method.text_inputs(sets, torch.Generator().manual_seed(step))
+        source = [rows[tuple(shuffled.ids[i].flatten().tolist())] for i in range(16)]  # whose captions image i got
+        assert sorted(source) == list(range(16)) and all(s != i for i, s in enumerate(source))
+        assert torch.equal(shuffled.mask, plain.mask[source]) and torch.equal(shuffled.has_text, plain.has_text[source])
+        pairings.append(source)
+    assert pairings[0] != pairings[1]

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.tokenizers import (Tokenizer, Tokens, build_tokenizer, drop_captions, tokenize_caption_sets,
-                                       trim_caption_slots)
+from data_pipelines.tokenizers import (Tokenizer, Tokens, build_tokenizer, drop_captions, shuffle_captions,
+                                       tokenize_caption_sets, trim_caption_slots)
 from tcjepa.accumulate import micro_batch_losses, step_count, target_counts
 from tcjepa.config import Config, captions_per_image, resolved_text_path, resolved_tokenizer
 from tcjepa.distributed import engine_module, mean_count_over_ranks
@@ -283,6 +283,8 @@ class JEPA:
         p, n = self.cfg.conditioner.caption_dropout, captions_per_image(self.cfg.conditioner)
         if tokens is None:
             tokens = tokenize_caption_sets(self.tokenizer, captions, n) if n > 1 else self.tokenizer(captions)
+        if self.cfg.conditioner.shuffle_captions:  # the control: another image's captions, a new pairing each step
+            tokens = shuffle_captions(tokens, gen)
         if p > 0:
             drop = torch.rand(tokens.has_text.shape, generator=gen) < p
             if self._empty is None:
