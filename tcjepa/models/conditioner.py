@@ -397,7 +397,7 @@ def fill_missing_captions(text: torch.Tensor, text_valid: torch.Tensor, has_text
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's missing captions (fewer than N, or dropped) replaced by a copy of one of its
     real ones: a maximum over the captions is unchanged by a repeated element, so the max-pool
-    needs no mask over the [B, N, Q, C] updates (what the regularisers and statistics read is
+    needs no mask over the per-caption updates (what the regularisers and statistics read is
     still limited to the real captions by ``has_text``). An image with no caption keeps its own
     slots (its output is the identity anyway)."""
     if bool(has_text.all()):

@@ -138,8 +138,8 @@ def _caption_conditioner_bytes(inv: ModelInventory, s: Seqs, batch: int, dt: Act
     probabilities (heads x words per caption and position) instead of the output and the
     log-sum-exp, and a boolean mask instead of the additive one. (Equal, to the byte but for a
     few boolean masks, to what one layer saves in fp32 and in CPU bf16.) ``logits: overlap`` runs
-    no fused attention: per (caption, position) it keeps each head's cosines and rectified
-    weights over the words instead of the query copy, output and log-sum-exp. With
+    no fused attention: per (caption, position) it keeps each head's rectified cosines over the
+    words once (fp32; in bf16 also their cast) instead of the query copy, output and log-sum-exp. With
     ``regularise_encoder: false`` the regularisers' own queries add a second norm output (and
     statistics) per position; under ``logits: overlap`` also their fp32 copy (their cosines are
     the attention's, one product)."""
