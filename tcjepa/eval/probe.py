@@ -109,6 +109,21 @@ def extract_features(encoder: nn.Module, shards: str, image_size: int, batch_siz
     return f.pooled, f.metas, f.skipped
 
 
+class LastLayers(nn.Module):
+    """An encoder read at its last ``n`` blocks (``probe.layers``), concatenated over channels."""
+
+    def __init__(self, encoder: nn.Module, n: int):
+        super().__init__()
+        if not hasattr(encoder, "last_layers"):
+            raise ConfigError(f"probe.layers = {n} needs a tcjepa VisionTransformer, got {type(encoder).__name__}")
+        if n > len(encoder.blocks):
+            raise ConfigError(f"probe.layers must be at most the encoder's depth {len(encoder.blocks)}, got {n}")
+        self.encoder, self.n = encoder, n
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.last_layers(images, self.n)
+
+
 def select_labels(metas: list[dict[str, Any]], key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the samples whose json has an integer at ``key`` (dotted path), and those labels."""
     found = [lookup(m, key) for m in metas]
@@ -174,6 +189,8 @@ def check_probe_config(cfg: ProbeConfig) -> None:
         raise ConfigError("probe.attentive_epochs must be >= 1 and probe.attentive_lrs non-empty")
     if cfg.attentive_heads < 0:
         raise ConfigError(f"probe.attentive_heads must be >= 0 (0: automatic), got {cfg.attentive_heads}")
+    if cfg.layers < 1:
+        raise ConfigError(f"probe.layers must be >= 1 (1: the last block), got {cfg.layers}")
 
 
 def _probe_one_label(key: str, cfg: ProbeConfig, seed: int, train: Features, val: Features,
@@ -243,6 +260,8 @@ def run_probe(
     own_encoder = encoder is None  # the run's own image tower (a contrastive run's projection applies to it)
     if own_encoder:
         encoder = load_encoder(checkpoint, cfg.encoder)
+    if cfg.layers > 1:
+        encoder = LastLayers(encoder, cfg.layers)
     size, device = run_cfg.model.image_size, default_device()
     patches = cfg.kind != "linear"
     tr = extract(encoder, data, size, cfg.batch_size, device, data_key="--data", progress=progress, patches=patches,
@@ -267,7 +286,7 @@ def run_probe(
     headline = {k: v for k, v in first.items() if k not in KINDS}
     headline.update({f"{kind}_top1": first[kind]["top1"] for kind in ("linear", "attentive") if kind in first})
     metrics = {**headline, "label": cfg.labels[0], "per_label": per_label, "skipped": {"train": tr.skipped, "val": va.skipped}}
-    if own_encoder and run_cfg.train.method == "contrastive" and run_cfg.contrastive.matryoshka_dims:
+    if own_encoder and run_cfg.train.method == "contrastive" and run_cfg.contrastive.matryoshka_dims and cfg.layers == 1:
         metrics["per_dim"] = matryoshka_probe(tr, va, checkpoint, cfg, run_cfg)
     result = result_dict("probe", checkpoint, data, metrics, val_data=val_data, config=to_dict(cfg), plots=plots)
     write_result(result, checkpoint if save_to_run else None, json_out, name=name)

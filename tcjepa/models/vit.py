@@ -241,6 +241,20 @@ class VisionTransformer(nn.Module):
             x = gather_tokens(x, idx)
         return run_blocks(x, self.blocks, self.norm, valid)
 
+    def last_layers(self, images: torch.Tensor, n: int) -> torch.Tensor:
+        """The last ``n`` blocks' outputs on every patch, each through the final norm, concatenated
+        over channels: [B, N, n * D] (``n = 1`` is ``forward``). A probe's read-out
+        (``probe.layers``), as DINO and I-JEPA evaluations concatenate the last four."""
+        if not 1 <= n <= len(self.blocks):
+            raise ValueError(f"n must be in [1, {len(self.blocks)}] (the encoder's depth), got {n}")
+        x = self.patch_embed(images) + self.pos_embed.to(images.dtype)
+        outs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= len(self.blocks) - n:
+                outs.append(self.norm(x))
+        return torch.cat(outs, dim=-1)
+
 
 def run_blocks(x: torch.Tensor, blocks: nn.ModuleList, norm: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
     """``norm(blocks(x))`` over [B, N, C]; with ``valid`` [B, N], per-token layers run on the real
