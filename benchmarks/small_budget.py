@@ -6,7 +6,9 @@ per label with its mean and standard deviation over the seeds (RESULTS.md, "Smal
     python benchmarks/small_budget.py --recipe recipes/ijepa_quickstart.yaml --steps 900 --seeds 0,1,2 \\
         --out runs/small_budget [--set train.eval_every=150 ...]
 
-Runs already finished in ``--out`` are probed again, not retrained; every result is appended as one
+``--probe`` reads both encoders another way (``probe.layers=4``: the last four blocks;
+``probe.encoder=student``; ``probe.kind=both``: also the attentive probe). Runs already finished in
+``--out`` are probed again, not retrained; every result is appended as one
 JSON line to ``OUT/results.jsonl``. ``--train-data`` / ``--val-data`` take other shards (the probe reads
 whichever of the recipe's ``probe.labels`` they hold), e.g. Fashion-MNIST as the README writes it:
 
@@ -27,15 +29,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def probe_top1(run: Path, train: Path, val: Path, encoder: torch.nn.Module | None = None) -> dict[str, float]:
+def probe_top1(run: Path, train: Path, val: Path, encoder: torch.nn.Module | None = None,
+               probe_set: list[str] | None = None) -> dict[str, float]:
+    """Top-1 per label (and ``LABEL (attentive)`` when both kinds run) with the run's probe settings
+    and ``probe_set`` over them; the run's own eval/probe.json is written only with its own."""
     from tcjepa.eval.probe import run_probe
+    from tcjepa.eval.tasks import task_config
 
-    res = run_probe(run, str(train), str(val), encoder=encoder, progress=False, save_to_run=encoder is None)
-    return {k: round(v["top1"], 3) for k, v in res["metrics"]["per_label"].items()}
+    cfg = task_config("probe", run, probe_set or [])
+    res = run_probe(run, str(train), str(val), cfg, encoder=encoder, progress=False,
+                    save_to_run=encoder is None and not probe_set)
+    out = {}
+    for label, m in res["metrics"]["per_label"].items():
+        out[label] = round(m["top1"], 3)
+        if m["kind"] == "linear" and "attentive" in m:
+            out[f"{label} (attentive)"] = round(m["attentive"]["top1"], 3)
+    return out
 
 
 def one_seed(recipe: Path, steps: int, seed: int, out: Path, train_data: Path, val_data: Path,
-             overrides: list[str]) -> dict:
+             overrides: list[str], probe_set: list[str] | None = None) -> dict:
     from tcjepa.config import load_config
     from tcjepa.models.vit import build_encoder
     from tcjepa.train import train
@@ -52,9 +65,9 @@ def one_seed(recipe: Path, steps: int, seed: int, out: Path, train_data: Path, v
     init = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l]
     return {"recipe": str(recipe), "steps": steps, "seed": seed, "overrides": overrides, "train_seconds": round(wall),
-            "data": [str(train_data), str(val_data)],
-            "trained": probe_top1(run, train_data, val_data),
-            "init": probe_top1(run, train_data, val_data, init),
+            "data": [str(train_data), str(val_data)], "probe": probe_set or [],
+            "trained": probe_top1(run, train_data, val_data, probe_set=probe_set),
+            "init": probe_top1(run, train_data, val_data, init, probe_set),
             "probe_curve": [(r["step"], round(r["probe_top1"], 3)) for r in recs if "probe_top1" in r]}
 
 
@@ -80,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-samples", type=int, default=3000)
     p.add_argument("--val-samples", type=int, default=1000)
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--probe", dest="probe_set", nargs="*", default=[], metavar="probe.KEY=VALUE",
+                   help="probe settings for both encoders, e.g. probe.layers=4 probe.encoder=student "
+                        "probe.kind=both (a finished run is probed again with them)")
     p.add_argument("--train-data", type=Path, help="shards to train and fit the probe on, instead of the synthetic "
                    "scenes (e.g. Fashion-MNIST or easy-vqa written by tcjepa data ...); needs --val-data")
     p.add_argument("--val-data", type=Path, help="shards the probe is scored on")
@@ -97,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         train_data, val_data = data / "train", data / "val"
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        r = one_seed(args.recipe, args.steps, seed, args.out, train_data, val_data, args.overrides)
+        r = one_seed(args.recipe, args.steps, seed, args.out, train_data, val_data, args.overrides, args.probe_set)
         print(json.dumps(r), flush=True)
         with open(args.out / "results.jsonl", "a") as f:
             f.write(json.dumps(r) + "\n")

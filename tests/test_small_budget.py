@@ -21,7 +21,7 @@ def load_script():
     return module
 
 
-def test_small_budget_trains_and_probes_on_given_shards(shards64: Path, tmp_path: Path, capsys):
+def test_small_budget_trains_and_probes_on_given_shards(shards64: Path, tmp_path: Path, capsys, monkeypatch):
     script = load_script()
     out = tmp_path / "out"
     assert script.main(["--steps", "2", "--seeds", "0", "--out", str(out), "--train-data", str(shards64),
@@ -33,5 +33,17 @@ def test_small_budget_trains_and_probes_on_given_shards(shards64: Path, tmp_path
     assert (out / "ijepa_quickstart_2_s0" / "final" / "model.safetensors").is_file()
     assert not (out / "data").exists()  # no synthetic scenes written
     assert "label: trained - init" in capsys.readouterr().out
+
+    import tcjepa.eval.probe
+
+    seen, run_probe = [], tcjepa.eval.probe.run_probe
+    monkeypatch.setattr(tcjepa.eval.probe, "run_probe", lambda *a, **k: seen.append(a[3]) or run_probe(*a, **k))
+    assert script.main(["--steps", "2", "--seeds", "0", "--out", str(out), "--train-data", str(shards64),
+                        "--val-data", str(shards64), "--probe", "probe.layers=2", "probe.kind=both",
+                        "probe.epochs=2", "probe.attentive_epochs=1"]) == 0  # the finished run, probed again
+    again = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert again["probe"] == ["probe.layers=2", "probe.kind=both", "probe.epochs=2", "probe.attentive_epochs=1"]
+    assert set(again["trained"]) == set(again["init"]) == {"label", "label (attentive)"}
+    assert [(c.layers, c.kind) for c in seen] == [(2, "both")] * 2  # the trained encoder and the init alike
     with pytest.raises(SystemExit):
         script.main(["--train-data", str(shards64)])
