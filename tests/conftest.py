@@ -24,6 +24,19 @@ def stock_linear():
     F.linear = linear
 
 
+def load_benchmark(name: str):
+    """``benchmarks/NAME.py`` imported as module ``NAME`` (the scripts are not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def png_bytes(color: tuple[int, int, int], size: int = 32) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buf, format="PNG")

@@ -3,22 +3,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import tarfile
 from pathlib import Path
 
 from data_pipelines.synthetic import write_synthetic_shards
-
-
-def load_compare_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_tcjepa.py"
-    spec = importlib.util.spec_from_file_location("compare_tcjepa", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def read_dir(d: Path) -> dict[str, dict[str, bytes]]:
@@ -33,7 +23,7 @@ def read_dir(d: Path) -> dict[str, dict[str, bytes]]:
 
 def test_shuffled_captions_move_an_images_whole_caption_list_and_nothing_else(tmp_path):
     write_synthetic_shards(tmp_path / "train", samples=12, shard_size=5, seed=3, captions_per_image=3)
-    compare = load_compare_script()
+    compare = load_benchmark("compare_tcjepa")
     compare.write_shuffled_captions(tmp_path / "train", tmp_path / "shuffled")
     real, shuffled = read_dir(tmp_path / "train"), read_dir(tmp_path / "shuffled")
     assert sorted(real) == sorted(shuffled)
@@ -56,7 +46,7 @@ def test_shuffled_captions_move_an_images_whole_caption_list_and_nothing_else(tm
 
 
 def test_probe_top1_reads_the_attentive_probe_when_it_ran():
-    compare = load_compare_script()
+    compare = load_benchmark("compare_tcjepa")
     both = {"per_label": {"label": {"top1": 0.5, "attentive": {"top1": 0.6}},
                           "labels.count": {"top1": 0.3, "attentive": {"top1": 0.4}}}}
     assert compare.probe_top1(both) == {"top1": {"label": 0.5, "labels.count": 0.3},
@@ -67,7 +57,7 @@ def test_probe_top1_reads_the_attentive_probe_when_it_ran():
 def test_summary_reports_the_targets_spread_and_rank_with_paired_differences():
     """A loss that falls because the targets shrink must show in the table: the last logged
     ``target_std`` and ``target_rankme`` per method, and their paired differences."""
-    compare = load_compare_script()
+    compare = load_benchmark("compare_tcjepa")
     recs = [{"step": 10, "loss": 0.3, "target_std": 0.5, "target_rankme": 30.0}, {"step": 20, "loss": 0.2, "img_per_s": 9}]
     assert compare.target_health(recs) == {"target_std": 0.5, "target_rankme": 30.0}
     assert compare.target_health([{"step": 1}]) == {"target_std": None, "target_rankme": None}
@@ -84,7 +74,7 @@ def test_summary_reports_the_targets_spread_and_rank_with_paired_differences():
 
 def test_summary_reports_retrieval_recall_where_a_run_scores_text():
     """``--retrieval``: recall@1 both ways for runs that score text, blank for those that cannot."""
-    compare = load_compare_script()
+    compare = load_benchmark("compare_tcjepa")
 
     def run(r1: dict | None) -> dict:
         return {"top1": {"label": 0.3}, "final_loss": 0.1, "img_per_s": 10.0, "retrieval": r1}

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tests.conftest import write_tar
-
-
-def load_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "patch_stats.py"
-    spec = importlib.util.spec_from_file_location("patch_stats", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark, write_tar
 
 
 class PositionOnly(nn.Module):
@@ -58,7 +47,7 @@ def test_patch_stats_tell_position_from_image(tmp_path: Path):
         Image.fromarray(a).save(buf, format="PNG")
         members += [(f"{i:06d}.png", buf.getvalue()), (f"{i:06d}.txt", b"noise")]
     write_tar(tmp_path / "000000.tar", members)
-    script = load_script()
+    script = load_benchmark("patch_stats")
     torch.manual_seed(0)
     pos = script.patch_stats(PositionOnly(), str(tmp_path), 32, 8)
     img = script.patch_stats(ImageOnly(), str(tmp_path), 32, 8)

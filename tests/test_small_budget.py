@@ -4,25 +4,16 @@ only one split is given."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def load_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "small_budget.py"
-    spec = importlib.util.spec_from_file_location("small_budget", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def test_small_budget_trains_and_probes_on_given_shards(shards64: Path, tmp_path: Path, capsys, monkeypatch):
-    script = load_script()
+    script = load_benchmark("small_budget")
     out = tmp_path / "out"
     assert script.main(["--steps", "2", "--seeds", "0", "--out", str(out), "--train-data", str(shards64),
                         "--val-data", str(shards64), "--set", "train.batch_size=8", "probe.epochs=2",
