@@ -286,6 +286,7 @@ def run_probe(
     headline = {k: v for k, v in first.items() if k not in KINDS}
     headline.update({f"{kind}_top1": first[kind]["top1"] for kind in ("linear", "attentive") if kind in first})
     metrics = {**headline, "label": cfg.labels[0], "per_label": per_label, "skipped": {"train": tr.skipped, "val": va.skipped}}
+    # the Matryoshka widths are prefixes of the projected last block: another read-out has none
     if own_encoder and run_cfg.train.method == "contrastive" and run_cfg.contrastive.matryoshka_dims and cfg.layers == 1:
         metrics["per_dim"] = matryoshka_probe(tr, va, checkpoint, cfg, run_cfg)
     result = result_dict("probe", checkpoint, data, metrics, val_data=val_data, config=to_dict(cfg), plots=plots)
