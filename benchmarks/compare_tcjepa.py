@@ -249,15 +249,11 @@ def random_init(recipe: str, seed: int, data: Path, out: Path, segment: bool, ca
     """Probe (and segment) the recipe's encoder at initialisation: the seed's first draw, as
     ``tcjepa quickstart`` draws its random-init row. Needs a finished run of ``recipe`` at this
     seed for its settings (``out``: its run directory)."""
-    import torch
-
+    from tcjepa.checkpoint import initial_encoder
     from tcjepa.eval.probe import run_probe
     from tcjepa.eval.segment import run_segment
-    from tcjepa.models.vit import build_encoder
 
-    cfg = load_config(project_root() / recipe, [f"train.seed={seed}"]).model
-    torch.manual_seed(seed)
-    init = build_encoder(cfg.encoder, cfg.image_size, cfg.depth, cfg.init_std)
+    init = initial_encoder(load_config(project_root() / recipe, [f"train.seed={seed}"]))
     train_dir, val_dir = str(data / "train"), str(data / "val")
     probe_json, segment_json = out / "eval" / "probe_bench_random_init.json", out / "eval" / "segment_bench_random_init.json"
     probe = cached_eval(probe_json, lambda: run_probe(out, train_dir, val_dir, encoder=init, progress=False,

@@ -50,17 +50,12 @@ def patch_stats(encoder: torch.nn.Module, shards: str, image_size: int, patch: i
 
 
 def run_stats(run: Path, data: str) -> dict:
-    from tcjepa.checkpoint import load_encoder, load_run_config
-    from tcjepa.models.vit import build_encoder
+    from tcjepa.checkpoint import initial_encoder, load_encoder, load_run_config
 
     cfg = load_run_config(run)
-    m = cfg.model
-    torch.manual_seed(cfg.train.seed)
-    init = build_encoder(m.encoder, m.image_size, m.depth, m.init_std).eval()
-    trained = load_encoder(run, cfg.probe.encoder)
+    encoders = {"init": initial_encoder(cfg).eval(), "trained": load_encoder(run, cfg.probe.encoder)}
     return {"run": str(run), "data": data,
-            **{name: patch_stats(enc, data, m.image_size, enc.patch_size) for name, enc in (("init", init),
-                                                                                          ("trained", trained))}}
+            **{name: patch_stats(enc, data, cfg.model.image_size, enc.patch_size) for name, enc in encoders.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ per label with its mean and standard deviation over the seeds (RESULTS.md, "Smal
     python benchmarks/small_budget.py --recipe recipes/ijepa_quickstart.yaml --steps 900 --seeds 0,1,2 \\
         --out runs/small_budget [--set train.eval_every=150 ...]
 
-``--probe`` reads both encoders another way (``probe.layers=4``: the last four blocks;
+``--probe`` reads both encoders another way (``probe.last_blocks=4``: the last four blocks;
 ``probe.encoder=student``; ``probe.kind=both``: also the attentive probe). Runs already finished in
 ``--out`` are probed again, not retrained; every result is appended as one
 JSON line to ``OUT/results.jsonl``. ``--train-data`` / ``--val-data`` take other shards (the probe reads
@@ -49,8 +49,8 @@ def probe_top1(run: Path, train: Path, val: Path, encoder: torch.nn.Module | Non
 
 def one_seed(recipe: Path, steps: int, seed: int, out: Path, train_data: Path, val_data: Path,
              overrides: list[str], probe_set: list[str] | None = None) -> dict:
+    from tcjepa.checkpoint import initial_encoder
     from tcjepa.config import load_config
-    from tcjepa.models.vit import build_encoder
     from tcjepa.train import train
 
     run = out / f"{recipe.stem}_{steps}_s{seed}"
@@ -60,9 +60,7 @@ def one_seed(recipe: Path, steps: int, seed: int, out: Path, train_data: Path, v
     if not (run / "final" / "model.safetensors").is_file():
         train(cfg, run, progress=False)
     wall = time.time() - t0
-    torch.manual_seed(seed)
-    m = cfg.model
-    init = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
+    init = initial_encoder(cfg)
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l]
     return {"recipe": str(recipe), "steps": steps, "seed": seed, "overrides": overrides, "train_seconds": round(wall),
             "data": [str(train_data), str(val_data)], "probe": probe_set or [],
@@ -94,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-samples", type=int, default=1000)
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--probe", dest="probe_set", nargs="*", default=[], metavar="probe.KEY=VALUE",
-                   help="probe settings for both encoders, e.g. probe.layers=4 probe.encoder=student "
+                   help="probe settings for both encoders, e.g. probe.last_blocks=4 probe.encoder=student "
                         "probe.kind=both (a finished run is probed again with them)")
     p.add_argument("--train-data", type=Path, help="shards to train and fit the probe on, instead of the synthetic "
                    "scenes (e.g. Fashion-MNIST or easy-vqa written by tcjepa data ...); needs --val-data")

@@ -147,6 +147,17 @@ def encoder_role(cfg: Config, which: str = "auto") -> str:
     return "teacher" if cfg.train.method == "jepa" and cfg.teacher.update == "ema" else "student"
 
 
+def initial_encoder(cfg: Config) -> nn.Module:
+    """The image encoder a run of ``cfg`` starts from: the first draw after ``train.seed``, the
+    weights ``build_student`` gives it (reseeds the global RNG). The random-init baseline that
+    trained encoders are compared with."""
+    from tcjepa.models.vit import build_encoder
+
+    torch.manual_seed(cfg.train.seed)
+    m = cfg.model
+    return build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
+
+
 def load_encoder(run_dir: str | Path, which: str = "auto") -> nn.Module:
     """The trained image encoder of a finished run, in eval mode.
 

@@ -198,7 +198,7 @@ class ProbeConfig:
     holdout: float = 0.1  # fraction of train features used to choose the learning rate
     batch_size: int = 256
     encoder: str = "auto"  # auto | teacher | student
-    layers: int = 1  # read the last N blocks, each through the final norm, concatenated (N x width features)
+    last_blocks: int = 1  # 1: the final LayerNorm output; n: the last n blocks' outputs, each layer-normed, concatenated
     kind: str = "linear"  # linear | attentive | both (the headline top1 is linear's when it runs)
     attentive_epochs: int = 20
     attentive_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
@@ -650,8 +650,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _validate_contrastive(cfg, source)
     _check(p.encoder in ("auto", "teacher", "student"), source, "probe.encoder", "must be auto, teacher or student")
     _check(p.kind in ("linear", "attentive", "both"), source, "probe.kind", "must be linear, attentive or both")
-    depth = m.depth or parse_encoder_name(m.encoder).depth
-    _check(1 <= p.layers <= depth, source, "probe.layers", f"must be in [1, the encoder's depth {depth}], got {p.layers}")
+    depth = m.depth or arch.depth
+    _check(1 <= p.last_blocks <= depth, source, "probe.last_blocks",
+           f"must be in [1, the encoder's {depth} blocks], got {p.last_blocks}")
     _check(p.attentive_epochs >= 1 and len(p.attentive_lrs) > 0, source, "probe.attentive_epochs",
            "must be >= 1 and probe.attentive_lrs non-empty")
     _check(p.attentive_heads >= 0, source, "probe.attentive_heads", "must be >= 0 (0: one head per 64 channels)")

@@ -9,8 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tcjepa.config import ConfigError, captions_per_image, load_config, project_root
 
 QUICKSTART_RECIPE = "recipes/tcjepa_quickstart.yaml"
@@ -26,7 +24,7 @@ def quickstart(
 ) -> dict[str, Any]:
     from data_pipelines.synthetic import write_synthetic_shards
     from tcjepa.eval.probe import run_probe
-    from tcjepa.models.vit import build_encoder
+    from tcjepa.checkpoint import initial_encoder
     from tcjepa.train import train
 
     out = Path(out)
@@ -44,9 +42,7 @@ def quickstart(
     train(cfg, run_dir, progress=progress)
 
     trained = run_probe(run_dir, str(train_dir), str(val_dir), progress=progress)["metrics"]
-    torch.manual_seed(cfg.train.seed)
-    m = cfg.model  # the student's first draw after the seed: the same weights build_student gives
-    random_init = build_encoder(m.encoder, m.image_size, m.depth, m.init_std)
+    random_init = initial_encoder(cfg)
     baseline = run_probe(run_dir, str(train_dir), str(val_dir), encoder=random_init, progress=progress,
                          save_to_run=False, json_out=run_dir / "eval" / "probe_random_init.json")["metrics"]
     viz = None

@@ -172,7 +172,7 @@ def test_mask_config_fields_are_sampler_keywords():
 
 
 @pytest.mark.parametrize("override,key", [("probe.kind=mlp", "probe.kind"), ("probe.attentive_heads=-1", "probe.attentive_heads"),
-                                          ("probe.layers=0", "probe.layers"), ("probe.layers=7", "probe.layers"),
+                                          ("probe.last_blocks=0", "probe.last_blocks"), ("probe.last_blocks=7", "probe.last_blocks"),
                                           ("train.max_bad_steps=0", "train.max_bad_steps")])
 def test_eval_and_guard_keys_are_validated_at_load(override, key):
     with pytest.raises(ConfigError, match=key):

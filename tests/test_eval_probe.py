@@ -146,8 +146,8 @@ def test_probe_labels_follow_the_data(probe_data, tmp_path, capsys, monkeypatch)
 
 
 @pytest.mark.slow
-def test_probe_reads_the_last_layers_concatenated(probe_data, tmp_path, monkeypatch):
-    """probe.layers = 2 probes the last two blocks' features side by side (twice the width); more
+def test_probe_reads_the_last_blocks_concatenated(probe_data, monkeypatch):
+    """probe.last_blocks = 2 probes the last two blocks' features side by side (twice the width); more
     layers than the encoder has is an error naming the key. (The run's encoder has one block, so a
     two-block encoder of the same kind is probed with the run's settings.)"""
     import dataclasses
@@ -166,10 +166,10 @@ def test_probe_reads_the_last_layers_concatenated(probe_data, tmp_path, monkeypa
     torch.manual_seed(0)
     two_blocks = build_encoder("vit_micro_8", 64, depth=2)
     args = (probe_data["run"], str(probe_data["train"]), str(probe_data["val"]))
-    cfg = dataclasses.replace(FAST, kind="linear", layers=2)
+    cfg = dataclasses.replace(FAST, kind="linear", last_blocks=2)
     m = run_probe(*args, cfg, encoder=two_blocks, progress=False, save_to_run=False)["metrics"]
-    one = run_probe(*args, dataclasses.replace(cfg, layers=1), encoder=two_blocks, progress=False,
+    one = run_probe(*args, dataclasses.replace(cfg, last_blocks=1), encoder=two_blocks, progress=False,
                     save_to_run=False)["metrics"]
     assert widths == [192, 192, 96, 96] and m["linear_top1"] > 0.95 and one["linear_top1"] > 0.95
-    with pytest.raises(ConfigError, match="probe.layers must be at most the encoder's depth 1, got 2"):
+    with pytest.raises(ConfigError, match="probe.last_blocks 2 exceeds the encoder's 1 blocks"):
         run_probe(*args, cfg, progress=False, save_to_run=False)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from data_pipelines.labels import IGNORE
 from tcjepa.cli import main
-from tcjepa.eval.segment import (LastBlocks, SegmentConfig, confusion_matrix, seg_class_names, segmentation_metrics,
+from tcjepa.eval.common import LastBlocks
+from tcjepa.eval.segment import (SegmentConfig, confusion_matrix, seg_class_names, segmentation_metrics,
                                  train_segmentation_probe)
 from tests.conftest import write_tar
 from tests.eval_runs import colour_members, train_tiny, write_colour_shards

@@ -43,23 +43,6 @@ def test_encoder_shapes_and_context_gather():
     assert torch.allclose(enc(x, idx), full, atol=1e-5)
 
 
-def test_last_layers_read_out_concatenates_normed_block_outputs():
-    torch.manual_seed(0)
-    enc = build_encoder("vit_micro_8", 32, depth=3).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        two = enc.last_layers(x, 2)
-        h = enc.patch_embed(x) + enc.pos_embed
-        h = enc.blocks[1](enc.blocks[0](h))
-        assert two.shape == (2, 16, 192)
-        assert torch.allclose(two[..., :96], enc.norm(h), atol=1e-5)  # block 2 of 3, through the final norm
-        assert torch.allclose(two[..., 96:], enc(x), atol=1e-5)  # the last block is the usual output
-        assert torch.equal(enc.last_layers(x, 1), enc(x))
-    for n in (0, 4):
-        with pytest.raises(ValueError, match="depth"):
-            enc.last_layers(x, n)
-
-
 def test_encoder_padding_is_invisible():
     """Padded context entries (valid=False) must not change the real tokens' outputs."""
     torch.manual_seed(0)

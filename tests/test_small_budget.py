@@ -30,11 +30,11 @@ def test_small_budget_trains_and_probes_on_given_shards(shards64: Path, tmp_path
     seen, run_probe = [], tcjepa.eval.probe.run_probe
     monkeypatch.setattr(tcjepa.eval.probe, "run_probe", lambda *a, **k: seen.append(a[3]) or run_probe(*a, **k))
     assert script.main(["--steps", "2", "--seeds", "0", "--out", str(out), "--train-data", str(shards64),
-                        "--val-data", str(shards64), "--probe", "probe.layers=2", "probe.kind=both",
+                        "--val-data", str(shards64), "--probe", "probe.last_blocks=2", "probe.kind=both",
                         "probe.epochs=2", "probe.attentive_epochs=1"]) == 0  # the finished run, probed again
     again = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
-    assert again["probe"] == ["probe.layers=2", "probe.kind=both", "probe.epochs=2", "probe.attentive_epochs=1"]
+    assert again["probe"] == ["probe.last_blocks=2", "probe.kind=both", "probe.epochs=2", "probe.attentive_epochs=1"]
     assert set(again["trained"]) == set(again["init"]) == {"label", "label (attentive)"}
-    assert [(c.layers, c.kind) for c in seen] == [(2, "both")] * 2  # the trained encoder and the init alike
+    assert [(c.last_blocks, c.kind) for c in seen] == [(2, "both")] * 2  # the trained encoder and the init alike
     with pytest.raises(SystemExit):
         script.main(["--train-data", str(shards64)])

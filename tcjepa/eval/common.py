@@ -1,6 +1,6 @@
 """What every evaluation shares: reading an evaluation split, the probes' holdout split, their
-learning-rate sweep and classification metrics, tie-aware top-k hits, and writing
-the result JSON in the shape DESIGN.md fixes (``{"task", "checkpoint", "data", "metrics"}``).
+learning-rate sweep and classification metrics, tie-aware top-k hits, the last-blocks read-out
+(``probe.last_blocks``, ``segment.last_blocks``), and writing the result JSON in the shape DESIGN.md fixes (``{"task", "checkpoint", "data", "metrics"}``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from data_pipelines.loader import DataError, LoaderSpec, SkipTracker, make_loader, resolve_shards
+from tcjepa.config import ConfigError
 
 
 def default_device() -> torch.device:
@@ -197,3 +198,37 @@ def plot_dir(run_dir: str | Path | None, json_out: str | Path | None) -> Path | 
     if run_dir is not None:
         return Path(run_dir) / "eval"
     return Path(json_out).parent if json_out else None
+
+
+# ----------------------------------------------------------------------------- read-outs
+
+
+class LastBlocks(nn.Module):
+    """The last ``n`` blocks' outputs of a ViT encoder, each through its final LayerNorm,
+    concatenated: [B, P, n * D] (DINOv2's ``get_intermediate_layers(n, norm=True)``)."""
+
+    def __init__(self, encoder: nn.Module, n: int):
+        super().__init__()
+        self.encoder, self.n = encoder, n
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        outputs: list[torch.Tensor] = []
+        hooks = [block.register_forward_hook(lambda module, args, out: outputs.append(out))
+                 for block in self.encoder.blocks[-self.n:]]
+        try:
+            self.encoder(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.cat([self.encoder.norm(o) for o in outputs], dim=-1)
+
+
+def feature_encoder(encoder: nn.Module, last_blocks: int, key: str) -> nn.Module:
+    """The encoder whose output the heads read: itself for ``last_blocks`` 1, else :class:`LastBlocks`
+    (``key``: the setting that asked, named in the error)."""
+    if last_blocks == 1:
+        return encoder
+    depth = len(getattr(encoder, "blocks", ()))
+    if last_blocks > depth:
+        raise ConfigError(f"{key} {last_blocks} exceeds the encoder's {depth} blocks")
+    return LastBlocks(encoder, last_blocks)

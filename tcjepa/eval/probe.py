@@ -29,8 +29,8 @@ from data_pipelines.labels import IGNORE
 from data_pipelines.loader import DataError, SkipTracker, normalize
 from tcjepa.config import Config, ConfigError, ProbeConfig, to_dict
 from tcjepa.eval.attentive import train_attentive_probes
-from tcjepa.eval.common import (classification_metrics, default_device, holdout_split, is_label, iter_eval_batches, lookup,
-                                plot_dir, result_dict, train_heads_per_lr, write_result)
+from tcjepa.eval.common import (classification_metrics, default_device, feature_encoder, holdout_split, is_label,
+                                iter_eval_batches, lookup, plot_dir, result_dict, train_heads_per_lr, write_result)
 
 KINDS = ("linear", "attentive", "both")
 MAX_CONFUSION_IN_JSON = 100  # classes; larger matrices are only drawn
@@ -109,21 +109,6 @@ def extract_features(encoder: nn.Module, shards: str, image_size: int, batch_siz
     return f.pooled, f.metas, f.skipped
 
 
-class LastLayers(nn.Module):
-    """An encoder read at its last ``n`` blocks (``probe.layers``), concatenated over channels."""
-
-    def __init__(self, encoder: nn.Module, n: int):
-        super().__init__()
-        if not hasattr(encoder, "last_layers"):
-            raise ConfigError(f"probe.layers = {n} needs a tcjepa VisionTransformer, got {type(encoder).__name__}")
-        if n > len(encoder.blocks):
-            raise ConfigError(f"probe.layers must be at most the encoder's depth {len(encoder.blocks)}, got {n}")
-        self.encoder, self.n = encoder, n
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder.last_layers(images, self.n)
-
-
 def select_labels(metas: list[dict[str, Any]], key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the samples whose json has an integer at ``key`` (dotted path), and those labels."""
     found = [lookup(m, key) for m in metas]
@@ -189,8 +174,8 @@ def check_probe_config(cfg: ProbeConfig) -> None:
         raise ConfigError("probe.attentive_epochs must be >= 1 and probe.attentive_lrs non-empty")
     if cfg.attentive_heads < 0:
         raise ConfigError(f"probe.attentive_heads must be >= 0 (0: automatic), got {cfg.attentive_heads}")
-    if cfg.layers < 1:
-        raise ConfigError(f"probe.layers must be >= 1 (1: the last block), got {cfg.layers}")
+    if cfg.last_blocks < 1:
+        raise ConfigError(f"probe.last_blocks must be >= 1 (1: the last block), got {cfg.last_blocks}")
 
 
 def _probe_one_label(key: str, cfg: ProbeConfig, seed: int, train: Features, val: Features,
@@ -260,8 +245,7 @@ def run_probe(
     own_encoder = encoder is None  # the run's own image tower (a contrastive run's projection applies to it)
     if own_encoder:
         encoder = load_encoder(checkpoint, cfg.encoder)
-    if cfg.layers > 1:
-        encoder = LastLayers(encoder, cfg.layers)
+    encoder = feature_encoder(encoder, cfg.last_blocks, "probe.last_blocks")
     size, device = run_cfg.model.image_size, default_device()
     patches = cfg.kind != "linear"
     tr = extract(encoder, data, size, cfg.batch_size, device, data_key="--data", progress=progress, patches=patches,
@@ -287,7 +271,7 @@ def run_probe(
     headline.update({f"{kind}_top1": first[kind]["top1"] for kind in ("linear", "attentive") if kind in first})
     metrics = {**headline, "label": cfg.labels[0], "per_label": per_label, "skipped": {"train": tr.skipped, "val": va.skipped}}
     # the Matryoshka widths are prefixes of the projected last block: another read-out has none
-    if own_encoder and run_cfg.train.method == "contrastive" and run_cfg.contrastive.matryoshka_dims and cfg.layers == 1:
+    if own_encoder and run_cfg.train.method == "contrastive" and run_cfg.contrastive.matryoshka_dims and cfg.last_blocks == 1:
         metrics["per_dim"] = matryoshka_probe(tr, va, checkpoint, cfg, run_cfg)
     result = result_dict("probe", checkpoint, data, metrics, val_data=val_data, config=to_dict(cfg), plots=plots)
     write_result(result, checkpoint if save_to_run else None, json_out, name=name)

@@ -29,7 +29,7 @@ from torch import nn
 from data_pipelines.labels import IGNORE
 from data_pipelines.loader import DataError
 from tcjepa.config import ConfigError, to_dict
-from tcjepa.eval.common import (default_device, holdout_split, plot_dir, result_dict, run_description,
+from tcjepa.eval.common import (default_device, feature_encoder, holdout_split, plot_dir, result_dict, run_description,
                                 train_heads_per_lr, write_result)
 
 if TYPE_CHECKING:
@@ -115,36 +115,6 @@ def seg_class_names(metas: list[dict[str, Any]], num_ids: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- features and heads
-
-
-class LastBlocks(nn.Module):
-    """The last ``n`` blocks' outputs of a ViT encoder, each through its final LayerNorm,
-    concatenated: [B, P, n * D] (DINOv2's ``get_intermediate_layers(n, norm=True)``)."""
-
-    def __init__(self, encoder: nn.Module, n: int):
-        super().__init__()
-        self.encoder, self.n = encoder, n
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        outputs: list[torch.Tensor] = []
-        hooks = [block.register_forward_hook(lambda module, args, out: outputs.append(out))
-                 for block in self.encoder.blocks[-self.n:]]
-        try:
-            self.encoder(images)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return torch.cat([self.encoder.norm(o) for o in outputs], dim=-1)
-
-
-def feature_encoder(encoder: nn.Module, last_blocks: int) -> nn.Module:
-    """The encoder whose output the heads read: itself for ``last_blocks`` 1, else :class:`LastBlocks`."""
-    if last_blocks == 1:
-        return encoder
-    depth = len(getattr(encoder, "blocks", ()))
-    if last_blocks > depth:
-        raise ConfigError(f"segment.last_blocks {last_blocks} exceeds the encoder's {depth} blocks")
-    return LastBlocks(encoder, last_blocks)
 
 
 class Standardize(nn.Module):
@@ -313,7 +283,7 @@ def run_segment(checkpoint: str | Path, data: str, val_data: str, cfg: SegmentCo
         require_seg_maps(shards, key)
     run_cfg = load_run_config(checkpoint)
     encoder = encoder if encoder is not None else load_encoder(checkpoint, cfg.encoder)
-    features = feature_encoder(encoder, cfg.last_blocks)
+    features = feature_encoder(encoder, cfg.last_blocks, "segment.last_blocks")
     size, device, skip = run_cfg.model.image_size, default_device(), run_cfg.data.max_skip_rate
     tr, va = (extract(features, shards, size, cfg.batch_size, device, data_key=key, progress=progress, max_skip_rate=skip,
                       patches=True, max_samples=cfg.max_samples, seg=True)

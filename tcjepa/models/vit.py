@@ -233,29 +233,13 @@ class VisionTransformer(nn.Module):
     ) -> torch.Tensor:
         """images [B, 3, H, W] -> patch features [B, N, D]; with ``idx`` [B, K] only those patches
         are encoded (the context), with ``valid`` [B, K] marking padded entries (returned as zeros)."""
-        x = self._embed(images)
-        if idx is not None:
-            x = gather_tokens(x, idx)
-        return run_blocks(x, self.blocks, self.norm, valid)
-
-    def _embed(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)
         if x.size(1) != self.pos_embed.size(1):
             raise ValueError(f"image gives {x.size(1)} patches, the encoder was built for {self.pos_embed.size(1)}")
-        return x + self.pos_embed.to(x.dtype)
-
-    def last_layers(self, images: torch.Tensor, n: int) -> torch.Tensor:
-        """The last ``n`` blocks' outputs on every patch, each through the final norm, concatenated
-        over channels: [B, N, n * D] (``n = 1`` is ``forward``). A probe's read-out
-        (``probe.layers``), as DINO and I-JEPA evaluations concatenate the last four."""
-        if not 1 <= n <= len(self.blocks):
-            raise ValueError(f"n must be in [1, {len(self.blocks)}] (the encoder's depth), got {n}")
-        x, outs = self._embed(images), []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i >= len(self.blocks) - n:
-                outs.append(self.norm(x))
-        return torch.cat(outs, dim=-1)
+        x = x + self.pos_embed.to(x.dtype)
+        if idx is not None:
+            x = gather_tokens(x, idx)
+        return run_blocks(x, self.blocks, self.norm, valid)
 
 
 def run_blocks(x: torch.Tensor, blocks: nn.ModuleList, norm: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
