@@ -87,6 +87,7 @@ class TeacherConfig:
     momentum: float = 0.996
     final_momentum: float = 1.0
     checkpoint: str = ""  # run directory of a trained teacher (update: frozen)
+    target_blocks: int = 1  # targets: the mean of the teacher's last n blocks, each layer-normed (data2vec); 1: I-JEPA's last block
     sha256: str = ""  # frozen: the teacher's final/model.safetensors digest, recorded at the start; a changed file is an error
 
 
@@ -651,6 +652,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _check(p.encoder in ("auto", "teacher", "student"), source, "probe.encoder", "must be auto, teacher or student")
     _check(p.kind in ("linear", "attentive", "both"), source, "probe.kind", "must be linear, attentive or both")
     depth = m.depth or arch.depth
+    _check(cfg.teacher.target_blocks >= 1 and (cfg.teacher.update == "frozen" or cfg.teacher.target_blocks <= depth),
+           source, "teacher.target_blocks", f"must be in [1, the encoder's {depth} blocks], got {cfg.teacher.target_blocks}")
     _check(1 <= p.last_blocks <= depth, source, "probe.last_blocks",
            f"must be in [1, the encoder's {depth} blocks], got {p.last_blocks}")
     _check(p.attentive_epochs >= 1 and len(p.attentive_lrs) > 0, source, "probe.attentive_epochs",

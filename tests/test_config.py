@@ -173,6 +173,8 @@ def test_mask_config_fields_are_sampler_keywords():
 
 @pytest.mark.parametrize("override,key", [("probe.kind=mlp", "probe.kind"), ("probe.attentive_heads=-1", "probe.attentive_heads"),
                                           ("probe.last_blocks=0", "probe.last_blocks"), ("probe.last_blocks=7", "probe.last_blocks"),
+                                          ("teacher.target_blocks=0", "teacher.target_blocks"),
+                                          ("teacher.target_blocks=7", "teacher.target_blocks"),
                                           ("train.max_bad_steps=0", "train.max_bad_steps")])
 def test_eval_and_guard_keys_are_validated_at_load(override, key):
     with pytest.raises(ConfigError, match=key):

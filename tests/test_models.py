@@ -56,6 +56,29 @@ def test_encoder_padding_is_invisible():
     assert torch.allclose(out[:, :5], ref, atol=1e-5)
 
 
+def test_encoder_last_blocks_are_each_blocks_normed_output():
+    """``last_blocks`` n returns the final norm of each of the last n blocks' outputs (checked
+    against hooks), the last of them the usual output, with padding as in the plain forward."""
+    torch.manual_seed(0)
+    enc = build_encoder("vit_micro_8", 32, depth=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, a, out: seen.append(enc.norm(out))) for b in enc.blocks]
+    plain = enc(x)
+    for h in hooks:
+        h.remove()
+    two = enc(x, last_blocks=2)
+    assert two.shape == (2, 2, 16, 96)
+    torch.testing.assert_close(two, torch.stack(seen[1:]))
+    torch.testing.assert_close(two[-1], plain)
+    idx, valid = torch.tensor([[0, 3, 5, 0], [1, 2, 4, 6]]), torch.tensor([[True, True, True, False], [True] * 4])
+    padded = enc(x, idx, valid, last_blocks=2)
+    torch.testing.assert_close(padded[:, 0, :3], enc(x[:1], idx[:1, :3], last_blocks=2)[:, 0])
+    assert (padded[:, 0, 3] == 0).all()
+    with pytest.raises(ValueError, match="last_blocks 4"):
+        enc(x, last_blocks=4)
+
+
 def test_init_matches_ijepa():
     torch.manual_seed(0)
     enc = build_encoder("vit_small_16", 224)
@@ -455,3 +478,35 @@ def test_prediction_loss_choice_smooth_l1_or_squared_error():
     assert masked_mean(per_token_loss(pred, target, "l2"), valid).item() == 4.5
     # per_sample_error reads [B, T, Nt, D]: one sample, one block of two tokens
     assert per_sample_error(pred[:, None], target[:, None], valid[:, None], "l2").tolist() == [4.5]
+
+
+def test_targets_average_the_teachers_last_blocks():
+    """``teacher.target_blocks`` 2: the targets are the layer norm of the mean of the last two
+    blocks' layer-normed outputs (data2vec's top-k average); 1 keeps I-JEPA's last-block targets;
+    a frozen teacher too shallow for the setting is a config error."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from tcjepa.config import ConfigError, load_config, project_root
+    from tcjepa.masks import sample_masks
+    from tcjepa.methods.jepa import JEPA
+
+    cfg = load_config(project_root() / "recipes/ijepa_quickstart.yaml",
+                      ["model.encoder=vit_micro_8", "model.depth=3", "model.predictor_depth=1",
+                       "model.predictor_width=48", "teacher.target_blocks=2"])
+    torch.manual_seed(0)
+    method = JEPA(cfg)
+    images = torch.randn(2, 3, 64, 64)
+    masks = sample_masks(2, method.teacher.grid, torch.Generator().manual_seed(0), **dataclasses.asdict(cfg.mask))
+    B, T, Nt = masks.target_idx.shape
+    at_targets = lambda h: torch.stack([h[b, masks.target_idx[b].reshape(-1)] for b in range(B)]).reshape(B, T, Nt, -1)
+    ln = lambda t: F.layer_norm(t, (t.size(-1),))
+    with torch.no_grad():
+        blocks = method.teacher(images, last_blocks=2)
+        torch.testing.assert_close(method.targets(images, masks), at_targets(ln((ln(blocks[0]) + ln(blocks[1])) / 2)))
+        method.cfg.teacher.target_blocks = 1
+        torch.testing.assert_close(method.targets(images, masks), at_targets(ln(method.teacher(images))))
+    cfg.teacher.target_blocks = 2
+    with pytest.raises(ConfigError, match="teacher.target_blocks 2 exceeds the teacher's 1 blocks"):
+        JEPA(cfg, teacher=build_encoder("vit_micro_8", 64, depth=1))

@@ -212,15 +212,7 @@ class LastBlocks(nn.Module):
         self.encoder, self.n = encoder, n
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        outputs: list[torch.Tensor] = []
-        hooks = [block.register_forward_hook(lambda module, args, out: outputs.append(out))
-                 for block in self.encoder.blocks[-self.n:]]
-        try:
-            self.encoder(images)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return torch.cat([self.encoder.norm(o) for o in outputs], dim=-1)
+        return torch.cat(self.encoder(images, last_blocks=self.n).unbind(0), dim=-1)
 
 
 def feature_encoder(encoder: nn.Module, last_blocks: int, key: str) -> nn.Module:

@@ -24,7 +24,7 @@ from torch import nn
 from data_pipelines.tokenizers import (Tokenizer, Tokens, build_tokenizer, drop_captions, shuffle_captions,
                                        tokenize_caption_sets, trim_caption_slots)
 from tcjepa.accumulate import micro_batch_losses, step_count, target_counts
-from tcjepa.config import Config, captions_per_image, resolved_text_path, resolved_tokenizer
+from tcjepa.config import Config, ConfigError, captions_per_image, resolved_text_path, resolved_tokenizer
 from tcjepa.distributed import engine_module, mean_count_over_ranks
 from tcjepa.masks import MaskBatch
 from tcjepa.models.conditioner import (
@@ -244,6 +244,9 @@ class JEPA:
         if teacher is None:
             teacher = copy.deepcopy(self.model.encoder)
         self.teacher = teacher.requires_grad_(False).eval()
+        if cfg.teacher.target_blocks > len(teacher.blocks):  # a frozen teacher's depth is known only now
+            raise ConfigError(f"teacher.target_blocks {cfg.teacher.target_blocks} exceeds the teacher's "
+                              f"{len(teacher.blocks)} blocks")
         self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
 
     def eval_encoder(self, model: nn.Module) -> nn.Module:
@@ -264,9 +267,14 @@ class JEPA:
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
-        """Layer-normed teacher features at the target positions: [B, T, Nt, D] in fp32."""
+        """Layer-normed teacher features at the target positions: [B, T, Nt, D] in fp32. With
+        ``teacher.target_blocks`` n > 1, the mean of the last n blocks' layer-normed outputs
+        (data2vec's top-k average: earlier blocks keep more of each patch's own content)."""
+        n = self.cfg.teacher.target_blocks
         with self._autocast(images.device):
-            h = self.teacher(images)
+            h = self.teacher(images, last_blocks=n)
+        if n > 1:
+            h = F.layer_norm(h.float(), (h.size(-1),)).mean(0)
         h = F.layer_norm(h.float(), (h.size(-1),))
         B, T, Nt = masks.target_idx.shape
         return gather_tokens(h, masks.target_idx.reshape(B, T * Nt)).reshape(B, T, Nt, -1)

@@ -229,29 +229,40 @@ class VisionTransformer(nn.Module):
         return self.grid[0] * self.patch_size
 
     def forward(
-        self, images: torch.Tensor, idx: torch.Tensor | None = None, valid: torch.Tensor | None = None
+        self, images: torch.Tensor, idx: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+        last_blocks: int = 1,
     ) -> torch.Tensor:
         """images [B, 3, H, W] -> patch features [B, N, D]; with ``idx`` [B, K] only those patches
-        are encoded (the context), with ``valid`` [B, K] marking padded entries (returned as zeros)."""
+        are encoded (the context), with ``valid`` [B, K] marking padded entries (returned as zeros).
+        ``last_blocks`` n > 1: the last n blocks' outputs, each through the final norm, stacked
+        [n, B, N, D] (multi-block read-outs and targets; no hooks, so it compiles)."""
         x = self.patch_embed(images)
         if x.size(1) != self.pos_embed.size(1):
             raise ValueError(f"image gives {x.size(1)} patches, the encoder was built for {self.pos_embed.size(1)}")
         x = x + self.pos_embed.to(x.dtype)
         if idx is not None:
             x = gather_tokens(x, idx)
-        return run_blocks(x, self.blocks, self.norm, valid)
+        return run_blocks(x, self.blocks, self.norm, valid, last_blocks)
 
 
-def run_blocks(x: torch.Tensor, blocks: nn.ModuleList, norm: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
+def run_blocks(x: torch.Tensor, blocks: nn.ModuleList, norm: nn.Module, valid: torch.Tensor | None = None,
+               last_blocks: int = 1) -> torch.Tensor:
     """``norm(blocks(x))`` over [B, N, C]; with ``valid`` [B, N], per-token layers run on the real
-    tokens only and padded positions come back as zeros."""
+    tokens only and padded positions come back as zeros. ``last_blocks`` n > 1: ``norm`` of each of
+    the last n blocks' outputs, stacked [n, B, N, C]."""
+    if not 1 <= last_blocks <= len(blocks):
+        raise ValueError(f"last_blocks {last_blocks} is not in [1, {len(blocks)} blocks]")
     packing = Packing(valid) if valid is not None else None
     if packing is not None:
         x = packing.pack(x)
-    for block in blocks:
+    kept: list[torch.Tensor] = []
+    for i, block in enumerate(blocks):
         x = block(x, packing)
-    x = norm(x)
-    return packing.unpack(x) if packing is not None else x
+        if i >= len(blocks) - last_blocks:
+            kept.append(norm(x))
+    if packing is not None:
+        kept = [packing.unpack(k) for k in kept]
+    return kept[0] if last_blocks == 1 else torch.stack(kept)
 
 
 def build_encoder(name: str, image_size: int, depth: int | None = None, init_std: float = 0.02) -> VisionTransformer:
