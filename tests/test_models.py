@@ -5,7 +5,7 @@ import torch
 
 from tcjepa.methods.jepa import ema_update, masked_smooth_l1
 from tcjepa.models.predictor import Predictor
-from tcjepa.models.vit import build_encoder, parse_encoder_name, sincos_pos_embed_2d
+from tcjepa.models.vit import build_encoder, parse_encoder_name, run_blocks, sincos_pos_embed_2d
 
 
 def test_parse_encoder_name():
@@ -77,6 +77,8 @@ def test_encoder_last_blocks_are_each_blocks_normed_output():
     assert (padded[:, 0, 3] == 0).all()
     with pytest.raises(ValueError, match="last_blocks 4"):
         enc(x, last_blocks=4)
+    tokens = torch.randn(2, 5, 96)  # no blocks at all (a text tower of depth 0): the norm alone
+    torch.testing.assert_close(run_blocks(tokens, torch.nn.ModuleList(), enc.norm), enc.norm(tokens))
 
 
 def test_init_matches_ijepa():

@@ -250,7 +250,7 @@ def run_blocks(x: torch.Tensor, blocks: nn.ModuleList, norm: nn.Module, valid: t
     """``norm(blocks(x))`` over [B, N, C]; with ``valid`` [B, N], per-token layers run on the real
     tokens only and padded positions come back as zeros. ``last_blocks`` n > 1: ``norm`` of each of
     the last n blocks' outputs, stacked [n, B, N, C]."""
-    if not 1 <= last_blocks <= len(blocks):
+    if last_blocks != 1 and not 1 <= last_blocks <= len(blocks):
         raise ValueError(f"last_blocks {last_blocks} is not in [1, {len(blocks)} blocks]")
     packing = Packing(valid) if valid is not None else None
     if packing is not None:
@@ -258,8 +258,10 @@ def run_blocks(x: torch.Tensor, blocks: nn.ModuleList, norm: nn.Module, valid: t
     kept: list[torch.Tensor] = []
     for i, block in enumerate(blocks):
         x = block(x, packing)
-        if i >= len(blocks) - last_blocks:
+        if last_blocks > 1 and i >= len(blocks) - last_blocks:
             kept.append(norm(x))
+    if last_blocks == 1:  # also with no blocks at all (a text tower of depth 0)
+        kept.append(norm(x))
     if packing is not None:
         kept = [packing.unpack(k) for k in kept]
     return kept[0] if last_blocks == 1 else torch.stack(kept)
