@@ -59,12 +59,11 @@ def without_position(encoder: nn.Module) -> nn.Module:
 
 
 def layout_probe(run: Path, train: str, val: str) -> dict:
+    from patch_stats import init_and_trained
     from small_budget import probe_top1
-    from tcjepa.checkpoint import initial_encoder, load_encoder, load_run_config
 
-    cfg = load_run_config(run)
     out: dict = {"run": str(run), "data": [train, val]}
-    for name, encoder in (("init", initial_encoder(cfg).eval()), ("trained", load_encoder(run, cfg.probe.encoder))):
+    for name, encoder in init_and_trained(run)[1].items():
         for how, read in (("as is", encoder), ("no position", without_position(encoder)),
                           ("shuffled patches", ShuffledPatches(encoder))):
             out[f"{name}, {how}"] = probe_top1(run, Path(train), Path(val), read)

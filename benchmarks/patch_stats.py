@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,11 +50,16 @@ def patch_stats(encoder: torch.nn.Module, shards: str, image_size: int, patch: i
             "object_var": ratio(within[~flat].mean()) if (~flat).any() else float("nan")}
 
 
-def run_stats(run: Path, data: str) -> dict:
+def init_and_trained(run: Path) -> tuple[Any, dict[str, torch.nn.Module]]:
+    """A finished run's config, and its evaluated encoder beside the same encoder at initialisation."""
     from tcjepa.checkpoint import initial_encoder, load_encoder, load_run_config
 
     cfg = load_run_config(run)
-    encoders = {"init": initial_encoder(cfg).eval(), "trained": load_encoder(run, cfg.probe.encoder)}
+    return cfg, {"init": initial_encoder(cfg).eval(), "trained": load_encoder(run, cfg.probe.encoder)}
+
+
+def run_stats(run: Path, data: str) -> dict:
+    cfg, encoders = init_and_trained(run)
     return {"run": str(run), "data": data,
             **{name: patch_stats(enc, data, cfg.model.image_size, enc.patch_size) for name, enc in encoders.items()}}
 

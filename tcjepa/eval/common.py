@@ -1,6 +1,7 @@
 """What every evaluation shares: reading an evaluation split, the probes' holdout split, their
 learning-rate sweep and classification metrics, tie-aware top-k hits, the last-blocks read-out
-(``probe.last_blocks``, ``segment.last_blocks``), and writing the result JSON in the shape DESIGN.md fixes (``{"task", "checkpoint", "data", "metrics"}``).
+(``probe.last_blocks``, ``segment.last_blocks``), and writing the result JSON in the shape
+DESIGN.md fixes (``{"task", "checkpoint", "data", "metrics"}``).
 """
 
 from __future__ import annotations
