@@ -193,8 +193,11 @@ class ProbeConfig:
     features, attentive (cross-attention pooling) on patch features; see ``tcjepa.eval.probe``."""
 
     labels: tuple[str, ...] = ("label",)  # json keys (dotted paths) to probe; the first is the headline
-    epochs: int = 100
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
+    solver: str = "lbfgs"  # linear probe: lbfgs (whitened, solved to convergence) | sgd (AdamW heads, epochs x lrs)
+    l2_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # lbfgs: weights of ||W||^2 (whitened features)
+    max_iter: int = 1000  # lbfgs: iterations per fit
+    epochs: int = 100  # sgd
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)  # sgd
     weight_decay: float = 1e-4
     holdout: float = 0.1  # fraction of train features used to choose the learning rate
     batch_size: int = 256
@@ -437,6 +440,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 METHODS = ("jepa", "mae", "contrastive")
+SOLVERS = ("lbfgs", "sgd")  # probe.solver
 
 
 def _check(ok: bool, source: str, key: str, msg: str) -> None:
@@ -660,6 +664,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
            "must be >= 1 and probe.attentive_lrs non-empty")
     _check(p.attentive_heads >= 0, source, "probe.attentive_heads", "must be >= 0 (0: one head per 64 channels)")
     _check(p.epochs > 0 and len(p.lrs) > 0, source, "probe.epochs", "and probe.lrs must be non-empty")
+    _check(p.solver in SOLVERS, source, "probe.solver", f"must be one of {', '.join(SOLVERS)}, got {p.solver!r}")
+    _check(len(p.l2_grid) > 0 and all(w >= 0 for w in p.l2_grid), source, "probe.l2_grid",
+           "must be a non-empty list of weights >= 0")
+    _check(p.max_iter >= 1, source, "probe.max_iter", f"must be >= 1, got {p.max_iter}")
     _check(len(p.labels) > 0, source, "probe.labels", "must name at least one json key, e.g. [label]")
     _check(0 < p.holdout < 1, source, "probe.holdout", "must be in (0, 1)")
 

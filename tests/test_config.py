@@ -175,7 +175,9 @@ def test_mask_config_fields_are_sampler_keywords():
                                           ("probe.last_blocks=0", "probe.last_blocks"), ("probe.last_blocks=7", "probe.last_blocks"),
                                           ("teacher.target_blocks=0", "teacher.target_blocks"),
                                           ("teacher.target_blocks=7", "teacher.target_blocks"),
-                                          ("train.max_bad_steps=0", "train.max_bad_steps")])
+                                          ("train.max_bad_steps=0", "train.max_bad_steps"),
+                                          ("probe.solver=adam", "probe.solver"), ("probe.l2_grid=[]", "probe.l2_grid"),
+                                          ("probe.l2_grid=[-1.0]", "probe.l2_grid"), ("probe.max_iter=0", "probe.max_iter")])
 def test_eval_and_guard_keys_are_validated_at_load(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(project_root() / "recipes/ijepa_quickstart.yaml", [override])

@@ -78,7 +78,7 @@ def test_probe_both_kinds_near_perfect_on_a_separable_label(probe_data, tmp_path
     assert m["linear_top1"] > 0.95 and m["attentive_top1"] > 0.9
     label = m["per_label"]["label"]
     assert label["class_names"] == ["red", "green", "blue"] and set(label["per_class"]) == {"0", "1", "2"}
-    assert label["linear"]["best_lr"] in FAST.lrs and label["attentive"]["best_lr"] in FAST.attentive_lrs
+    assert label["linear"]["best_l2"] in FAST.l2_grid and label["attentive"]["best_lr"] in FAST.attentive_lrs
     pngs = sorted(Path(p).name for p in result["plots"])
     assert pngs == ["probe_confusion_label_attentive.png", "probe_confusion_label_linear.png"]
     with Image.open(run / "eval" / pngs[0]) as im:
