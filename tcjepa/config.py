@@ -198,8 +198,8 @@ class ProbeConfig:
     max_iter: int = 1000  # lbfgs: iterations per fit
     epochs: int = 100  # sgd
     lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)  # sgd
-    weight_decay: float = 1e-4
-    holdout: float = 0.1  # fraction of train features used to choose the learning rate
+    weight_decay: float = 1e-4  # sgd
+    holdout: float = 0.1  # fraction of train features used to choose the L2 weight (or learning rate)
     batch_size: int = 256
     encoder: str = "auto"  # auto | teacher | student
     last_blocks: int = 1  # 1: the final LayerNorm output; n: the last n blocks' outputs, each layer-normed, concatenated

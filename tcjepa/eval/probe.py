@@ -137,8 +137,8 @@ def train_linear_probes(
     cfg: ProbeConfig = ProbeConfig(),
     seed: int = 0,
 ) -> dict[str, Any]:
-    """A linear classifier on standardised features, its one setting (``probe.l2_grid`` for the
-    L-BFGS solver, ``probe.lrs`` for SGD) chosen on a holdout of the train split; val metrics."""
+    """A linear classifier on the features (whitened for L-BFGS, standardised for SGD), its one
+    setting (``probe.l2_grid`` or ``probe.lrs``) chosen on a holdout of the train split; val metrics."""
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     hold_idx, fit_idx, g = holdout_split(len(train_x), cfg.holdout, seed)
     if cfg.solver == "lbfgs":
@@ -195,7 +195,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
     return head.requires_grad_(False)
 
 
-def _lbfgs_probe(train_x, train_y, val_x, hold_idx, fit_idx, num_classes, cfg):
+def _lbfgs_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, hold_idx: torch.Tensor,
+                 fit_idx: torch.Tensor, num_classes: int, cfg: ProbeConfig) -> tuple[torch.Tensor, dict[str, Any]]:
     """Each ``l2`` fitted on the whitened fit part and judged on the holdout; the chosen one
     refitted on the whole train split (CLIP's linear-probe protocol) and applied to val."""
     norm = _whiten(train_x[fit_idx])
@@ -210,7 +211,9 @@ def _lbfgs_probe(train_x, train_y, val_x, hold_idx, fit_idx, num_classes, cfg):
     return head(norm(val_x)).argmax(1), chosen
 
 
-def _sgd_probe(train_x, train_y, val_x, hold_idx, fit_idx, num_classes, cfg, g, seed):
+def _sgd_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, hold_idx: torch.Tensor,
+               fit_idx: torch.Tensor, num_classes: int, cfg: ProbeConfig, g: torch.Generator,
+               seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """One AdamW head per ``probe.lrs``, all on the same batches (DINOv2's sweep); the head with
     the best holdout accuracy is applied to val."""
     norm = _standardise(train_x[fit_idx])
