@@ -101,6 +101,10 @@ def test_probe_cli_rejects_a_bad_kind_and_other_sections(probe_data, capsys):
             "--val-data", str(probe_data["val"])]
     assert main(argv + ["--set", "probe.kind=mlp"]) == 2
     assert "probe.kind must be one of linear, attentive, both" in capsys.readouterr().err
+    assert main(argv + ["--set", "probe.l2_grid=[]"]) == 2  # eval overrides skip load-time validation
+    assert "probe.l2_grid must be a non-empty list" in capsys.readouterr().err
+    assert main(argv + ["--set", "probe.solver=adam"]) == 2
+    assert "probe.solver must be one of lbfgs, sgd" in capsys.readouterr().err
     assert main(argv + ["--set", "vqa.epochs=1"]) == 2
     assert "only probe.* keys" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown key probe.knd"):

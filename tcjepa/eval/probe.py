@@ -246,6 +246,9 @@ def check_probe_config(cfg: ProbeConfig) -> None:
         raise ConfigError(f"probe.last_blocks must be >= 1 (1: the last block), got {cfg.last_blocks}")
     if cfg.solver not in SOLVERS:
         raise ConfigError(f"probe.solver must be one of {', '.join(SOLVERS)}, got {cfg.solver!r}")
+    if not cfg.l2_grid or min(cfg.l2_grid) < 0 or cfg.max_iter < 1:
+        raise ConfigError(f"probe.l2_grid must be a non-empty list of weights >= 0 and probe.max_iter >= 1, "
+                          f"got {list(cfg.l2_grid)} and {cfg.max_iter}")
 
 
 def _probe_one_label(key: str, cfg: ProbeConfig, seed: int, train: Features, val: Features,
