@@ -149,7 +149,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # that many skipped steps in a row stop the run
     collapse_rankme: float = 2.0  # warn when the effective rank of the targets falls below this ...
     collapse_std: float = 0.01  # ... or their per-channel std across tokens does
-    eval_every: int = 0  # every N steps a linear probe on data.val (labels: probe.labels[0]) -> probe_top1; 0: off
+    eval_every: int = 0  # every N steps a linear probe on data.val -> probe_top1 (probe.labels[0]), probe_top1/KEY (the others); 0: off
     compile: bool = False  # torch.compile the trained model's forward and the teacher's (tcjepa.train.compile_method)
     log_to: tuple[str, ...] = ()  # also send metrics to: tensorboard (RUN_DIR/tb/) | wandb (offline unless WANDB_MODE)
 

@@ -10,7 +10,7 @@ from PIL import Image
 from tcjepa.cli import main
 from tcjepa.config import ConfigError
 from tcjepa.eval.plots import confusion_plot, log_ticks, nice_ticks
-from tcjepa.eval.report import read_run, unique_names, write_report
+from tcjepa.eval.report import RunInfo, draw_plots, probe_keys, read_run, unique_names, write_report
 
 
 def fake_run(root: Path, conditioner: bool, probe: float, rankme: bool = False) -> Path:
@@ -119,3 +119,25 @@ def test_decoder_vqa_rows_stand_apart_and_captioning_has_no_accuracy_bar():
     caption = {"task": "caption", "metrics": {"cider": 1.5, "bleu4": 0.2, "blind_cider": 0.4, "blind_bleu4": 0.1}}
     assert headline(caption, "caption") is None  # CIDEr is no fraction: it stays out of the accuracy bars
     assert eval_metrics(caption, "caption") == [("caption CIDEr", 1.5, 0.4), ("caption BLEU-4", 0.2, 0.1)]
+
+
+def test_periodic_probe_curves_are_drawn_per_label(tmp_path, monkeypatch):
+    import tcjepa.eval.plots as plots
+
+    drawn = {}
+
+    def fake_line_plot(series, path, *args, **kwargs):
+        drawn[Path(path).name] = series
+        return Path(path)
+
+    monkeypatch.setattr(plots, "line_plot", fake_line_plot)
+    recs = [{"step": s, "probe_top1": 0.2, "probe_top1/labels.color": 0.4 + s / 100} for s in (0, 10)]
+    scenes = RunInfo(tmp_path / "s", "scenes", {"probe": {"labels": ["label", "labels.color"]}}, recs)
+    fmnist = RunInfo(tmp_path / "f", "fmnist", {}, [{"step": 0, "probe_top1": 0.7}, {"step": 10, "probe_top1": 0.8}])
+    assert probe_keys([fmnist, scenes]) == ["probe_top1", "probe_top1/labels.color"]
+    draw_plots([scenes, fmnist], tmp_path / "rep.md")
+    assert drawn["rep_probe.png"] == {"scenes label": ([0, 10], [0.2, 0.2]),
+                                      "scenes labels.color": ([0, 10], [0.4, 0.5]),
+                                      "fmnist label": ([0, 10], [0.7, 0.8])}
+    draw_plots([fmnist], tmp_path / "one.md")  # one label: the curves are named by run alone
+    assert drawn["one_probe.png"] == {"fmnist": ([0, 10], [0.7, 0.8])}

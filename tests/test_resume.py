@@ -2,6 +2,7 @@
 uninterrupted run ends, on CPU fp32 in one process), atomic checkpoints with a fallback,
 non-finite-step guards and fail-fast checks."""
 
+import json
 import os
 import random
 import signal
@@ -479,12 +480,16 @@ def test_periodic_probe_is_logged(shards64, tmp_path):
     val.mkdir()
     from tests.conftest import labelled_members, write_tar
 
-    write_tar(val / "000000.tar", labelled_members(500, 40, size=64))
+    members = [(name, json.dumps({**json.loads(data), "labels": {"color": json.loads(data)["label"]}}).encode())
+               if name.endswith(".json") else (name, data) for name, data in labelled_members(500, 40, size=64)]
+    write_tar(val / "000000.tar", members)
     run = train(cfg_for(shards64, "train.steps=4", "train.log_every=1", "checkpoint.every=0", "train.eval_every=2",
-                        f"data.val={val}", "probe.epochs=20"), tmp_path / "run", progress=False)
+                        f"data.val={val}", "probe.epochs=20", "probe.labels=[label,labels.color,labels.count]"),
+                tmp_path / "run", progress=False)
     recs = records(run)
     assert [r["step"] for r in recs if "probe_top1" in r] == [0, 2, 4]  # step 0: the encoder at initialisation
-    assert set(recs[0]) == {"step", "probe_top1"}
-    assert all(0.5 < r["probe_top1"] <= 1 for r in recs if "probe_top1" in r)  # 3 colour-separable classes
+    # every label data.val has gets its curve; labels.count is not in it and is left out
+    assert set(recs[0]) == {"step", "probe_top1", "probe_top1/labels.color"}
+    assert all(0.5 < r[k] <= 1 for r in recs for k in ("probe_top1", "probe_top1/labels.color") if k in r)
     with pytest.raises(ConfigError, match="train.eval_every.*needs data.val"):
         cfg_for(shards64, "train.eval_every=2")

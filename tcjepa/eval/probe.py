@@ -375,11 +375,18 @@ def periodic_probe(encoder: nn.Module, shards: str, image_size: int, cfg: ProbeC
                    device: torch.device | str = "cpu") -> dict[str, float]:
     """A linear probe during training, on one held-out shard set: its labelled samples are split
     in half (even positions fit the heads, odd ones score them), so no second split is needed.
-    Returns ``{"probe_top1": ...}`` for the first of ``probe.labels``."""
+    Returns ``{"probe_top1": ...}`` for the first of ``probe.labels`` (which ``data.val`` must
+    have) and ``{"probe_top1/KEY": ...}`` for each further label it has: one label can stay flat
+    while another is being learned (on the synthetic scenes colour moves long before shape)."""
     feats, metas, _ = extract_features(encoder, shards, image_size, cfg.batch_size, device, data_key="data.val")
-    idx, y = select_labels(metas, cfg.labels[0])
-    if len(idx) < 4:
-        raise DataError(f"data.val {shards}: fewer than 4 samples with an integer {cfg.labels[0]!r} (probe.labels)")
-    x = feats[idx]
-    m = train_linear_probes(x[0::2], y[0::2], x[1::2], y[1::2], cfg, seed=seed)
-    return {"probe_top1": float(m["top1"])}
+    out = {}
+    for i, key in enumerate(cfg.labels):
+        idx, y = select_labels(metas, key)
+        if len(idx) < 4:
+            if i == 0:
+                raise DataError(f"data.val {shards}: fewer than 4 samples with an integer {key!r} (probe.labels)")
+            continue
+        x = feats[idx]
+        m = train_linear_probes(x[0::2], y[0::2], x[1::2], y[1::2], cfg, seed=seed)
+        out["probe_top1" if i == 0 else f"probe_top1/{key}"] = float(m["top1"])
+    return out

@@ -253,6 +253,23 @@ def rankme_keys(runs: list[RunInfo]) -> list[str]:
                    if k.endswith("rankme") and isinstance(v, (int, float))})
 
 
+def probe_keys(runs: list[RunInfo]) -> list[str]:
+    """The periodic probe's keys: ``probe_top1`` (the first of ``probe.labels``), then
+    ``probe_top1/KEY`` for the others."""
+    found = {k for r in runs for x in r.records for k, v in x.items()
+             if (k == "probe_top1" or k.startswith("probe_top1/")) and isinstance(v, (int, float))}
+    return sorted(found, key=lambda k: (k != "probe_top1", k))
+
+
+def probe_label(run: RunInfo, key: str) -> str:
+    """The label a periodic-probe key scores: ``probe_top1/KEY`` names it, ``probe_top1`` is the
+    run's first ``probe.labels`` entry."""
+    if key != "probe_top1":
+        return key.split("/", 1)[1]
+    labels = run.config.get("probe", {}).get("labels") or ["label"]
+    return str(labels[0])
+
+
 def draw_plots(runs: list[RunInfo], out: Path) -> dict[str, str]:
     """The report's PNGs, named after ``out`` (``FILE_loss.png`` ...); returns name -> file name."""
     from tcjepa.eval.plots import bar_plot, line_plot
@@ -282,7 +299,10 @@ def draw_plots(runs: list[RunInfo], out: Path) -> dict[str, str]:
         if xy:
             p = line_plot(xy, f"{stem}_{key}.png", title, "step", key)
             written[f"{key} over steps"] = p.name
-    probe = curve("probe_top1")
+    probe, by_name, keys = {}, {r.name: r for r in runs}, probe_keys(runs)
+    for key in keys:
+        probe.update({(name if len(keys) == 1 else f"{name} {probe_label(by_name[name], key)}"): xy
+                      for name, xy in curve(key).items()})
     if probe:
         p = line_plot(probe, f"{stem}_probe.png", "linear probe top-1 over training (train.eval_every; step 0: init)",
                       "step", "top-1")
