@@ -66,7 +66,9 @@ def one_seed(recipe: Path, steps: int, seed: int, out: Path, train_data: Path, v
             "data": [str(train_data), str(val_data)], "probe": probe_set or [],
             "trained": probe_top1(run, train_data, val_data, probe_set=probe_set),
             "init": probe_top1(run, train_data, val_data, init, probe_set),
-            "probe_curve": [(r["step"], round(r["probe_top1"], 3)) for r in recs if "probe_top1" in r]}
+            "probe_curve": [(r["step"], round(r["probe_top1"], 3)) for r in recs if "probe_top1" in r],
+            "probe_curves": {k.split("/", 1)[1]: [(r["step"], round(r[k], 3)) for r in recs if k in r]
+                             for k in sorted({k for r in recs for k in r if k.startswith("probe_top1/")})}}
 
 
 def summary(results: list[dict]) -> str:

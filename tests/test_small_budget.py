@@ -17,10 +17,12 @@ def test_small_budget_trains_and_probes_on_given_shards(shards64: Path, tmp_path
     out = tmp_path / "out"
     assert script.main(["--steps", "2", "--seeds", "0", "--out", str(out), "--train-data", str(shards64),
                         "--val-data", str(shards64), "--set", "train.batch_size=8", "probe.epochs=2",
-                        "train.log_every=1"]) == 0
+                        "train.log_every=1", "train.eval_every=1"]) == 0
     (result,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert result["data"] == [str(shards64), str(shards64)]
     assert set(result["trained"]) == set(result["init"]) == {"label"}  # the only recipe label these shards hold
+    assert [step for step, _ in result["probe_curve"]] == [0, 1, 2]  # train.eval_every: the init, then each step
+    assert result["probe_curves"] == {}  # per further label: these shards hold no labels.color / labels.count
     assert (out / "ijepa_quickstart_2_s0" / "final" / "model.safetensors").is_file()
     assert not (out / "data").exists()  # no synthetic scenes written
     assert "label: trained - init" in capsys.readouterr().out
