@@ -9,7 +9,7 @@ from PIL import Image
 
 from tcjepa.cli import main
 from tcjepa.config import ConfigError
-from tcjepa.eval.plots import confusion_plot, log_ticks, nice_ticks
+from tcjepa.eval.plots import confusion_plot, log_ticks, nice_ticks, tick_label
 from tcjepa.eval.report import RunInfo, draw_plots, probe_keys, read_run, unique_names, write_report
 
 
@@ -102,6 +102,8 @@ def test_ticks_and_confusion_plot(tmp_path):
     assert nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert log_ticks(0.03, 0.4) == pytest.approx([0.05, 0.1, 0.2])
     assert log_ticks(0.001, 10) == pytest.approx([0.001, 0.01, 0.1, 1.0, 10.0])
+    assert [tick_label(v) for v in (0, 500, 1500, 2000, 2.5e6, 0.25, 0.005, 2.5e-5)] == \
+        ["0", "500", "1,500", "2,000", "2.5e+06", "0.25", "0.005", "2.5e-05"]
     path = confusion_plot([[5, 1], [0, 4]], ["cat", "dog"], tmp_path / "c.png", "probe")
     with Image.open(path) as im:
         assert im.width > 80

@@ -55,11 +55,15 @@ def log_ticks(lo: float, hi: float) -> list[float]:
     return ticks
 
 
-def _fmt(v: float) -> str:
+def tick_label(v: float) -> str:
+    """A tick's text: steps in full (``1,500``: one significant digit turned 1,500 into 2e+03),
+    other large and small values in three significant digits."""
     if v == 0:
         return "0"
+    if 1000 <= abs(v) < 1e6 and float(v).is_integer():
+        return f"{int(v):,}"
     if abs(v) >= 1000 or abs(v) < 0.01:
-        return f"{v:.0e}"
+        return f"{v:.3g}"
     return f"{v:.4g}"
 
 
@@ -98,7 +102,7 @@ class _Axes:
             py = self.y(t)
             d.line([self.left, py, self.right, py], fill=(230, 230, 230))
             d.line([self.left - 4, py, self.left, py], fill=(60, 60, 60))
-            label = _fmt(t)
+            label = tick_label(t)
             w = d.textlength(label, font=f)
             d.text((self.left - 6 - w, py - 7), label, fill="black", font=f)
         if xticks:
@@ -106,7 +110,7 @@ class _Axes:
                 px = self.x(t)
                 if self.left - 1e-6 <= px <= self.right + 1e-6:
                     d.line([px, self.bottom, px, self.bottom + 4], fill=(60, 60, 60))
-                    label = _fmt(t)
+                    label = tick_label(t)
                     d.text((px - d.textlength(label, font=f) / 2, self.bottom + 6), label, fill="black", font=f)
         tf = _font(15)
         d.text(((self.left + self.right - d.textlength(title, font=tf)) / 2, 12), title, fill="black", font=tf)
