@@ -162,15 +162,19 @@ def load_encoder(run_dir: str | Path, which: str = "auto") -> nn.Module:
     """The trained image encoder of a finished run, in eval mode.
 
     ``which``: ``teacher`` (the EMA target encoder, what I-JEPA evaluates), ``student`` (the
-    context encoder; the image tower of MAE and contrastive runs) or ``auto`` (:func:`encoder_role`).
+    context encoder; the image tower of MAE and contrastive runs), ``auto`` (:func:`encoder_role`)
+    or ``init``: the encoder the run started from (:func:`initial_encoder`), the baseline that
+    says whether training added anything the random features did not already give.
     """
     from tcjepa.models.vit import build_encoder
 
     cfg = load_run_config(run_dir)
+    if which == "init":
+        return initial_encoder(cfg).eval()
     which = encoder_role(cfg, which)
     prefix = {"teacher": "teacher", "student": "encoder"}.get(which)
     if prefix is None:
-        raise ValueError(f"which must be auto, teacher or student, got {which!r}")
+        raise ValueError(f"which must be auto, teacher, student or init, got {which!r}")
     sub = _sub_state(load_final_state(run_dir), prefix)
     if not sub:
         raise ConfigError(f"{run_dir}: {FINAL}/{WEIGHTS} has no {prefix}.* weights")

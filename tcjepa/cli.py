@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(p)
 
     p = sub.add_parser("eval", help="evaluate a finished run",
-                       description="Evaluate a finished run; the result goes to RUN_DIR/eval/TASK.json. "
+                       description="Evaluate a finished run; the result goes to RUN_DIR/eval/TASK.json (TASK_init.json with "
+                                   "--set TASK.encoder=init: the run's random initialisation, a baseline). "
                                    "probe: linear/attentive probes (train on --data, report on --val-data); "
                                    "zeroshot, retrieval: TC-JEPA runs, scored on --val-data (else --data); "
                                    "vqa: a VQA head on the frozen encoder (train on --data, test on --val-data); "
@@ -215,11 +216,13 @@ def run(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0" and outcome.finished:  # not after a stop by signal
             print(f"finished: {out}")
     elif args.command == "eval":
+        from tcjepa.eval.common import result_stem
         from tcjepa.eval.tasks import format_result, run_eval
 
         result = run_eval(args.task, args.checkpoint, args.data, args.val_data, args.set, args.json)
         print(format_result(result))
-        print(f"wrote {Path(args.checkpoint) / 'eval' / (args.task + '.json')}" + (f" and {args.json}" if args.json else ""))
+        written = Path(args.checkpoint) / "eval" / f"{result_stem(result)}.json"
+        print(f"wrote {written}" + (f" and {args.json}" if args.json else ""))
     elif args.command == "report":
         from tcjepa.eval.report import write_report
 

@@ -187,6 +187,10 @@ class DeepSpeedConfig:
     config: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed JSON keys, merged last
 
 
+EVAL_ENCODERS = ("auto", "teacher", "student", "init")  # which weights an evaluation reads (checkpoint.load_encoder)
+ENCODER_CHOICES_TEXT = "must be auto, teacher, student or init (the run's random initialisation)"
+
+
 @dataclass
 class ProbeConfig:
     """Probes on frozen encoder features (used by quickstart and eval): linear on mean-pooled
@@ -201,7 +205,7 @@ class ProbeConfig:
     weight_decay: float = 1e-4  # sgd
     holdout: float = 0.1  # fraction of train features used to choose the L2 weight (or learning rate)
     batch_size: int = 256
-    encoder: str = "auto"  # auto | teacher | student
+    encoder: str = "auto"  # auto | teacher | student | init (the run's random initialisation, a baseline)
     last_blocks: int = 1  # 1: the final LayerNorm output; n: the last n blocks' outputs, each layer-normed, concatenated
     kind: str = "linear"  # linear | attentive | both (the headline top1 is linear's when it runs)
     attentive_epochs: int = 20
@@ -653,7 +657,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     _validate_conditioner(cfg, source, heads)
     p = cfg.probe
     _validate_contrastive(cfg, source)
-    _check(p.encoder in ("auto", "teacher", "student"), source, "probe.encoder", "must be auto, teacher or student")
+    _check(p.encoder in EVAL_ENCODERS, source, "probe.encoder", ENCODER_CHOICES_TEXT)
     _check(p.kind in ("linear", "attentive", "both"), source, "probe.kind", "must be linear, attentive or both")
     depth = m.depth or arch.depth
     _check(cfg.teacher.target_blocks >= 1 and (cfg.teacher.update == "frozen" or cfg.teacher.target_blocks <= depth),

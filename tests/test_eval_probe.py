@@ -10,7 +10,7 @@ from PIL import Image
 
 from tcjepa.config import ConfigError, ProbeConfig
 from tcjepa.eval.attentive import AttentivePooler, auto_heads, train_attentive_probes
-from tcjepa.eval.common import classification_metrics
+from tcjepa.eval.common import classification_metrics, holdout_split
 from tcjepa.eval.probe import run_probe
 from tests.eval_runs import train_tiny, write_colour_shards
 
@@ -45,6 +45,23 @@ def test_attentive_probe_finds_the_informative_patch_and_not_shuffled_labels():
     shuffled = train_attentive_probes(tx, torch.randint(0, 4, (400,), generator=g), vx,
                                       torch.randint(0, 4, (200,), generator=g), FAST, device="cpu")
     assert shuffled["top1"] < 0.4  # chance is 0.25
+
+
+def test_attentive_probe_reads_the_epoch_that_scored_best_on_the_holdout():
+    """Noisy labels on a small split overfit the head: its last epoch is worse than an earlier
+    one, and the probe must report the earlier one (here val is the holdout itself, so the
+    reported top-1 is exactly the best point of the holdout curve)."""
+    tx, ty = patch_data(200, 1)
+    g = torch.Generator().manual_seed(5)
+    ty = torch.where(torch.rand(200, generator=g) < 0.4, torch.randint(0, 4, (200,), generator=g), ty)
+    cfg = ProbeConfig(attentive_epochs=30, batch_size=32, holdout=0.25, attentive_lrs=(3e-3,))
+    hold, _, _ = holdout_split(200, cfg.holdout, 0)
+    m = train_attentive_probes(tx, ty, tx[hold], ty[hold], cfg, device="cpu")
+    hold_curve, fit_curve = m["holdout_curve"]["0.003"], m["fit_curve"]["0.003"]
+    assert len(hold_curve) == len(fit_curve) == 30
+    assert hold_curve[-1] < max(hold_curve) and fit_curve[-1] > 0.9  # it overfits by the end
+    assert m["best_epoch"] == hold_curve.index(max(hold_curve)) + 1 < 30
+    assert m["top1"] == pytest.approx(max(hold_curve), abs=1e-4) == pytest.approx(m["holdout_top1"], abs=1e-4)
 
 
 def test_classification_metrics_confusion():
@@ -105,6 +122,8 @@ def test_probe_cli_rejects_a_bad_kind_and_other_sections(probe_data, capsys):
     assert "probe.l2_grid must be a non-empty list" in capsys.readouterr().err
     assert main(argv + ["--set", "probe.solver=adam"]) == 2
     assert "probe.solver must be one of lbfgs, sgd" in capsys.readouterr().err
+    assert main(argv + ["--set", "probe.encoder=random"]) == 2
+    assert "probe.encoder must be auto, teacher, student or init" in capsys.readouterr().err
     assert main(argv + ["--set", "vqa.epochs=1"]) == 2
     assert "only probe.* keys" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown key probe.knd"):
@@ -177,3 +196,31 @@ def test_probe_reads_the_last_blocks_concatenated(probe_data, monkeypatch):
     assert widths == [192, 192, 96, 96] and m["linear_top1"] > 0.95 and one["linear_top1"] > 0.95
     with pytest.raises(ConfigError, match="probe.last_blocks 2 exceeds the encoder's 1 blocks"):
         run_probe(*args, cfg, progress=False, save_to_run=False)
+
+
+@pytest.mark.slow
+def test_probe_of_the_random_init_sits_beside_the_trained_result(probe_data, capsys):
+    """--set probe.encoder=init probes the encoder the run started from (initial_encoder: same
+    seed, same weights) and keeps it as eval/probe_init.json, leaving eval/probe.json alone."""
+    from tcjepa.checkpoint import initial_encoder, load_encoder, load_run_config
+    from tcjepa.cli import main
+
+    run = probe_data["run"]
+    init, teacher = load_encoder(run, "init"), load_encoder(run, "teacher")
+    fresh = initial_encoder(load_run_config(run)).state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in init.state_dict().items()) and not init.training
+    assert any(not torch.equal(v, teacher.state_dict()[k]) for k, v in init.state_dict().items())
+
+    trained = run / "eval" / "probe.json"
+    trained.unlink(missing_ok=True)
+    argv = ["eval", "probe", "--checkpoint", str(run), "--data", str(probe_data["train"]), "--val-data",
+            str(probe_data["val"]), "--set", "probe.labels=[label]", "probe.encoder=init"]
+    assert main(argv) == 0
+    assert f"wrote {run / 'eval' / 'probe_init.json'}" in capsys.readouterr().out
+    result = json.loads((run / "eval" / "probe_init.json").read_text())
+    assert result["config"]["encoder"] == "init" and not trained.exists()
+    assert main(argv[:-1]) == 0 and json.loads(trained.read_text())["config"]["encoder"] == "auto"
+    from tcjepa.eval.report import write_report
+
+    report = write_report([run], None)
+    assert "probe label top-1 (linear)" in report and "probe_init label top-1 (linear)" in report

@@ -8,7 +8,8 @@ linear probe, so it measures what the patch features *contain* rather than what 
 makes linearly separable; report both when comparing encoders.
 
 As for the linear probe, one head per learning rate trains on the same batches (a sweep in one
-pass); the head is chosen on a held-out slice of the train split and reported on val.
+pass); the head and the epoch are chosen on a held-out slice of the train split (early stopping)
+and reported on val.
 """
 
 from __future__ import annotations
@@ -90,11 +91,16 @@ def train_attentive_probes(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train one attentive classifier per ``cfg.attentive_lrs`` on patch features [N, P, D]
-    (any float dtype; batches are cast to fp32); pick by holdout accuracy; report val metrics.
-    The holdout split is the linear probe's (same seed), so the two compare one to one."""
+    (any float dtype; batches are cast to fp32) and report val metrics of the (learning rate,
+    epoch) that scores best on the holdout: the head has far more parameters than a linear probe
+    and small train splits overfit it, so its last epoch is not the one to read. The holdout
+    split is the linear probe's (same seed), so the two compare one to one. ``holdout_curve`` and
+    ``fit_curve`` (accuracy per epoch on the holdout and on as many fit samples) tell an
+    unconverged head (both low) from an overfitted one (fit high, holdout falling)."""
     device = torch.device(device) if device is not None else default_device()
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     hold_idx, fit_idx, g = holdout_split(len(train_x), cfg.holdout, seed)
+    fit_probe_idx = fit_idx[: len(hold_idx)]
     dim = train_x.size(-1)
     heads_n = cfg.attentive_heads or auto_heads(dim)
     lrs = cfg.attentive_lrs
@@ -107,18 +113,35 @@ def train_attentive_probes(
         x, y = train_x[idx].to(device).float(), train_y[idx].to(device)
         return sum(F.cross_entropy(h(x), y) for h in heads)
 
+    def accuracy(head: nn.Module, idx: torch.Tensor) -> float:
+        return (_predict(head, train_x[idx], cfg.batch_size, device) == train_y[idx]).float().mean().item()
+
+    hold_curve: list[list[float]] = [[] for _ in lrs]
+    fit_curve: list[list[float]] = [[] for _ in lrs]
+    best: dict[str, Any] = {"acc": -1.0}
+
+    def keep_best(epoch: int) -> None:
+        for i, head in enumerate(heads):
+            hold_curve[i].append(accuracy(head, hold_idx))
+            fit_curve[i].append(accuracy(head, fit_probe_idx))
+            if hold_curve[i][-1] > best["acc"]:
+                state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+                best.update(acc=hold_curve[i][-1], head=i, epoch=epoch, state=state)
+
     train_heads_per_lr(heads, lrs, cfg.attentive_weight_decay, len(fit_idx), cfg.attentive_epochs, cfg.batch_size, g,
-                       loss_of, progress, desc="attentive probes")
-    heads.eval()
-    hold_acc = [(_predict(h, train_x[hold_idx], cfg.batch_size, device) == train_y[hold_idx]).float().mean().item()
-                for h in heads]
-    best = max(range(len(heads)), key=lambda i: hold_acc[i])
-    pred = _predict(heads[best], val_x, cfg.batch_size, device)
+                       loss_of, progress, desc="attentive probes", after_epoch=keep_best)
+    chosen = heads[best["head"]]
+    chosen.load_state_dict(best["state"])
+    chosen.eval()
+    pred = _predict(chosen, val_x, cfg.batch_size, device)
     return {
         **classification_metrics(pred, val_y, num_classes),
-        "best_lr": lrs[best],
-        "holdout_top1": hold_acc[best],
-        "lr_sweep": {str(lr): acc for lr, acc in zip(lrs, hold_acc)},
+        "best_lr": lrs[best["head"]],
+        "best_epoch": best["epoch"] + 1,
+        "holdout_top1": best["acc"],
+        "lr_sweep": {str(lr): max(curve) for lr, curve in zip(lrs, hold_curve)},
+        "holdout_curve": {str(lr): [round(a, 4) for a in c] for lr, c in zip(lrs, hold_curve)},
+        "fit_curve": {str(lr): [round(a, 4) for a in c] for lr, c in zip(lrs, fit_curve)},
         "heads": heads_n,
         "num_train": len(train_x),
         "num_val": len(val_x),

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipelines.loader import DataError
-from tcjepa.config import ConfigError, to_dict
-from tcjepa.eval.common import default_device, plot_dir, result_dict, run_description, write_result
+from tcjepa.config import ENCODER_CHOICES_TEXT, EVAL_ENCODERS, ConfigError, to_dict
+from tcjepa.eval.common import default_device, eval_stem, plot_dir, result_dict, run_description, write_result
 from tcjepa.models.attention import attention
 from tcjepa.models.vit import MLP, init_weights
 
@@ -73,7 +73,7 @@ class CaptionConfig:
     batch_size: int = 64  # captions per step (every caption of the images drawn); images per decoding batch
     beam_size: int = 1  # 1: greedy decoding
     max_samples: int = 0  # images read per split (0: all)
-    encoder: str = "auto"  # auto | teacher | student (as probe.encoder)
+    encoder: str = "auto"  # auto | teacher | student | init (as probe.encoder)
     seed: int = 0
     blind_baseline: bool = True  # also train and score the decoder on zeroed image features
     plot_samples: int = 4  # val images drawn with their generated and reference captions
@@ -95,8 +95,8 @@ def check_config(cfg: CaptionConfig) -> None:
     if cfg.mlp_ratio <= 0 or cfg.lr <= 0 or cfg.weight_decay < 0 or min(cfg.max_samples, cfg.plot_samples) < 0:
         raise ConfigError("caption.mlp_ratio and caption.lr must be > 0, caption.weight_decay, caption.max_samples "
                           "and caption.plot_samples >= 0")
-    if cfg.encoder not in ("auto", "teacher", "student"):
-        raise ConfigError(f"caption.encoder must be auto, teacher or student, got {cfg.encoder!r}")
+    if cfg.encoder not in EVAL_ENCODERS:
+        raise ConfigError(f"caption.encoder {ENCODER_CHOICES_TEXT}, got {cfg.encoder!r}")
 
 
 def require_scorers() -> None:
@@ -591,7 +591,7 @@ def run_caption(checkpoint: str | Path, data: str, val_data: str, cfg: CaptionCo
         read = vi[n - 1] + 1 + sum(va.skipped.values())  # the loader of the features may have skipped more
         title = f"caption decoder ({metrics['decoding']}): val CIDEr {metrics['cider']:.3f}, BLEU-4 {metrics['bleu4']:.3f}"
         plots.append(str(draw_examples(val_data, size, val_keys[:n], read, {k: t[:n] for k, t in texts.items()},
-                                       val_refs[:n], where / "caption_examples.png", title)))
+                                       val_refs[:n], where / f"{eval_stem('caption', cfg.encoder)}_examples.png", title)))
     result = result_dict("caption", checkpoint, data, metrics, val_data=val_data, config=to_dict(cfg), plots=plots)
     write_result(result, checkpoint if save_to_run else None, json_out)
     return result

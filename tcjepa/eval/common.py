@@ -99,11 +99,13 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
 
 def train_heads_per_lr(heads: Sequence[nn.Module], lrs: Sequence[float], weight_decay: float, n: int, epochs: int,
                        batch_size: int, g: torch.Generator, loss_of: Callable[[torch.Tensor], torch.Tensor],
-                       progress: bool = False, desc: str = "heads") -> None:
+                       progress: bool = False, desc: str = "heads",
+                       after_epoch: Callable[[int], None] | None = None) -> None:
     """Train ``heads[i]`` at learning rate ``lrs[i]``, all at once: AdamW with a cosine schedule,
     each step on the summed loss ``loss_of(positions)`` of one batch of positions in ``0..n-1``
     (a fresh order from ``g`` each epoch). The heads share every batch, so a learning-rate sweep
-    costs one pass over the features (DINOv2's linear evaluation)."""
+    costs one pass over the features (DINOv2's linear evaluation). ``after_epoch(epoch)`` runs
+    after each epoch (0-based), e.g. to score the heads on a holdout and keep the best."""
     from tqdm.auto import trange
 
     opt = torch.optim.AdamW([{"params": h.parameters(), "lr": lr} for h, lr in zip(heads, lrs)],
@@ -112,7 +114,7 @@ def train_heads_per_lr(heads: Sequence[nn.Module], lrs: Sequence[float], weight_
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     for h in heads:
         h.train()
-    for _ in trange(epochs, desc=desc, unit="epoch", disable=not progress):
+    for epoch in trange(epochs, desc=desc, unit="epoch", disable=not progress):
         order = torch.randperm(n, generator=g)
         for i in range(0, n, batch_size):
             loss = loss_of(order[i : i + batch_size])
@@ -120,6 +122,8 @@ def train_heads_per_lr(heads: Sequence[nn.Module], lrs: Sequence[float], weight_
             loss.backward()
             opt.step()
             sched.step()
+        if after_epoch is not None:
+            after_epoch(epoch)
 
 
 def run_description(run_cfg: Any, which: str | None = None) -> dict[str, str]:
@@ -167,10 +171,21 @@ def result_key(result: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def eval_stem(task: str, encoder: str | None = None) -> str:
+    """The name a result and its plots are kept under in ``RUN_DIR/eval``: the task, ``TASK_init``
+    for the run's random initialisation (``encoder`` ``init``), so the baseline sits beside the
+    trained result instead of replacing it."""
+    return task + ("_init" if encoder == "init" else "")
+
+
+def result_stem(result: dict[str, Any]) -> str:
+    return eval_stem(result["task"], (result.get("config") or {}).get("encoder"))
+
+
 def write_result(result: dict[str, Any], run_dir: str | Path | None, json_out: str | Path | None,
                  name: str | None = None) -> list[Path]:
-    """Write ``result`` to ``RUN_DIR/eval/NAME.json`` (NAME defaults to the task; ``run_dir``
-    None skips it) and to ``json_out`` if given; returns the paths written.
+    """Write ``result`` to ``RUN_DIR/eval/NAME.json`` (NAME defaults to :func:`result_stem`;
+    ``run_dir`` None skips it) and to ``json_out`` if given; returns the paths written.
 
     ``eval/NAME.json`` is the latest result; each one is also kept as
     ``eval/history/NAME.KEY.json`` (KEY from its data and settings: :func:`result_key`), so an
@@ -180,7 +195,7 @@ def write_result(result: dict[str, Any], run_dir: str | Path | None, json_out: s
     if run_dir is not None:
         from tcjepa.checkpoint import weights_id
 
-        stem = name or result["task"]
+        stem = name or result_stem(result)
         result["weights_id"] = weights_id(run_dir)  # in place: the caller returns what was written
         ev = Path(run_dir) / "eval"
         outs += [ev / f"{stem}.json", ev / "history" / f"{stem}.{result_key(result)}.json"]

@@ -28,10 +28,11 @@ from torch import nn
 
 from data_pipelines.labels import IGNORE
 from data_pipelines.loader import DataError, SkipTracker, normalize
-from tcjepa.config import SOLVERS, Config, ConfigError, ProbeConfig, to_dict
+from tcjepa.config import ENCODER_CHOICES_TEXT, EVAL_ENCODERS, SOLVERS, Config, ConfigError, ProbeConfig, to_dict
 from tcjepa.eval.attentive import train_attentive_probes
-from tcjepa.eval.common import (classification_metrics, default_device, feature_encoder, holdout_split, is_label,
-                                iter_eval_batches, lookup, plot_dir, result_dict, train_heads_per_lr, write_result)
+from tcjepa.eval.common import (classification_metrics, default_device, eval_stem, feature_encoder, holdout_split,
+                                is_label, iter_eval_batches, lookup, plot_dir, result_dict, train_heads_per_lr,
+                                write_result)
 
 KINDS = ("linear", "attentive", "both")
 MAX_CONFUSION_IN_JSON = 100  # classes; larger matrices are only drawn
@@ -244,6 +245,8 @@ def check_probe_config(cfg: ProbeConfig) -> None:
         raise ConfigError(f"probe.attentive_heads must be >= 0 (0: automatic), got {cfg.attentive_heads}")
     if cfg.last_blocks < 1:
         raise ConfigError(f"probe.last_blocks must be >= 1 (1: the last block), got {cfg.last_blocks}")
+    if cfg.encoder not in EVAL_ENCODERS:
+        raise ConfigError(f"probe.encoder {ENCODER_CHOICES_TEXT}, got {cfg.encoder!r}")
     if cfg.solver not in SOLVERS:
         raise ConfigError(f"probe.solver must be one of {', '.join(SOLVERS)}, got {cfg.solver!r}")
     if not cfg.l2_grid or min(cfg.l2_grid) < 0 or cfg.max_iter < 1:
@@ -270,8 +273,8 @@ def _probe_one_label(key: str, cfg: ProbeConfig, seed: int, train: Features, val
         else:
             per_kind[kind] = train_attentive_probes(tp[ti], ty, vp[vi], vy, cfg, seed=seed, progress=progress)
     head = per_kind[kinds[0]]
-    out = {k: head[k] for k in ("top1", "per_class", "best_lr", "best_l2", "holdout_top1", "num_train", "num_val",
-                                "num_classes", "majority_class") if k in head}
+    out = {k: head[k] for k in ("top1", "per_class", "best_lr", "best_l2", "best_epoch", "holdout_top1", "num_train",
+                                "num_val", "num_classes", "majority_class") if k in head}
     out["kind"] = kinds[0]
     out["class_names"] = class_names(tmeta + vmeta, key, head["num_classes"])
     out["unlabelled"] = {"train": len(tx) - len(ti), "val": len(vx) - len(vi)}
@@ -289,13 +292,13 @@ def run_probe(
     encoder: nn.Module | None = None,
     progress: bool = True,
     save_to_run: bool = True,
-    name: str = "probe",
+    name: str | None = None,
     explicit_labels: bool = False,
 ) -> dict[str, Any]:
     """``tcjepa eval probe``: features of the run's encoder on train/val shards -> probes, one set
     per entry of ``probe.labels`` (the first one gives the headline ``top1``).
 
-    Writes ``RUN_DIR/eval/NAME.json`` (unless ``save_to_run`` is False; e.g. when probing another
+    Writes ``RUN_DIR/eval/NAME.json`` (NAME: ``probe``, ``probe_init`` for the random init; unless ``save_to_run`` is False; e.g. when probing another
     ``encoder`` with this run's settings), ``json_out`` if given, and a confusion-matrix PNG per
     label and probe kind beside them; returns the result dict.
 
@@ -327,6 +330,7 @@ def run_probe(
                  patches=patches, max_skip_rate=run_cfg.data.max_skip_rate)
     per_label = {key: _probe_one_label(key, cfg, run_cfg.train.seed, tr, va, progress) for key in cfg.labels}
 
+    name = name or eval_stem("probe", cfg.encoder)
     plots, where = [], plot_dir(checkpoint if save_to_run else None, json_out)
     for key, m in per_label.items():
         for kind in ("linear", "attentive"):
@@ -344,7 +348,8 @@ def run_probe(
     headline.update({f"{kind}_top1": first[kind]["top1"] for kind in ("linear", "attentive") if kind in first})
     metrics = {**headline, "label": cfg.labels[0], "per_label": per_label, "skipped": {"train": tr.skipped, "val": va.skipped}}
     # the Matryoshka widths are prefixes of the projected last block: another read-out has none
-    if own_encoder and run_cfg.train.method == "contrastive" and run_cfg.contrastive.matryoshka_dims and cfg.last_blocks == 1:
+    if (own_encoder and cfg.encoder != "init" and run_cfg.train.method == "contrastive"
+            and run_cfg.contrastive.matryoshka_dims and cfg.last_blocks == 1):
         metrics["per_dim"] = matryoshka_probe(tr, va, checkpoint, cfg, run_cfg)
     result = result_dict("probe", checkpoint, data, metrics, val_data=val_data, config=to_dict(cfg), plots=plots)
     write_result(result, checkpoint if save_to_run else None, json_out, name=name)

@@ -28,9 +28,9 @@ from torch import nn
 
 from data_pipelines.labels import IGNORE
 from data_pipelines.loader import DataError
-from tcjepa.config import ConfigError, to_dict
-from tcjepa.eval.common import (default_device, feature_encoder, holdout_split, plot_dir, result_dict, run_description,
-                                train_heads_per_lr, write_result)
+from tcjepa.config import ENCODER_CHOICES_TEXT, EVAL_ENCODERS, ConfigError, to_dict
+from tcjepa.eval.common import (default_device, eval_stem, feature_encoder, holdout_split, plot_dir, result_dict,
+                                run_description, train_heads_per_lr, write_result)
 
 if TYPE_CHECKING:
     from tcjepa.eval.probe import Features
@@ -45,7 +45,7 @@ class SegmentConfig:
     holdout: float = 0.1  # fraction of the train images used to choose the learning rate
     last_blocks: int = 1  # 1: the final LayerNorm output; n: the last n blocks' outputs, each layer-normed, concatenated
     batchnorm: bool = False  # a BatchNorm before each linear head (DINOv2's BNHead)
-    encoder: str = "auto"  # auto | teacher | student (as probe.encoder)
+    encoder: str = "auto"  # auto | teacher | student | init (as probe.encoder)
     max_samples: int = 0  # images read per split (0: all)
     seed: int = 0
     plot_samples: int = 4  # val images drawn with their predicted and true maps
@@ -62,8 +62,8 @@ def check_config(cfg: SegmentConfig) -> None:
                           "segment.max_samples and segment.plot_samples >= 0")
     if not 0 < cfg.holdout < 1:
         raise ConfigError(f"segment.holdout must be a fraction in (0, 1), got {cfg.holdout}")
-    if cfg.encoder not in ("auto", "teacher", "student"):
-        raise ConfigError(f"segment.encoder must be auto, teacher or student, got {cfg.encoder!r}")
+    if cfg.encoder not in EVAL_ENCODERS:
+        raise ConfigError(f"segment.encoder {ENCODER_CHOICES_TEXT}, got {cfg.encoder!r}")
 
 
 def require_seg_maps(shards: str, data_key: str) -> None:
@@ -306,7 +306,7 @@ def run_segment(checkpoint: str | Path, data: str, val_data: str, cfg: SegmentCo
     if where is not None and cfg.plot_samples:
         title = f"linear segmentation head (lr {metrics['lr']:g}): val mIoU {metrics['miou']:.3f}"
         plots.append(str(draw_examples(head, va, vi[: cfg.plot_samples], names, val_data, size,
-                                       where / "segment_examples.png", title, device)))
+                                       where / f"{eval_stem('segment', cfg.encoder)}_examples.png", title, device)))
     result = result_dict("segment", checkpoint, data, metrics, val_data=val_data, config=to_dict(cfg), plots=plots)
     write_result(result, checkpoint if save_to_run else None, json_out)
     return result

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipelines.loader import DataError
-from tcjepa.config import ConfigError, to_dict
+from tcjepa.config import ENCODER_CHOICES_TEXT, EVAL_ENCODERS, ConfigError, to_dict
 from tcjepa.eval.common import default_device, result_dict, write_result
 from tcjepa.eval.peek import peek, require
 from tcjepa.models.attention import attention
@@ -58,7 +58,7 @@ class VQAConfig:
     text_depth: int = 1  # self-attention blocks over the question
     fusion_depth: int = 2  # blocks with question self-attention + cross-attention to the patches
     context_length: int = 32  # question tokens kept
-    encoder: str = "auto"  # auto | teacher | student (as probe.encoder)
+    encoder: str = "auto"  # auto | teacher | student | init (as probe.encoder)
     seed: int = 0
     blind_baseline: bool = False  # also train the head on zeroed image features (a question-only model)
     max_samples: int = 0  # images read per split (0: all)
@@ -71,8 +71,8 @@ def check_config(cfg: VQAConfig) -> None:
     if min(cfg.epochs, cfg.batch_size, cfg.fusion_depth, cfg.context_length - 1) < 1 or cfg.text_depth < 0:
         raise ConfigError("vqa.epochs, vqa.batch_size and vqa.fusion_depth must be >= 1, vqa.context_length >= 2, "
                           "vqa.text_depth >= 0")
-    if cfg.encoder not in ("auto", "teacher", "student"):
-        raise ConfigError(f"vqa.encoder must be auto, teacher or student, got {cfg.encoder!r}")
+    if cfg.encoder not in EVAL_ENCODERS:
+        raise ConfigError(f"vqa.encoder {ENCODER_CHOICES_TEXT}, got {cfg.encoder!r}")
     if cfg.head not in ("classifier", "decoder"):
         raise ConfigError(f"vqa.head must be classifier or decoder, got {cfg.head!r}")
 
