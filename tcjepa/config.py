@@ -209,6 +209,8 @@ class ProbeConfig:
     last_blocks: int = 1  # 1: the final LayerNorm output; n: the last n blocks' outputs, each layer-normed, concatenated
     kind: str = "linear"  # linear | attentive | both (the headline top1 is linear's when it runs)
     attentive_epochs: int = 20
+    attentive_batch_size: int = 64  # steps, not epochs, converge the head: a small train split needs small batches
+    attentive_whiten_floor: float = 1e-4  # PCA-whiten the tokens (eigenvalues floored at this x the largest); 0: off
     attentive_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     attentive_heads: int = 0  # 0: one head per 64 channels
     attentive_weight_decay: float = 0.01
@@ -666,6 +668,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
            f"must be in [1, the encoder's {depth} blocks], got {p.last_blocks}")
     _check(p.attentive_epochs >= 1 and len(p.attentive_lrs) > 0, source, "probe.attentive_epochs",
            "must be >= 1 and probe.attentive_lrs non-empty")
+    _check(p.attentive_batch_size >= 1, source, "probe.attentive_batch_size", f"must be >= 1, got {p.attentive_batch_size}")
+    _check(0 <= p.attentive_whiten_floor < 1, source, "probe.attentive_whiten_floor",
+           f"must be in [0, 1) (0: no whitening), got {p.attentive_whiten_floor}")
     _check(p.attentive_heads >= 0, source, "probe.attentive_heads", "must be >= 0 (0: one head per 64 channels)")
     _check(p.epochs > 0 and len(p.lrs) > 0, source, "probe.epochs", "and probe.lrs must be non-empty")
     _check(p.solver in SOLVERS, source, "probe.solver", f"must be one of {', '.join(SOLVERS)}, got {p.solver!r}")

@@ -177,7 +177,9 @@ def test_mask_config_fields_are_sampler_keywords():
                                           ("teacher.target_blocks=7", "teacher.target_blocks"),
                                           ("train.max_bad_steps=0", "train.max_bad_steps"),
                                           ("probe.solver=adam", "probe.solver"), ("probe.l2_grid=[]", "probe.l2_grid"),
-                                          ("probe.l2_grid=[-1.0]", "probe.l2_grid"), ("probe.max_iter=0", "probe.max_iter")])
+                                          ("probe.l2_grid=[-1.0]", "probe.l2_grid"), ("probe.max_iter=0", "probe.max_iter"),
+                                          ("probe.attentive_batch_size=0", "probe.attentive_batch_size"),
+                                          ("probe.encoder=random", "probe.encoder")])
 def test_eval_and_guard_keys_are_validated_at_load(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(project_root() / "recipes/ijepa_quickstart.yaml", [override])

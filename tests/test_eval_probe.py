@@ -10,7 +10,7 @@ from PIL import Image
 
 from tcjepa.config import ConfigError, ProbeConfig
 from tcjepa.eval.attentive import AttentivePooler, auto_heads, train_attentive_probes
-from tcjepa.eval.common import classification_metrics, holdout_split
+from tcjepa.eval.common import classification_metrics, holdout_split, pca_whitening
 from tcjepa.eval.probe import run_probe
 from tests.eval_runs import train_tiny, write_colour_shards
 
@@ -54,7 +54,7 @@ def test_attentive_probe_reads_the_epoch_that_scored_best_on_the_holdout():
     tx, ty = patch_data(200, 1)
     g = torch.Generator().manual_seed(5)
     ty = torch.where(torch.rand(200, generator=g) < 0.4, torch.randint(0, 4, (200,), generator=g), ty)
-    cfg = ProbeConfig(attentive_epochs=30, batch_size=32, holdout=0.25, attentive_lrs=(3e-3,))
+    cfg = ProbeConfig(attentive_epochs=30, attentive_batch_size=32, holdout=0.25, attentive_lrs=(3e-3,))
     hold, _, _ = holdout_split(200, cfg.holdout, 0)
     m = train_attentive_probes(tx, ty, tx[hold], ty[hold], cfg, device="cpu")
     hold_curve, fit_curve = m["holdout_curve"]["0.003"], m["fit_curve"]["0.003"]
@@ -62,6 +62,34 @@ def test_attentive_probe_reads_the_epoch_that_scored_best_on_the_holdout():
     assert hold_curve[-1] < max(hold_curve) and fit_curve[-1] > 0.9  # it overfits by the end
     assert m["best_epoch"] == hold_curve.index(max(hold_curve)) + 1 < 30
     assert m["top1"] == pytest.approx(max(hold_curve), abs=1e-4) == pytest.approx(m["holdout_top1"], abs=1e-4)
+
+
+def test_attentive_probe_whitens_the_tokens_so_quiet_directions_are_learned():
+    """Four loud channels (x300) drown the class signal after the head's LayerNorm: on the raw
+    tokens 15 epochs stay at chance; PCA-whitened with the fit split's statistics they suffice."""
+    def loud(n: int, seed: int):
+        x, y = patch_data(n, seed)
+        x[..., :4] *= 300
+        return x, y
+
+    tx, ty = loud(400, 1)
+    vx, vy = loud(200, 2)
+    raw = train_attentive_probes(tx, ty, vx, vy, ProbeConfig(attentive_epochs=15, attentive_whiten_floor=0), device="cpu")
+    white = train_attentive_probes(tx, ty, vx, vy, ProbeConfig(attentive_epochs=15), device="cpu")
+    assert raw["top1"] < 0.5 < 0.9 < white["top1"]
+
+
+def test_pca_whitening_gives_identity_covariance_in_chunks():
+    x = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0)) @ torch.randn(8, 8) * 5 + 3
+    mean, proj = pca_whitening(x, 1e-6, chunk=300)
+    whole = pca_whitening(x, 1e-6, chunk=10_000)
+    assert torch.allclose(mean, whole[0]) and torch.allclose(proj.abs(), whole[1].abs(), atol=1e-10)
+    assert torch.allclose(torch.cov(((x.double() - mean) @ proj).T), torch.eye(8, dtype=torch.float64), atol=1e-9)
+    g = torch.Generator().manual_seed(1)
+    quiet = torch.randn(1000, 2, generator=g) * torch.tensor([1.0, 1e-5])  # variances 1 and 1e-10
+    _, proj = pca_whitening(quiet, 1e-4)
+    var = torch.cov(((quiet.double() - quiet.double().mean(0)) @ proj).T).diagonal().sort().values
+    assert var[0] < 1e-3 and abs(var[1] - 1) < 1e-6  # the quiet direction floored, not blown up to unit variance
 
 
 def test_classification_metrics_confusion():
@@ -122,6 +150,8 @@ def test_probe_cli_rejects_a_bad_kind_and_other_sections(probe_data, capsys):
     assert "probe.l2_grid must be a non-empty list" in capsys.readouterr().err
     assert main(argv + ["--set", "probe.solver=adam"]) == 2
     assert "probe.solver must be one of lbfgs, sgd" in capsys.readouterr().err
+    assert main(argv + ["--set", "probe.kind=both", "probe.attentive_batch_size=0"]) == 2
+    assert "probe.attentive_epochs and probe.attentive_batch_size must be >= 1" in capsys.readouterr().err
     assert main(argv + ["--set", "probe.encoder=random"]) == 2
     assert "probe.encoder must be auto, teacher, student or init" in capsys.readouterr().err
     assert main(argv + ["--set", "vqa.epochs=1"]) == 2

@@ -9,19 +9,26 @@ makes linearly separable; report both when comparing encoders.
 
 As for the linear probe, one head per learning rate trains on the same batches (a sweep in one
 pass); the head and the epoch are chosen on a held-out slice of the train split (early stopping)
-and reported on val.
+and reported on val. Also as for the linear probe, the tokens are PCA-whitened first (statistics
+of the fit split's tokens, ``probe.attentive_whiten_floor``): a ViT's tokens are badly
+conditioned and what tells classes apart can lie in their small directions, which AdamW on the
+raw tokens reaches only after far more steps than a probe gets (measured on the 2,000-step
+quickstart I-JEPA, the scenes' shape label: 0.31 raw, 0.56 whitened, the same 20 epochs of
+batch 64; the linear probe on the mean reads 0.37). The floor trades reach for noise: 1e-5 read
+that shape at 0.63 but overfits a 90-sample split that 1e-4 reads near-perfectly. The whitening is an invertible linear map of the tokens
+(above the floor), so it changes how fast the head learns, not what it can express.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tcjepa.config import ProbeConfig
-from tcjepa.eval.common import classification_metrics, default_device, holdout_split, train_heads_per_lr
+from tcjepa.eval.common import classification_metrics, default_device, holdout_split, pca_whitening, train_heads_per_lr
 from tcjepa.models.attention import attention
 from tcjepa.models.vit import MLP
 
@@ -74,10 +81,22 @@ class AttentiveClassifier(nn.Module):
         return self.head(self.pooler(x))
 
 
+def token_whitener(fit: torch.Tensor, floor: float, device: torch.device
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A batch of tokens [B, P, D] (any float dtype) -> fp32 on ``device``, PCA-whitened with the
+    statistics of the ``fit`` tokens [N, P, D] (eigenvalues floored at ``floor`` x the largest;
+    ``floor`` 0: not whitened)."""
+    if floor == 0:
+        return lambda x: x.to(device).float()
+    mean, proj = pca_whitening(fit.reshape(-1, fit.size(-1)), floor)
+    mean, proj = mean.float().to(device), proj.float().to(device)
+    return lambda x: (x.to(device).float() - mean) @ proj
+
+
 @torch.no_grad()
-def _predict(head: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    return torch.cat([head(x[i : i + batch_size].to(device).float()).argmax(1).cpu()
-                      for i in range(0, len(x), batch_size)])
+def _predict(head: nn.Module, x: torch.Tensor, batch_size: int,
+             prepare: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    return torch.cat([head(prepare(x[i : i + batch_size])).argmax(1).cpu() for i in range(0, len(x), batch_size)])
 
 
 def train_attentive_probes(
@@ -105,16 +124,18 @@ def train_attentive_probes(
     heads_n = cfg.attentive_heads or auto_heads(dim)
     lrs = cfg.attentive_lrs
 
+    prepare = token_whitener(train_x[fit_idx], cfg.attentive_whiten_floor, device)
+
     torch.manual_seed(seed)
     heads = nn.ModuleList(AttentiveClassifier(dim, num_classes, heads_n) for _ in lrs).to(device)
 
     def loss_of(positions: torch.Tensor) -> torch.Tensor:
         idx = fit_idx[positions]
-        x, y = train_x[idx].to(device).float(), train_y[idx].to(device)
+        x, y = prepare(train_x[idx]), train_y[idx].to(device)
         return sum(F.cross_entropy(h(x), y) for h in heads)
 
     def accuracy(head: nn.Module, idx: torch.Tensor) -> float:
-        return (_predict(head, train_x[idx], cfg.batch_size, device) == train_y[idx]).float().mean().item()
+        return (_predict(head, train_x[idx], cfg.batch_size, prepare) == train_y[idx]).float().mean().item()
 
     hold_curve: list[list[float]] = [[] for _ in lrs]
     fit_curve: list[list[float]] = [[] for _ in lrs]
@@ -128,12 +149,12 @@ def train_attentive_probes(
                 state = {k: v.detach().clone() for k, v in head.state_dict().items()}
                 best.update(acc=hold_curve[i][-1], head=i, epoch=epoch, state=state)
 
-    train_heads_per_lr(heads, lrs, cfg.attentive_weight_decay, len(fit_idx), cfg.attentive_epochs, cfg.batch_size, g,
-                       loss_of, progress, desc="attentive probes", after_epoch=keep_best)
+    train_heads_per_lr(heads, lrs, cfg.attentive_weight_decay, len(fit_idx), cfg.attentive_epochs,
+                       cfg.attentive_batch_size, g, loss_of, progress, desc="attentive probes", after_epoch=keep_best)
     chosen = heads[best["head"]]
     chosen.load_state_dict(best["state"])
     chosen.eval()
-    pred = _predict(chosen, val_x, cfg.batch_size, device)
+    pred = _predict(chosen, val_x, cfg.batch_size, prepare)
     return {
         **classification_metrics(pred, val_y, num_classes),
         "best_lr": lrs[best["head"]],

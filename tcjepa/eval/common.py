@@ -97,6 +97,22 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     return perm[:n_hold], perm[n_hold:], g
 
 
+def pca_whitening(fit: torch.Tensor, floor: float, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, proj)`` in float64 such that ``(x - mean) @ proj`` has identity covariance over the
+    rows of ``fit`` [N, D], eigenvalues floored at ``floor`` x the largest (so that directions of
+    pure numerical noise are not blown up to unit variance). Moments are summed over row chunks,
+    so the rows of a large token bank are never all held in float64 at once (two passes: the
+    mean, then the centred products, as exact as centring the whole matrix)."""
+    n, d = fit.shape
+    mean = sum(fit[i : i + chunk].double().sum(0) for i in range(0, n, chunk)) / n
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        x = fit[i : i + chunk].double() - mean
+        cov += x.T @ x
+    ev, vecs = torch.linalg.eigh(cov / max(n - 1, 1))
+    return mean, vecs / ev.clamp_min(floor * ev.max().clamp_min(1e-30)).sqrt()
+
+
 def train_heads_per_lr(heads: Sequence[nn.Module], lrs: Sequence[float], weight_decay: float, n: int, epochs: int,
                        batch_size: int, g: torch.Generator, loss_of: Callable[[torch.Tensor], torch.Tensor],
                        progress: bool = False, desc: str = "heads",

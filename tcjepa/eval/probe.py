@@ -31,8 +31,8 @@ from data_pipelines.loader import DataError, SkipTracker, normalize
 from tcjepa.config import ENCODER_CHOICES_TEXT, EVAL_ENCODERS, SOLVERS, Config, ConfigError, ProbeConfig, to_dict
 from tcjepa.eval.attentive import train_attentive_probes
 from tcjepa.eval.common import (classification_metrics, default_device, eval_stem, feature_encoder, holdout_split,
-                                is_label, iter_eval_batches, lookup, plot_dir, result_dict, train_heads_per_lr,
-                                write_result)
+                                is_label, iter_eval_batches, lookup, pca_whitening, plot_dir, result_dict,
+                                train_heads_per_lr, write_result)
 
 KINDS = ("linear", "attentive", "both")
 MAX_CONFUSION_IN_JSON = 100  # classes; larger matrices are only drawn
@@ -162,15 +162,12 @@ def _standardise(fit: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _whiten(fit: torch.Tensor, floor: float = 1e-6) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Centre and PCA-whiten (float64) with the fit features' covariance, eigenvalues floored at
-    ``floor`` x the largest. Mean-pooled ViT features are badly conditioned (measured on a small
-    ViT: 148 down to 1e-13, ~10 directions above 1e-3 of the largest), and the directions that
-    tell classes apart can have small variance: without whitening, a penalised or early-stopped
-    fit never reaches them, and L-BFGS needs thousands of iterations instead of hundreds."""
-    fit = fit.double()
-    mean = fit.mean(0)
-    ev, vecs = torch.linalg.eigh(torch.cov((fit - mean).T).reshape(fit.size(1), fit.size(1)))
-    proj = vecs / ev.clamp_min(floor * ev.max().clamp_min(1e-30)).sqrt()
+    """Centre and PCA-whiten (float64) with the fit features' covariance (:func:`pca_whitening`).
+    Mean-pooled ViT features are badly conditioned (measured on a small ViT: 148 down to 1e-13,
+    ~10 directions above 1e-3 of the largest), and the directions that tell classes apart can
+    have small variance: without whitening, a penalised or early-stopped fit never reaches them,
+    and L-BFGS needs thousands of iterations instead of hundreds."""
+    mean, proj = pca_whitening(fit, floor)
     return lambda x: (x.double() - mean) @ proj
 
 
@@ -239,8 +236,12 @@ def check_probe_config(cfg: ProbeConfig) -> None:
     """What ``tcjepa.config.validate`` does not check about the probe's newer keys."""
     if cfg.kind not in KINDS:
         raise ConfigError(f"probe.kind must be one of {', '.join(KINDS)}, got {cfg.kind!r}")
-    if cfg.kind != "linear" and (cfg.attentive_epochs < 1 or not cfg.attentive_lrs):
-        raise ConfigError("probe.attentive_epochs must be >= 1 and probe.attentive_lrs non-empty")
+    if cfg.kind != "linear" and (cfg.attentive_epochs < 1 or not cfg.attentive_lrs or cfg.attentive_batch_size < 1):
+        raise ConfigError("probe.attentive_epochs and probe.attentive_batch_size must be >= 1 and probe.attentive_lrs "
+                          "non-empty")
+    if not 0 <= cfg.attentive_whiten_floor < 1:
+        raise ConfigError(f"probe.attentive_whiten_floor must be in [0, 1) (0: no whitening), "
+                          f"got {cfg.attentive_whiten_floor}")
     if cfg.attentive_heads < 0:
         raise ConfigError(f"probe.attentive_heads must be >= 0 (0: automatic), got {cfg.attentive_heads}")
     if cfg.last_blocks < 1:
