@@ -15,8 +15,9 @@ conditioned and what tells classes apart can lie in their small directions, whic
 raw tokens reaches only after far more steps than a probe gets (measured on the 2,000-step
 quickstart I-JEPA, the scenes' shape label: 0.31 raw, 0.56 whitened, the same 20 epochs of
 batch 64; the linear probe on the mean reads 0.37). The floor trades reach for noise: 1e-5 read
-that shape at 0.63 but overfits a 90-sample split that 1e-4 reads near-perfectly. The whitening is an invertible linear map of the tokens
-(above the floor), so it changes how fast the head learns, not what it can express.
+that shape at 0.63 but overfits a 90-sample split that 1e-4 reads near-perfectly. Above the
+floor the whitening is an invertible linear map of the tokens, so it changes how fast the head
+learns, not what it can express.
 """
 
 from __future__ import annotations
