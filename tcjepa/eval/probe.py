@@ -299,9 +299,10 @@ def run_probe(
     """``tcjepa eval probe``: features of the run's encoder on train/val shards -> probes, one set
     per entry of ``probe.labels`` (the first one gives the headline ``top1``).
 
-    Writes ``RUN_DIR/eval/NAME.json`` (NAME: ``probe``, ``probe_init`` for the random init; unless ``save_to_run`` is False; e.g. when probing another
-    ``encoder`` with this run's settings), ``json_out`` if given, and a confusion-matrix PNG per
-    label and probe kind beside them; returns the result dict.
+    Writes ``RUN_DIR/eval/NAME.json`` (NAME: ``probe``, ``probe_init`` for the random init;
+    unless ``save_to_run`` is False, e.g. when probing another ``encoder`` with this run's
+    settings), ``json_out`` if given, and a confusion-matrix PNG per label and probe kind beside
+    them; returns the result dict.
 
     ``probe.labels`` the data does not hold are skipped with a warning (an error when
     ``explicit_labels``: the user named them), checked on a first look at both splits before any
